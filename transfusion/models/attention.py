@@ -1,0 +1,76 @@
+"""Transfusion attention masks, built from per-token document ids and image ids.
+
+Rule (paper section 3): query q may attend key k iff both lie in the same document and either
+k <= q (causal) or q and k are patches of the same image (bidirectional inside an image). One rule
+serves any number of images and packed documents per row. Two implementations share it exactly:
+
+* ``dense_mask``: a boolean (B, 1, L, L) mask for ``scaled_dot_product_attention`` (CPU, reference);
+* ``block_mask``: a FlexAttention ``BlockMask`` (GPU, compiled; skips fully masked blocks).
+
+Legend: B batch rows, L sequence length, H heads, Dh head width.
+``doc_ids`` (B, L): document of each token (padding gets its own id). ``image_ids`` (B, L): image of
+each patch, -1 for text; image ids are unique within a row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _allowed(doc_q, doc_k, img_q, img_k, q_idx, kv_idx, bidirectional: bool):
+    same_doc = doc_q == doc_k
+    causal = kv_idx <= q_idx
+    if not bidirectional:
+        return same_doc & causal
+    same_image = (img_q == img_k) & (img_q >= 0)
+    return same_doc & (causal | same_image)
+
+
+def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, bidirectional: bool = True) -> torch.Tensor:
+    """Boolean mask (B, 1, L, L), True where attention is allowed."""
+    L = doc_ids.shape[1]
+    idx = torch.arange(L, device=doc_ids.device)
+    mask = _allowed(
+        doc_ids[:, :, None], doc_ids[:, None, :], image_ids[:, :, None], image_ids[:, None, :],
+        idx[:, None], idx[None, :], bidirectional,
+    )
+    return mask[:, None]  # (B, 1, L, L)
+
+
+def block_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, bidirectional: bool = True, block_size: int = 128):
+    """FlexAttention BlockMask with the same semantics as ``dense_mask``; built once per batch, shared by all layers."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _allowed(doc_ids[b, q_idx], doc_ids[b, kv_idx], image_ids[b, q_idx], image_ids[b, kv_idx],
+                        q_idx, kv_idx, bidirectional)
+
+    B, L = doc_ids.shape
+    return create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device, BLOCK_SIZE=block_size)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Attention over (B, H, L, Dh) tensors with a dense boolean mask or a BlockMask."""
+    if isinstance(mask, torch.Tensor) or mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+def positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions (B, L): the index of each token inside its document (documents are contiguous)."""
+    B, L = doc_ids.shape
+    idx = torch.arange(L, device=doc_ids.device).expand(B, L)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx

@@ -1,0 +1,167 @@
+"""The Llama-style transformer shared by Transfusion and the Chameleon baseline.
+
+RMSNorm -> RoPE -> Attention -> SwiGLU -> Block -> Transformer, no biases. The body maps embeddings to
+hidden states; each model owns its modality-specific inputs and outputs. Chameleon's stability changes
+are switches of the same block: ``qk_norm`` (LayerNorm on queries and keys) and ``norm_reorder``
+(h = x + norm(attn(x)); out = h + norm(ffn(h))).
+
+Legend: B batch rows, L sequence length, D width, H heads, Dh head width (D / H).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transfusion.models.attention import attend
+
+
+@dataclass
+class TransformerConfig:
+    n_layers: int = 2
+    dim: int = 64
+    n_heads: int = 4
+    ffn_dim: int | None = None  # None: 8/3 * dim rounded up to ffn_multiple_of (Llama)
+    ffn_multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    max_seq_len: int = 4096
+    qk_norm: bool = False
+    norm_reorder: bool = False
+
+    def __post_init__(self):
+        for name in ("n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head width dim/n_heads={self.dim // self.n_heads} must be even for RoPE")
+        if self.ffn_dim is None:
+            self.ffn_dim = self.ffn_multiple_of * math.ceil(8 * self.dim / 3 / self.ffn_multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "TransformerConfig":
+        if name not in TRANSFORMER_PRESETS:
+            raise ValueError(f"unknown transformer preset {name!r}; choose one of {sorted(TRANSFORMER_PRESETS)}")
+        if ("dim" in overrides or "ffn_multiple_of" in overrides) and "ffn_dim" not in overrides:
+            overrides["ffn_dim"] = None  # re-derive from the new width
+        return replace(TRANSFORMER_PRESETS[name], **overrides)
+
+
+TRANSFORMER_PRESETS = {
+    "debug": TransformerConfig(n_layers=2, dim=64, n_heads=4, max_seq_len=256),
+    "cpu-small": TransformerConfig(n_layers=4, dim=256, n_heads=4, max_seq_len=512),
+    "cpu-base": TransformerConfig(n_layers=8, dim=384, n_heads=6, max_seq_len=1024),
+    # the paper's sizes (Table: layers, width, heads); sequence length 4096
+    "0.16B": TransformerConfig(n_layers=16, dim=768, n_heads=12, ffn_multiple_of=256),
+    "0.37B": TransformerConfig(n_layers=24, dim=1024, n_heads=16, ffn_multiple_of=256),
+    "0.76B": TransformerConfig(n_layers=24, dim=1536, n_heads=24, ffn_multiple_of=256),
+    "1.4B": TransformerConfig(n_layers=24, dim=2048, n_heads=16, ffn_multiple_of=256),
+    "7B": TransformerConfig(n_layers=32, dim=4096, n_heads=32, ffn_multiple_of=256),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of the rotary angles for integer positions (B, L) -> each (B, 1, L, Dh/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, L, Dh/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, L, Dh) pairs (x[..., :Dh/2], x[..., Dh/2:]) by the given angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps, bias=False) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps, bias=False) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, cache=None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if cache is not None:  # prepend cached keys/values of earlier positions
+            k, v = cache(k, v)
+        out = attend(q, k, v, mask)  # (B, H, L, Dh)
+        return self.wo(out.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm_reorder = cfg.norm_reorder
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
+        if self.norm_reorder:  # Chameleon: normalise the branch outputs
+            h = x + self.attention_norm(self.attention(x, rope, mask, cache))
+            return h + self.ffn_norm(self.ffn(h))
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Blocks + final norm: (B, L, D) embeddings -> (B, L, D) hidden states."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # residual-branch outputs scaled down with depth (GPT-2)
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask, caches=None) -> torch.Tensor:
+        if pos.max() >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
+        rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if caches is None else caches[i])
+        return self.norm(x)

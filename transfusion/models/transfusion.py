@@ -1,0 +1,132 @@
+"""The Transfusion model: one transformer over text tokens and image latent patches.
+
+Text tokens enter through an embedding and leave through the LM head; the patches of each noisy
+image latent enter through a patch encoder (with its timestep) and leave through a patch decoder as
+predicted noise. Attention is causal over the sequence and bidirectional inside each image.
+Loss = L_LM + lambda * L_DDPM (paper eq. 4).
+
+A batch is a set of rows with image patches in place: ``tokens`` (B, L) holds text ids (anything at
+patch positions), ``image_ids`` (B, L) marks patch positions with the index of their image in the
+batch's image list (-1 for text), ``doc_ids`` (B, L) separates packed documents. Images are listed in
+order of appearance (row-major), each one's n patches contiguous and in raster order.
+
+Legend: B rows, L length, D width, V vocabulary, N images, C latent channels, h x w latent size,
+n patches per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transfusion.diffusion import Diffusion
+from transfusion.models.attention import block_mask, dense_mask, positions
+from transfusion.models.patch import build_patch_layers
+from transfusion.models.transformer import Transformer, TransformerConfig
+
+
+@dataclass
+class TransfusionConfig:
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    vocab_size: int = 2048
+    latent_channels: int = 4
+    latent_size: int = 8
+    patch_size: int = 2
+    patch_encoder: str = "linear"  # "linear" or "unet"
+    unet_channels: int = 64
+    diffusion_lambda: float = 5.0
+    bidirectional_images: bool = True  # False: plain causal attention everywhere (Table 5 ablation)
+    num_timesteps: int = 1000
+    attention: str = "auto"  # "auto": FlexAttention on CUDA, dense-mask SDPA elsewhere; or "sdpa" / "flex"
+
+    def __post_init__(self):
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.patch_size <= 0 or self.latent_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide the latent size {self.latent_size}")
+        if self.patch_encoder not in ("linear", "unet"):
+            raise ValueError(f"patch_encoder must be 'linear' or 'unet', got {self.patch_encoder!r}")
+        if self.diffusion_lambda < 0:
+            raise ValueError(f"diffusion_lambda must be >= 0, got {self.diffusion_lambda}")
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+class Transfusion(nn.Module):
+    def __init__(self, cfg: TransfusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.transformer.dim
+        self.embedding = nn.Embedding(cfg.vocab_size, D)
+        self.transformer = Transformer(cfg.transformer)
+        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.patch_encoder, self.patch_decoder = build_patch_layers(
+            cfg.patch_encoder, cfg.latent_channels, cfg.patch_size, D, cfg.unet_channels
+        )
+        self.diffusion = Diffusion(cfg.num_timesteps)  # a schedule, no parameters
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def attention_mask(self, doc_ids: torch.Tensor, image_ids: torch.Tensor):
+        """One mask per batch, shared by all layers."""
+        use_flex = self.cfg.attention == "flex" or (self.cfg.attention == "auto" and doc_ids.is_cuda)
+        build = block_mask if use_flex else dense_mask
+        return build(doc_ids, image_ids, self.cfg.bidirectional_images)
+
+    def forward(self, tokens, doc_ids, image_ids, x_t=None, t=None, mask=None):
+        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (None without images)."""
+        h = self.embedding(tokens)  # (B, L, D)
+        is_patch = image_ids >= 0
+        context = None
+        if x_t is not None and x_t.shape[0] > 0:
+            patches, context = self.patch_encoder(x_t, t)  # (N, n, D)
+            if patches.shape[0] * patches.shape[1] != int(is_patch.sum()):
+                raise ValueError(
+                    f"the batch has {int(is_patch.sum())} patch positions but {patches.shape[0]} images "
+                    f"of {patches.shape[1]} patches each"
+                )
+            h = h.masked_scatter(is_patch[..., None], patches.to(h.dtype))
+        if mask is None:
+            mask = self.attention_mask(doc_ids, image_ids)
+        hidden = self.transformer(h, positions(doc_ids), mask)
+        eps = None
+        if context is not None:
+            N, n = x_t.shape[0], self.cfg.patches_per_image
+            eps = self.patch_decoder(hidden[is_patch].view(N, n, -1), t, context)
+        return hidden, eps
+
+    def loss(self, tokens, doc_ids, image_ids, latents, max_t=None, pad_id: int = -1, boi_id: int = -1,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); noise is drawn here."""
+        N = latents.shape[0]
+        t = self.diffusion.sample_timesteps(N, max_t, generator=generator, device=latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        x_t = self.diffusion.add_noise(latents, noise, t)
+        hidden, eps = self(tokens, doc_ids, image_ids, x_t, t)
+
+        # next-token loss where input and target are text of the same document, input not BOI, target not PAD
+        inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        is_text = image_ids < 0
+        lm_positions = (is_text[:, :-1] & is_text[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
+                        & (inp != boi_id) & (tgt != pad_id))
+        logits = self.lm_head(hidden[:, :-1][lm_positions]).float()  # (P, V)
+        lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
+
+        if eps is not None:  # per-image epsilon MSE, averaged over images
+            ddpm_loss = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1).mean()
+        else:  # keep the patch layers in the graph so data-parallel gradients stay in step
+            ddpm_loss = sum(p.sum() for p in self._patch_parameters()) * 0.0
+        loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
+        return {"loss": loss, "lm_loss": lm_loss.detach(), "ddpm_loss": ddpm_loss.detach(),
+                "text_tokens": lm_positions.sum().detach(), "images": torch.tensor(N)}
+
+    def _patch_parameters(self):
+        yield from self.patch_encoder.parameters()
+        yield from self.patch_decoder.parameters()
