@@ -22,6 +22,16 @@ import torch
 _MAX_BETA = 0.999  # keeps 1 - beta > 0 so alpha_bar stays strictly decreasing and invertible
 
 
+def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise; ``generator`` may be one generator or a list with one per sample (dim 0),
+    so that a sample's noise does not depend on the batch it is generated in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
 class Diffusion:
     """DDPM schedule over integer timesteps 0..T with DDPM and DDIM samplers."""
 
@@ -202,7 +212,7 @@ class Diffusion:
         if t_prev == 0:
             return mean
         std = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
         return mean + std * z
 
     def ddim_step(
@@ -232,7 +242,7 @@ class Diffusion:
         # max(0, .) guards eta > 1, where sigma^2 can exceed 1 - ab_prev.
         x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma**2)) * eps
         if sigma > 0:
-            z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+            z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
             x_prev = x_prev + sigma * z
         return x_prev
 
@@ -259,7 +269,7 @@ class Diffusion:
 
         if x_T is None:
             device = torch.device(device) if device is not None else torch.device("cpu")
-            x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            x = randn(shape, generator, device, dtype)
         else:
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T shape {tuple(x_T.shape)} must match shape {shape}")

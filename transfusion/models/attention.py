@@ -29,15 +29,21 @@ def _allowed(doc_q, doc_k, img_q, img_k, q_idx, kv_idx, bidirectional: bool):
     return same_doc & (causal | same_image)
 
 
-def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, bidirectional: bool = True) -> torch.Tensor:
-    """Boolean mask (B, 1, L, L), True where attention is allowed."""
+def dense_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, bidirectional: bool = True,
+               num_queries: int | None = None) -> torch.Tensor:
+    """Boolean mask (B, 1, Lq, L), True where attention is allowed.
+
+    Queries are the last ``num_queries`` positions (default: all L), keys all L positions: with a KV
+    cache, the ids cover the cached prefix plus the new tokens.
+    """
     L = doc_ids.shape[1]
+    Lq = L if num_queries is None else num_queries
     idx = torch.arange(L, device=doc_ids.device)
     mask = _allowed(
-        doc_ids[:, :, None], doc_ids[:, None, :], image_ids[:, :, None], image_ids[:, None, :],
-        idx[:, None], idx[None, :], bidirectional,
+        doc_ids[:, L - Lq:, None], doc_ids[:, None, :], image_ids[:, L - Lq:, None], image_ids[:, None, :],
+        idx[L - Lq:, None], idx[None, :], bidirectional,
     )
-    return mask[:, None]  # (B, 1, L, L)
+    return mask[:, None]  # (B, 1, Lq, L)
 
 
 def block_mask(doc_ids: torch.Tensor, image_ids: torch.Tensor, bidirectional: bool = True, block_size: int = 128):

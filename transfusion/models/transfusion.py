@@ -80,8 +80,13 @@ class Transfusion(nn.Module):
         build = block_mask if use_flex else dense_mask
         return build(doc_ids, image_ids, self.cfg.bidirectional_images)
 
-    def forward(self, tokens, doc_ids, image_ids, x_t=None, t=None, mask=None):
-        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (None without images)."""
+    def forward(self, tokens, doc_ids, image_ids, x_t=None, t=None, mask=None, pos=None, caches=None):
+        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (None without images).
+
+        ``pos`` (B, L) overrides the RoPE positions derived from ``doc_ids``; with ``caches`` (one per
+        layer, see ``transfusion.kv_cache``) the inputs are only the new positions and ``mask`` covers
+        the cached keys too.
+        """
         h = self.embedding(tokens)  # (B, L, D)
         is_patch = image_ids >= 0
         context = None
@@ -95,7 +100,7 @@ class Transfusion(nn.Module):
             h = h.masked_scatter(is_patch[..., None], patches.to(h.dtype))
         if mask is None:
             mask = self.attention_mask(doc_ids, image_ids)
-        hidden = self.transformer(h, positions(doc_ids), mask)
+        hidden = self.transformer(h, positions(doc_ids) if pos is None else pos, mask, caches)
         eps = None
         if context is not None:
             N, n = x_t.shape[0], self.cfg.patches_per_image

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tokenizer and a tiny trained autoencoder, made once per test session."""
+
+import os
+
+import pytest
+import torch
+
+import transfusion  # noqa: F401  (torchvision shim before lightning)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    from transfusion.cli import tokenizer_main
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    tokenizer_main(["--output", str(path), "--vocab_size", "1024"])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def autoencoder_ckpt(tmp_path_factory):
+    """A 16px debug autoencoder trained for a few steps through `transfusion fit`."""
+    from transfusion.cli import cli_main
+
+    root = tmp_path_factory.mktemp("autoencoder")
+    cli = cli_main(["fit", "--config", "lightning_configs/autoencoder_embedded.yaml",
+                    "--model.init_args.preset", "debug", "--model.init_args.image_size", "16", "--data.init_args.image_size", "16",
+                    "--data.init_args.batch_size", "16", "--trainer.max_steps", "5",
+                    "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "5",
+                    "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    return cli.trainer.checkpoint_callback.last_model_path

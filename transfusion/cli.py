@@ -1,0 +1,69 @@
+"""The ``transfusion`` command.
+
+``transfusion fit|validate|test|predict --config lightning_configs/X.yaml`` is a LightningCLI: the model
+and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
+
+* ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
+* ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import transfusion  # noqa: F401  (torchvision shim before lightning)
+from lightning.pytorch.cli import LightningCLI
+import lightning as L
+
+
+class TransfusionCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
+    """Run the LightningCLI on ``args`` (None: the command line)."""
+    if args is None:
+        return TransfusionCLI(run=run)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # in-process call: the outer command line is not ours to parse
+    try:
+        return TransfusionCLI(args=args, run=run)
+    finally:
+        sys.argv = argv
+
+
+def tokenizer_main(argv: list[str]) -> None:
+    from transfusion.data.shapes import all_captions
+    from transfusion.data.text import read_documents, sentences, split_documents
+    from transfusion.data.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(prog="transfusion tokenizer", description="Train a SentencePiece tokenizer "
+                                     "on the embedded captions and the training split of a text corpus.")
+    parser.add_argument("--output", required=True, help="where to write the .model file")
+    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--text_path", default=None, help="one-document-per-line corpus (default: embedded)")
+    args = parser.parse_args(argv)
+    train_docs, _ = split_documents(read_documents(args.text_path))
+    tok = Tokenizer.train(sentences(train_docs) + all_captions(), args.output, vocab_size=args.vocab_size)
+    print(f"wrote {args.output}: {tok.vocab_size} ids (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}, "
+          f"boi {tok.boi_id}, eoi {tok.eoi_id})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "tokenizer":
+        tokenizer_main(argv[1:])
+    elif argv and argv[0] == "quickstart":
+        from transfusion.quickstart import quickstart_main
+
+        quickstart_main(argv[1:])
+    else:
+        cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""LightningDataModule for Transfusion on the embedded data: shapes with captions + the Lee news corpus.
+
+The sequence layout (tokenizer, patches per image, image size) comes from the model being trained
+(``TransfusionModule.sequence_layout()``), so it is configured once, on the model; tests and scripts
+may pass a ``SequenceLayout`` directly.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts, shapes_prompts
+from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
+from transfusion.data.shapes import ShapesDataset
+from transfusion.data.text import read_documents, split_documents, token_stream
+
+
+class TransfusionDataModule(L.LightningDataModule):
+    def __init__(self, seq_len: int = 128, batch_size: int = 16, rows_per_epoch: int = 100_000, val_rows: int = 64,
+                 num_examples: int = 10_000, text_path: str | None = None, text_ratio: float = 1.0,
+                 p_caption_first: float = 0.8, image_first_max_t: int | None = 500, caption_dropout: float = 0.1,
+                 num_workers: int = 0, seed: int = 0, predict_examples: int = 8, prompts: str | None = None,
+                 layout: SequenceLayout | None = None):
+        """
+        Args:
+            seq_len: row length L in tokens (text tokens + image patches + specials).
+            rows_per_epoch: training rows per epoch (rows are drawn afresh, the data is synthetic).
+            text_ratio: text-only tokens per image-caption token (1.0 = the paper's 1:1).
+            image_first_max_t: noise limit for images that precede their caption (None: no limit).
+            caption_dropout: probability of dropping a (caption-first) caption, for classifier-free guidance.
+            predict_examples: held-out examples whose caption and image are the ``predict`` prompts.
+            prompts: a prompt file for ``predict`` instead (see ``transfusion.data.prompts``).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["layout"])
+        self.layout = layout
+        self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.layout is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is None or not hasattr(module, "sequence_layout"):
+                raise ValueError("TransfusionDataModule needs a layout: pass `layout=` or train a TransfusionModule with it")
+            self.layout = module.sequence_layout()
+        hp, size = self.hparams, self.layout.image_size
+        train_docs, val_docs = split_documents(read_documents(hp.text_path))
+        common = dict(layout=self.layout, seq_len=hp.seq_len, text_ratio=hp.text_ratio,
+                      p_caption_first=hp.p_caption_first, image_first_max_t=hp.image_first_max_t)
+        self.train_set = TransfusionRows(
+            ShapesDataset(hp.num_examples, size, seed=hp.seed), token_stream(train_docs, self.layout.tokenizer),
+            num_rows=hp.rows_per_epoch, caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
+        self.val_set = TransfusionRows(
+            ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), token_stream(val_docs, self.layout.tokenizer),
+            num_rows=hp.val_rows, caption_dropout=0.0, seed=hp.seed + 1, **common)
+
+    def predict_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        records = (read_prompts(hp.prompts) if hp.prompts
+                   else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2))
+        return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_rows,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

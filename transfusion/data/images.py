@@ -1,0 +1,59 @@
+"""Image-only data for autoencoder training: the embedded shapes, batched as ``{"image": (N, 3, H, W)}``."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from transfusion.data.shapes import ShapesDataset
+
+
+def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack the images of dataset items, dropping captions and attributes."""
+    return {"image": torch.stack([item["image"] for item in items])}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        num_train: int = 10_000,
+        num_val: int = 512,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: ShapesDataset | None = None
+        self.val_set: ShapesDataset | None = None
+
+    def setup(self, stage: str | None = None):
+        hp = self.hparams
+        if self.train_set is None:
+            self.train_set = ShapesDataset(hp.num_train, hp.image_size, hp.seed)
+            self.val_set = ShapesDataset(hp.num_val, hp.image_size, hp.seed + 1)
+
+    def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_images,
+            persistent_workers=self.hparams.num_workers > 0,
+            drop_last=shuffle,  # constant batch shapes in training
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,84 @@
+"""Callbacks that turn predictions into files a person can look at."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image, ImageDraw
+
+from transfusion.data.prompts import prompt_text
+from transfusion.data.shapes import to_pil
+
+
+class GenerationWriter(BasePredictionWriter):
+    """Writes the ``predict`` outputs of ``TransfusionModule`` under ``output_dir``.
+
+    ``generations.jsonl``: one line per prompt (index, kind, prompt, reference, generated text, image
+    files); ``images/NNNN_K.png``: the K-th image generated for prompt NNNN; ``grid.png``: generated
+    images under their prompts; ``captions.png``: input images above the text generated for them.
+    """
+
+    def __init__(self, output_dir: str = "outputs/predictions", scale: int = 4):
+        super().__init__(write_interval="batch")
+        self.output_dir, self.scale = Path(output_dir), scale
+        self._generated: list[tuple[Image.Image, str]] = []
+        self._captioned: list[tuple[Image.Image, str]] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "generations.jsonl").write_text("")
+        self._generated, self._captioned = [], []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        with open(self.output_dir / "generations.jsonl", "a") as out:
+            for record in prediction:
+                images = [s for s in record["output"] if isinstance(s, torch.Tensor)]
+                text = "".join(s for s in record["output"] if isinstance(s, str))
+                files = []
+                for k, image in enumerate(images):
+                    files.append(f"images/{record['index']:04d}_{k}.png")
+                    picture = to_pil(image)
+                    picture.save(self.output_dir / files[-1])
+                    self._generated.append((picture, prompt_text(record["prompt"])))
+                inputs = [s for s in record["prompt"] if not isinstance(s, str) and isinstance(s, (Image.Image, torch.Tensor))]
+                if inputs and text:
+                    first = inputs[0]
+                    self._captioned.append((first if isinstance(first, Image.Image) else to_pil(first), text))
+                out.write(json.dumps({"index": record["index"], "kind": record["kind"],
+                                      "prompt": prompt_text(record["prompt"]), "reference": record.get("reference"),
+                                      "text": text, "images": files}) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        _labelled_grid(self._generated, self.scale).save(self.output_dir / "grid.png")
+        _labelled_grid(self._captioned, self.scale).save(self.output_dir / "captions.png")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
+def _labelled_grid(tiles: list[tuple[Image.Image, str]], scale: int, columns: int = 4) -> Image.Image:
+    """Images enlarged ``scale`` times (at most 256 px), each above its text, ``columns`` to a row."""
+    if not tiles:
+        return Image.new("RGB", (1, 1), "white")
+    side = min(256, tiles[0][0].width * scale)
+    cell_w, text_h = max(side, 200), 40
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, rows * (side + text_h)), "white")
+    pen = ImageDraw.Draw(grid)
+    for i, (image, text) in enumerate(tiles):
+        x, y = (i % columns) * cell_w, (i // columns) * (side + text_h)
+        grid.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y))
+        for j, line in enumerate(_wrap(text, cell_w // 6)[:3]):
+            pen.text((x + 4, y + side + 1 + 12 * j), line, fill="black")
+    return grid
