@@ -105,7 +105,8 @@ class Generator:
         if tuple(image.shape[1:]) != (self.image_size, self.image_size):
             raise ValueError(f"{where}: image of size {tuple(image.shape[1:])}, the autoencoder expects "
                              f"image_size={self.image_size}")
-        return self.module.encode_images(image[None].to(self.device))[0]
+        dtype = self.module.autoencoder.latent_std.dtype  # PIL images arrive as float32
+        return self.module.encode_images(image[None].to(self.device, dtype))[0]
 
     def _encode_prompt(self, prompt, index: int) -> tuple[list[int], list[torch.Tensor], bool]:
         """Token ids (-1 at patch positions), the clean latents of its images, and whether it forces BOI."""
@@ -284,14 +285,14 @@ class Generator:
                     if text[r]:
                         outputs[r].append(tok.decode(text[r]))
                         text[r] = []
-                    if self.next_pos[r] + self.n + 2 > self.max_len:  # no room for the image: stop
+                    if self.next_pos[r] + self.n + 1 > self.max_len:  # no room for n patches + EOI: stop
                         done[r] = True
                 image_rows = [r for r in image_rows if not done[r]]
-                for r, x0 in self._denoise(image_rows).items():
+                for r, x0 in (self._denoise(image_rows) if image_rows else {}).items():
                     outputs[r].append(x0)
                 for r in image_rows:
                     pending[r] = False
-            active = [not done[r] and budget[r] > 0 and self.next_pos[r] + 1 < self.max_len for r in range(self.B)]
+            active = [not done[r] and budget[r] > 0 and self.next_pos[r] < self.max_len for r in range(self.B)]
             if not any(active):
                 break
             next_tokens = self._sample(self.logits[: self.B])

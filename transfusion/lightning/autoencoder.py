@@ -24,9 +24,10 @@ class AutoencoderModule(L.LightningModule):
         warmup_steps: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
         overrides = {k: v for k, v in dict(image_size=image_size, latent_channels=latent_channels).items() if v is not None}
         self.config = AutoencoderConfig.from_name(preset, **overrides)
+        image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
+        self.save_hyperparameters()
         self.autoencoder = KLAutoencoder(self.config)
         # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
         self.register_buffer("latent_std", torch.ones(()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -44,6 +45,9 @@ class TransfusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(tokenizer)
+        if not Path(autoencoder).is_file():
+            raise FileNotFoundError(f"autoencoder checkpoint {autoencoder!r} does not exist; train one with "
+                                    "`transfusion fit --config lightning_configs/autoencoder_embedded.yaml`")
         self.autoencoder = AutoencoderModule.load_from_checkpoint(autoencoder, map_location="cpu")
         self.autoencoder.requires_grad_(False).eval()
         ae_cfg = self.autoencoder.autoencoder.config

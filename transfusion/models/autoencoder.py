@@ -18,7 +18,7 @@ AUTOENCODER_PRESETS: dict[str, dict] = {
     "debug": dict(image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
                   attention=True),
     # The embedded shapes data: 32x32 -> 8x8x4, trains in minutes on a CPU.
-    "embedded": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
+    "embedded": dict(image_size=32, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4,
                      attention=False),
     # The paper's setting: 256x256 -> 32x32x8 (LDM kl-f8 architecture with 8 latent channels).
     "paper": dict(image_size=256, base_channels=128, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=8,
