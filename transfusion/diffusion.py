@@ -258,6 +258,7 @@ class Diffusion:
         dtype: torch.dtype = torch.float32,
         x_T: torch.Tensor | None = None,
         progress: bool = False,
+        clip_x0: float | None = None,
     ) -> torch.Tensor:
         """Run the reverse chain from x_T ~ N(0, I) (or the given x_T) to x_0, calling eps_fn(x_t, t) per step."""
         if sampler not in self.SAMPLERS:
@@ -284,5 +285,5 @@ class Diffusion:
         for t, t_prev in pairs:
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
             eps = eps_fn(x, t_batch)
-            x = step(x, eps, t, t_prev, generator=generator)
+            x = step(x, eps, t, t_prev, generator=generator, clip_x0=clip_x0)
         return x

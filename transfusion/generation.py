@@ -9,6 +9,10 @@ With ``use_cache`` (default) every committed position is kept in a KV cache: a t
 a denoising step runs only the n patches against the cached prefix and never writes the noisy states
 into the cache. ``use_cache=False`` recomputes the whole sequence at every step (the reference).
 
+The cosine schedule's alpha_bar at t = T is about 2e-9, so the clean latent implied by the first noise
+predictions multiplies their errors by ~2e4; bounding it (``clip_x0``, as pixel-space DDPM clips to
+[-1, 1]) keeps an imperfect model's chain from diverging. Latents have unit variance; 5 is loose.
+
 Classifier-free guidance pairs each prompt with an unconditional row (the caption dropped, as in
 training: ``BOS BOI <patches>``) in the same batch; eps = eps_u + s (eps_c - eps_u). The unconditional
 row's BOI and image are retired from view after each image, so every image sees ``BOS BOI`` alone.
@@ -44,6 +48,7 @@ class SamplingOptions:
     cfg_scale: float = 5.0  # 1: no guidance (no unconditional rows)
     num_steps: int = 250
     sampler: str = "ddpm"  # or "ddim"
+    clip_x0: float | None = 5.0  # bound on predicted clean latents (unit variance); see below
     use_cache: bool = True
 
     def __post_init__(self):
@@ -59,6 +64,8 @@ class SamplingOptions:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.clip_x0 is not None and self.clip_x0 <= 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0}")
 
 
 class _Stream:
@@ -211,7 +218,8 @@ class Generator:
 
         o = self.options
         x0 = self.model.diffusion.sample(eps_fn, (len(image_rows), self.C, self.s, self.s), num_steps=o.num_steps,
-                                         sampler=o.sampler, generator=[self.generators[r] for r in image_rows],
+                                         sampler=o.sampler, clip_x0=o.clip_x0,
+                                         generator=[self.generators[r] for r in image_rows],
                                          device=self.device, dtype=self.model.embedding.weight.dtype)
         self.next_pos.copy_(start)
         block = self._block([[-1] * self.n + [self.tok.eoi_id]] * self.R, active, img_ids)

@@ -28,7 +28,8 @@ class TransfusionModule(L.LightningModule):
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, generation_seed: int = 0):
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
+                 generation_seed: int = 0):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
@@ -39,7 +40,7 @@ class TransfusionModule(L.LightningModule):
             diffusion_lambda: weight of the DDPM loss (paper: 5).
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
-            cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p: generation settings
+            cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
                 for ``predict`` (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
         """
         super().__init__()
@@ -60,7 +61,8 @@ class TransfusionModule(L.LightningModule):
         )
         self.model = Transfusion(self.config)
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        cfg_scale=cfg_scale, num_steps=num_inference_steps, sampler=sampler)
+                                        cfg_scale=cfg_scale, num_steps=num_inference_steps, sampler=sampler,
+                                        clip_x0=clip_x0)
 
     def train(self, mode: bool = True):
         super().train(mode)
