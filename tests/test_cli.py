@@ -111,7 +111,9 @@ def test_prompt_file_errors_name_the_line(tmp_path):
 
 def test_resume_from_last_checkpoint(tmp_path, tokenizer_path, autoencoder_ckpt):
     cli = cli_main(["fit", *_fit_args(tmp_path, tokenizer_path, autoencoder_ckpt, steps=6)])
-    assert Path(cli.trainer.checkpoint_callback.last_model_path).name == "last.ckpt"
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    assert last.name == "last.ckpt"  # written at the end although 6 is not a multiple of every_n_train_steps
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6
     args = _fit_args(tmp_path, tokenizer_path, autoencoder_ckpt, steps=10)
     resumed = cli_main(["fit", *args, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 10

@@ -18,7 +18,7 @@ class AutoencoderModule(L.LightningModule):
         image_size: int | None = None,
         latent_channels: int | None = None,
         kl_weight: float = 1e-6,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,

@@ -6,11 +6,24 @@ import json
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from PIL import Image, ImageDraw
 
 from transfusion.data.prompts import prompt_text
 from transfusion.data.shapes import to_pil
+
+
+class LastStepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` always holds the final step.
+
+    Lightning writes ``last.ckpt`` only together with a scheduled checkpoint, so a run whose ``max_steps``
+    is not a multiple of ``every_n_train_steps`` would end with a stale ``last.ckpt``.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
 
 
 class GenerationWriter(BasePredictionWriter):
