@@ -32,3 +32,13 @@ def autoencoder_ckpt(tmp_path_factory):
                     "--trainer.enable_progress_bar", "false",
                     "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
     return cli.trainer.checkpoint_callback.last_model_path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to oversubscription when other processes
+    share the 2-core machine (multi-threaded runs were seen 10-50x slower there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,16 +14,7 @@ from transfusion.models.autoencoder import (
 )
 
 # _common_step is called outside a Trainer here, where self.log only warns.
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`"), pytest.mark.usefixtures("one_thread")]
 
 
 def test_debug_encode_decode_shapes():

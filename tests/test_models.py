@@ -32,14 +32,7 @@ from transfusion.models.transformer import (
 )
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and immune to oversubscription when other
-    processes share the (2-core) machine, where OpenMP spin-waiting can slow multi-threaded runs 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------- TransformerConfig presets
