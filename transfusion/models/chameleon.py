@@ -58,7 +58,7 @@ def insert_codes(tokens: torch.Tensor, image_ids: torch.Tensor, codes: torch.Ten
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of log^2 Z, Z = sum(exp(logits)) (logits (P, V))."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).pow(2).mean()
 
 
 class Chameleon(nn.Module):
@@ -89,7 +89,8 @@ class Chameleon(nn.Module):
         hidden = self(tokens, doc_ids)
         tgt = tokens[:, 1:]
         trained = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (tgt != pad_id)  # (B, L-1)
-        logits = self.lm_head(hidden[:, :-1][trained]).float()  # (P, V)
+        logits = self.lm_head(hidden[:, :-1][trained])  # (P, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         if not logits.numel():
             zero = hidden.sum() * 0.0
             return {"loss": zero, "lm_loss": zero.detach(), "image_loss": zero.detach(), "z_loss": zero.detach(),

@@ -7,8 +7,8 @@ nearest entry; gradients pass the quantisation unchanged (straight-through estim
 
 Loss = ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 (codebook + commitment, beta = 0.25, weight 1).
 Dead codes: an EMA of how often each entry is chosen; entries whose EMA falls below a threshold are
-re-initialised to encoder outputs of the current batch (all entries start dead, so the first training
-batch initialises the codebook from data). With torch.distributed, counts are summed over processes and
+re-initialised to encoder outputs of the current batch (usage starts at zero, so after the first training
+step every entry that batch did not choose is initialised from data). With torch.distributed, counts are summed over processes and
 the re-initialised entries come from rank 0, so every replica keeps the same codebook.
 
 Legend: N images, Z latent channels, h x w latent size, K codebook size, M = N*h*w latent vectors.
