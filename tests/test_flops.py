@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from transfusion.cli import cli_main
-from transfusion.flops import FlopCounter, attention_flops, attention_pairs, flop_parameters, training_flops
+from transfusion.flops import (FlopCounter, attention_flops, attention_pairs, checkpoint_flops, flop_parameters,
+                              training_flops)
 from transfusion.models.attention import dense_mask
 from transfusion.models.chameleon import Chameleon, ChameleonConfig
 from transfusion.models.transformer import TransformerConfig
@@ -74,7 +75,9 @@ def test_fit_counts_every_trained_position(tmp_path, tokenizer_path, autoencoder
         tokens += int(real.sum())
         pairs += attention_pairs(batch["doc_ids"], batch["image_ids"], real, bidirectional=True)
     assert module.flop_counter.params == flop_parameters(module.model)
-    ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=False)
+    path = cli.trainer.checkpoint_callback.last_model_path
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint_flops(path) == ckpt["flops"]
     assert ckpt["flops"]["tokens"] == tokens and ckpt["flops"]["attention_pairs"] == pairs
     assert ckpt["flops"]["flops"] == 6.0 * module.flop_counter.params * tokens
     assert ckpt["state_dict"]["flop_counter.tokens"].item() == tokens  # restored on resume

@@ -107,3 +107,20 @@ def test_fit_logs_codebook_statistics_and_checkpoint_loads(vq_ckpt):
     assert module.decode_codes(codes).shape == images.shape
     with pytest.raises(TypeError, match="encode_codes"):
         module.encode_latents(images)
+
+
+def test_replicas_keep_one_codebook_under_data_parallel(tmp_path):
+    """Usage counts are summed over processes and replacements come from rank 0: codebooks stay identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from vq_replica import replica  # a module of its own: spawned processes import only torch and the quantizer
+
+    mp.spawn(replica, args=(2, port, str(tmp_path)), nprocs=2)
+    a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert torch.equal(a["codebook"], b["codebook"]) and torch.equal(a["usage"], b["usage"])
+    assert a["usage"].sum() > 0

@@ -76,12 +76,21 @@ class FlopCounter(nn.Module):
                 "attention_pairs": int(self.pairs), "exact_flops": self.exact_flops}
 
 
+def checkpoint_flops(path: str) -> dict:
+    """``FlopCounter.summary()`` of a Transfusion or Chameleon checkpoint, for sweeps and comparison tables."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "flops" not in checkpoint:
+        raise KeyError(f"{path} has no FLOP count: it was not written by a TransfusionModule or ChameleonModule")
+    return checkpoint["flops"]
+
+
 class FlopAccounting:
     """LightningModule mixin for modules with a ``flop_counter``: counts each training batch, logs the
     cumulative ``train/flops`` (6ND), ``train/flops_exact`` and ``train/tokens``, and writes
     ``checkpoint["flops"]`` (the counter's summary) for sweeps to read."""
 
     def count_flops(self, doc_ids: torch.Tensor, image_ids: torch.Tensor, real: torch.Tensor, bidirectional: bool):
+        doc_ids, image_ids, real = doc_ids.cpu(), image_ids.cpu(), real.cpu()  # one transfer, then CPU bookkeeping
         stats = torch.tensor([int(real.sum()), attention_pairs(doc_ids, image_ids, real, bidirectional)],
                              dtype=torch.float64)
         if self.trainer.world_size > 1:  # every process trains on its own rows
