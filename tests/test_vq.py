@@ -118,9 +118,10 @@ def test_replicas_keep_one_codebook_under_data_parallel(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from vq_replica import replica  # a module of its own: spawned processes import only torch and the quantizer
+    from vq_replica import replica
 
-    mp.spawn(replica, args=(2, port, str(tmp_path)), nprocs=2)
+    # fork: the children start with torch imported (spawning re-imports it, ~10 s on 2 busy cores)
+    mp.start_processes(replica, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
     a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert torch.equal(a["codebook"], b["codebook"]) and torch.equal(a["usage"], b["usage"])
     assert a["usage"].sum() > 0

@@ -1,4 +1,4 @@
-"""One process of the data-parallel VQ test (tests/test_vq.py); kept apart so that spawning is cheap."""
+"""One process of the data-parallel VQ test (tests/test_vq.py)."""
 
 import torch
 import torch.distributed as dist
