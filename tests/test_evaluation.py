@@ -184,13 +184,35 @@ def test_perplexity_is_token_weighted_over_the_split(one_thread):
 
 # ---------------------------------------------------------------- the evaluation command
 @pytest.fixture(scope="module")
-def transfusion_ckpt(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
-    """A debug Transfusion trained a few steps, as the quickstart's pipeline does at full size."""
+def trained_with_evaluation(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
+    """A debug Transfusion trained a few steps, as the quickstart's pipeline does at full size, evaluated
+    (CIDEr-D, perplexity) every 3 steps."""
     from test_cli import _fit_args
 
     root = tmp_path_factory.mktemp("transfusion")
-    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6)])
-    return cli.trainer.checkpoint_callback.last_model_path
+    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6),
+                    "--trainer.callbacks+=transfusion.lightning.evaluation.Evaluation",
+                    "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.on_test=false",
+                    "--trainer.callbacks.metrics=[cider,ppl]", "--trainer.callbacks.num_samples=2",
+                    "--trainer.callbacks.max_text_windows=2", "--trainer.callbacks.max_caption_tokens=4",
+                    "--trainer.callbacks.output_dir", str(root / "evaluation")])
+    return cli.trainer
+
+
+@pytest.fixture(scope="module")
+def transfusion_ckpt(trained_with_evaluation):
+    return trained_with_evaluation.checkpoint_callback.last_model_path
+
+
+def test_evaluation_every_n_training_steps(trained_with_evaluation):
+    import csv
+
+    with open(Path(trained_with_evaluation.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/cider_d")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(float(r["eval/ppl"]) > 1 for r in rows)
+    report = json.loads((Path(trained_with_evaluation.default_root_dir) / "evaluation" / "evaluation.json").read_text())
+    assert report["training_steps"] == 6 and set(report["metrics"]) == {"cider_d", "ppl"}
 
 
 def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: str, clip: str) -> list[str]:
