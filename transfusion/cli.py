@@ -5,7 +5,8 @@ and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
 
 * ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
-* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``).
+* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
+* ``transfusion sweep --config lightning_configs/sweep_micro.yaml``: Transfusion vs Chameleon (``transfusion.sweep``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import lightning as L
 # settings that change how a trained model samples, not what it is: with --ckpt_path, Lightning replaces the
 # model's arguments by the checkpoint's hyper-parameters; these keep the values of the config / command line
 GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
-                       "clip_x0", "generation_seed")
+                       "clip_x0", "generation_seed", "image_temperature", "image_top_p")
 
 
 class TransfusionCLI(LightningCLI):
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         from transfusion.evaluation.fid import main as fid_weights_main
 
         fid_weights_main(argv[1:])
+    elif argv and argv[0] == "sweep":
+        from transfusion.sweep import sweep_main
+
+        sweep_main(argv[1:])
     else:
         cli_main(None if command_line else argv)
 

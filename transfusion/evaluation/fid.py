@@ -113,11 +113,16 @@ def resolve_weights(path: str | os.PathLike | None) -> str:
     return str(path)
 
 
-def inception_fid(weights: str | os.PathLike | None = None, reset_real_features: bool = True):
-    """torchmetrics FID on the standard 2048-d Inception pool features (uint8 images in [0, 255])."""
+def inception_fid(weights: str | os.PathLike | None = None, reset_real_features: bool = True, features: int = 2048):
+    """torchmetrics FID on the standard 2048-d Inception pool features (uint8 images in [0, 255]).
+
+    ``features`` 64, 192 or 768 take torch-fidelity's earlier Inception layers instead: not the standard
+    FID, but its matrix square root is cheap (the 2048-d one takes ~10 s on a 2-core CPU), for tests."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=resolve_weights(weights),
+    if features not in (64, 192, 768, 2048):
+        raise ValueError(f"fid_features must be 64, 192, 768 or 2048 (standard FID), got {features}")
+    return FrechetInceptionDistance(feature=features, feature_extractor_weights_path=resolve_weights(weights),
                                     reset_real_features=reset_real_features)
 
 

@@ -29,10 +29,10 @@ def text_windows(stream: torch.Tensor, seq_len: int, bos_id: int, pad_id: int) -
 
 
 @torch.no_grad()
-def update_perplexity(metric: Perplexity, model, tokens: torch.Tensor, doc_ids: torch.Tensor, pad_id: int) -> None:
-    """Add one batch of text windows (B, L) to ``metric`` (a Transfusion model: text only, no images)."""
-    image_ids = torch.full_like(tokens, -1)
-    hidden, _ = model(tokens, doc_ids, image_ids)
-    predicted = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (tokens[:, 1:] != pad_id)
-    logits = model.lm_head(hidden[:, :-1][predicted]).float()
+def update_perplexity(metric: Perplexity, text_logits, tokens: torch.Tensor, doc_ids: torch.Tensor, pad_id: int) -> None:
+    """Add one batch of text windows (B, L) to ``metric``; ``text_logits(tokens, doc_ids, at)`` gives a model's
+    logits (P, V) at the ``at`` (B, L) positions (``GenerativeModule.text_logits``)."""
+    predicted = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (tokens[:, 1:] != pad_id)  # (B, L-1)
+    at = torch.cat([predicted, predicted.new_zeros(predicted.shape[0], 1)], 1)  # the last position predicts nothing
+    logits = text_logits(tokens, doc_ids, at).float()
     metric.update(logits[None], tokens[:, 1:][predicted][None])

@@ -19,6 +19,7 @@ from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
 from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
+from transfusion.lightning.interface import GenerativeModule
 from transfusion.lightning.optim import adamw_cosine
 from transfusion.models.chameleon import Chameleon, ChameleonConfig, insert_codes
 from transfusion.models.transformer import TransformerConfig
@@ -26,8 +27,9 @@ from transfusion.models.transformer import TransformerConfig
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen VQ-VAE
 
 
-class ChameleonModule(FlopAccounting, L.LightningModule):
-    generator_class = ChameleonGenerator  # used by transfusion.generation.generate_images / generate_captions
+class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
+    generator_class = ChameleonGenerator  # also used by transfusion.generation.generate_images / generate_captions
+    image_sampling_fields = ("image_temperature", "image_top_p")  # reported by evaluations
 
     def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", transformer: dict | None = None,
                  qk_norm: bool = True, norm_reorder: bool = True, z_loss_weight: float = 1e-5, attention: str = "auto",
@@ -70,6 +72,10 @@ class ChameleonModule(FlopAccounting, L.LightningModule):
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # FLOP counters of older checkpoints
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
     def sequence_layout(self) -> SequenceLayout:
         """Rows as for Transfusion, with n = the VQ latent's positions per image."""
         return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size)
@@ -90,6 +96,11 @@ class ChameleonModule(FlopAccounting, L.LightningModule):
         """The batch's tokens (B, L) with image codes in place."""
         return insert_codes(batch["tokens"], batch["image_ids"], self.encode_images(batch["images"]),
                             self.config.text_vocab_size)
+
+    def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (P, text + codebook) at the ``at`` positions of text-only rows (B, L): perplexity is scored
+        over the whole vocabulary, so probability the model puts on image codes counts against it."""
+        return self.model.lm_head(self.model(tokens, doc_ids)[at])
 
     def _common_step(self, batch: dict, stage: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.batch_tokens(batch) if tokens is None else tokens

@@ -1,6 +1,10 @@
 """The paper's evaluation as a Lightning callback: FID and CLIP score of caption->image generations,
 CIDEr-D of image->caption generations, perplexity on held-out text.
 
+Model-agnostic: it asks the LightningModule only for the ``GenerativeModule`` interface
+(``transfusion.lightning.interface``: ``generate_images``, ``generate_captions``, ``text_logits``,
+``training_flops``, ``sampling_summary``), so Transfusion and Chameleon are evaluated by the same code.
+
 Runs at the end of ``validate``/``test`` (and every ``every_n_train_steps`` of ``fit`` if set) on every
 process: each rank generates its share of the N samples (sample i on rank i % world, seeded
 ``generation_seed + i`` so the images do not depend on the split), torchmetrics adds the states across
@@ -23,7 +27,6 @@ from tqdm.auto import tqdm
 
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
-from transfusion.generation import IMAGE, Generator, SamplingOptions
 
 METRICS = ("fid", "clip", "cider", "ppl")
 
@@ -36,27 +39,38 @@ class Evaluation(Callback):
     def __init__(self, num_samples: int = 1000, batch_size: int = 16, metrics: list[str] = list(METRICS),
                  fid_weights: str | None = None, clip_model: str | None = None, max_text_windows: int | None = None,
                  every_n_train_steps: int | None = None, on_validation: bool = False, on_test: bool = True,
-                 output_dir: str | None = None, log_samples: int = 16, max_caption_tokens: int = 32):
+                 output_dir: str | None = None, log_samples: int = 16, max_caption_tokens: int = 32,
+                 at_train_end: bool = True, fid_features: int = 2048):
         """
         Args:
             num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
             metrics: any of fid, clip, cider, ppl.
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
+            fid_features: 2048 (standard FID, key ``fid``) or 64/192/768 (earlier Inception layers, key ``fid@64``
+                ...: cheap, for tests; not comparable with FID).
             clip_model: a local Hugging Face CLIP directory (required for ``clip``).
             max_text_windows: score only the first windows of the held-out text (None: all of it).
             output_dir: where ``evaluation.json`` / ``evaluation.md`` go (None: the logger's directory).
             log_samples: how many generated images / captions go to the logger.
+            at_train_end: with ``every_n_train_steps``, also evaluate the final weights when the last step is
+                not a multiple of it.
         """
         unknown = set(metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"Evaluation(metrics=...): unknown {sorted(unknown)}; choose from {list(METRICS)}")
+        if fid_features not in (64, 192, 768, 2048):
+            raise ValueError(f"Evaluation(fid_features={fid_features}) must be 64, 192, 768 or 2048 (standard FID)")
         if num_samples < 1 and set(metrics) - {"ppl"}:
             raise ValueError(f"Evaluation(num_samples={num_samples}) must be at least 1")
         self.num_samples, self.batch_size, self.metrics = num_samples, batch_size, list(metrics)
         self.fid_weights, self.clip_model, self.max_text_windows = fid_weights, clip_model, max_text_windows
         self.every_n_train_steps, self.on_validation, self.on_test = every_n_train_steps, on_validation, on_test
         self.output_dir, self.log_samples, self.max_caption_tokens = output_dir, log_samples, max_caption_tokens
+        self.at_train_end, self.fid_features = at_train_end, fid_features
+        self._fid_key = "fid" if fid_features == 2048 else f"fid@{fid_features}"
         self.results: dict | None = None
+        self.history: list[dict] = []  # every report of this run, in order (sweeps read it)
+        self._last_step: int | None = None
         self._fid = self._clip = None
         self._check_weights()
 
@@ -84,7 +98,11 @@ class Evaluation(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0 and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module, "eval")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_train_steps and self.at_train_end and trainer.global_step not in (0, self._last_step):
             self.evaluate(trainer, pl_module, "eval")
 
     # ------------------------------------------------------------------ evaluation
@@ -93,7 +111,7 @@ class Evaluation(Callback):
         from transfusion.evaluation.fid import inception_fid
 
         if "fid" in self.metrics and self._fid is None:
-            self._fid = inception_fid(self.fid_weights)
+            self._fid = inception_fid(self.fid_weights, features=self.fid_features)
         if "clip" in self.metrics and self._clip is None:
             self._clip, self._clip_name = clip_score_metric(self.clip_model), clip_name(self.clip_model)
         for m in (self._fid, self._clip):
@@ -121,7 +139,7 @@ class Evaluation(Callback):
             if samples:
                 self._fid.update(to_uint8(torch.stack([s["real"] for s in samples])).to(device), real=True)
                 self._fid.update(to_uint8(torch.stack([s["generated"] for s in samples])).to(device), real=False)
-            results["fid"] = float(self._fid.compute())
+            results[self._fid_key] = float(self._fid.compute())
         if self._clip is not None:
             if samples:
                 self._clip.update(to_uint8(torch.stack([s["generated"] for s in samples])).to(device),
@@ -142,28 +160,23 @@ class Evaluation(Callback):
                 pl_module.log(f"{prefix}/{key}", value)
         self._log_samples(trainer, samples, prefix)
         self.results = self._report(trainer, pl_module, results)
+        self.history.append({"stage": prefix, **self.results})
+        self._last_step = trainer.global_step if prefix == "eval" else self._last_step
         pl_module.train(was_training)
         return results
 
     def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int) -> list[dict]:
-        sampling = pl_module.sampling
         seed = pl_module.hparams.get("generation_seed", 0)
-        image_options = SamplingOptions(**{**sampling.__dict__, "max_new_tokens": 0})
-        caption_options = SamplingOptions(**{**sampling.__dict__, "cfg_scale": 1.0,
-                                             "max_new_tokens": self.max_caption_tokens})
         samples = []
         chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
             seeds = [seed + i for i in chunk]
-            images = Generator(pl_module, image_options).generate(
-                [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
-            captions = Generator(pl_module, caption_options).generate([[examples[i]["image"]] for i in chunk],
-                                                                      seeds=seeds)
-            for i, image_out, caption_out in zip(chunk, images, captions):
+            images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds)
+            captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds, self.max_caption_tokens)
+            for i, image, caption in zip(chunk, images, captions):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
-                                "real": examples[i]["image"].cpu(),
-                                "generated": next(s for s in image_out if isinstance(s, torch.Tensor)).cpu(),
-                                "generated_caption": "".join(s for s in caption_out if isinstance(s, str)).strip()})
+                                "real": examples[i]["image"].cpu(), "generated": image.cpu(),
+                                "generated_caption": caption})
         return samples
 
     def _perplexity(self, pl_module, datamodule, rank: int, world: int, device) -> float:
@@ -176,7 +189,7 @@ class Evaluation(Callback):
         mine = windows[rank::world]
         for i in range(0, len(mine), self.batch_size):
             batch = mine[i:i + self.batch_size]
-            update_perplexity(metric, pl_module.model, torch.stack([w["tokens"] for w in batch]).to(device),
+            update_perplexity(metric, pl_module.text_logits, torch.stack([w["tokens"] for w in batch]).to(device),
                               torch.stack([w["doc_ids"] for w in batch]).to(device), tok.pad_id)
         self._ppl_tokens = int(_all_sum(metric.count.clone()))
         return float(metric.compute())
@@ -209,19 +222,21 @@ class Evaluation(Callback):
             (folder / "captions.md").write_text(table)
 
     def _report(self, trainer, pl_module, results: dict) -> dict:
-        sampling = pl_module.sampling
+        sampling = pl_module.sampling_summary()
+        flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
         report = {
+            "model": type(pl_module).__name__,
             "metrics": results,
             "num_samples": self.num_samples if set(self.metrics) - {"ppl"} else 0,
             "ppl_tokens": getattr(self, "_ppl_tokens", None) if "ppl" in self.metrics else None,
             "tokenizer": str(pl_module.hparams.get("tokenizer")),
-            "sampler": {"sampler": sampling.sampler, "num_steps": sampling.num_steps, "clip_x0": sampling.clip_x0,
-                        "caption_decoding": "greedy" if sampling.temperature == 0 else
-                        f"temperature {sampling.temperature}, top_p {sampling.top_p}"},
-            "cfg_scale": sampling.cfg_scale,
+            "sampler": {k: v for k, v in sampling.items() if k != "cfg_scale"},
+            "cfg_scale": sampling["cfg_scale"],
             "fid_weights": self.fid_weights if "fid" in self.metrics else None,
             "clip_model": self.clip_model if "clip" in self.metrics else None,
-            "training_flops": _training_flops(pl_module),
+            "training_flops": flops.get("flops"),  # 6ND (transfusion.flops)
+            "training_flops_exact": flops.get("exact_flops"),  # + attention
+            "training_tokens": flops.get("tokens"),
             "training_steps": _training_steps(trainer, pl_module),
             "world_size": trainer.world_size,
         }
@@ -234,11 +249,6 @@ class Evaluation(Callback):
         return report
 
 
-def _training_flops(pl_module) -> float | None:
-    flops = getattr(pl_module, "training_flops", None)
-    return float(flops()) if callable(flops) else None
-
-
 def _training_steps(trainer, pl_module) -> int:
     """Optimizer steps behind the weights: the trainer's in fit, the checkpoint's in validate/test."""
     return trainer.global_step or getattr(pl_module, "trained_steps", 0)
@@ -248,13 +258,18 @@ def markdown_table(report: dict) -> str:
     rows = [(k, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v))
             for k, v in report["metrics"].items()]
     s = report["sampler"]
-    rows += [("samples", str(report["num_samples"])), ("perplexity tokens", str(report["ppl_tokens"])),
-             ("tokenizer", report["tokenizer"]), ("sampler", f"{s['sampler']}, {s['num_steps']} steps, "
-                                                             f"x0 bound {s['clip_x0']}"),
-             ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
-             ("training FLOPs", "not recorded" if report["training_flops"] is None else f"{report['training_flops']:.3e}"),
+    image_sampling = ", ".join(f"{k} {v}" for k, v in s.items() if k != "caption_decoding")
+    rows += [("model", report["model"]), ("samples", str(report["num_samples"])),
+             ("perplexity tokens", str(report["ppl_tokens"])), ("tokenizer", report["tokenizer"]),
+             ("image sampling", image_sampling), ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
+             ("training FLOPs (6ND)", _flops(report["training_flops"])),
+             ("training FLOPs (with attention)", _flops(report["training_flops_exact"])),
              ("training steps", str(report["training_steps"])), ("processes", str(report["world_size"]))]
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def _flops(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.3e}"
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
 from transfusion.generation import Generator, SamplingOptions
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
+from transfusion.lightning.interface import GenerativeModule
 from transfusion.lightning.optim import adamw_cosine
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
@@ -22,7 +23,9 @@ from transfusion.models.transformer import TransformerConfig
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-class TransfusionModule(FlopAccounting, L.LightningModule):
+class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
+    image_sampling_fields = ("sampler", "num_steps", "clip_x0")  # reported by evaluations
+
     def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
@@ -72,6 +75,7 @@ class TransfusionModule(FlopAccounting, L.LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # FLOP counters of older checkpoints
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
     def sequence_layout(self) -> SequenceLayout:
@@ -88,6 +92,11 @@ class TransfusionModule(FlopAccounting, L.LightningModule):
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode_latents(latents)
+
+    def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (P, V) at the ``at`` positions of text-only rows (B, L) (perplexity)."""
+        hidden, _ = self.model(tokens, doc_ids, torch.full_like(tokens, -1))
+        return self.model.lm_head(hidden[at])
 
     def _common_step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.encode_images(batch["images"])

@@ -1,0 +1,143 @@
+"""The sweep: parity FLOP ratios against hand computations, and tiny Transfusion and Chameleon models trained
+and evaluated through `transfusion sweep`, giving a well-formed Table 3, ablation table, plot, CSV and JSON."""
+
+import csv
+import json
+import math
+import re
+
+import pytest
+import yaml
+from PIL import Image
+
+from transfusion.cli import main
+from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_text, running_best
+from transfusion.sweep.runner import Sweep
+
+
+# ---------------------------------------------------------------- parity FLOP ratio
+def test_parity_is_interpolated_in_log_flops():
+    # FID (lower is better) 100, 60, 30 at 1e10, 1e11, 1e12 FLOPs; Chameleon's 45 lies half-way between 60 and 30,
+    # so in log FLOPs half-way between 1e11 and 1e12: 10^11.5
+    p = parity_flops([1e10, 1e11, 1e12], [100.0, 60.0, 30.0], 45.0, higher_is_better=False)
+    assert p.status == "interpolated" and p.flops == pytest.approx(10 ** 11.5, rel=1e-12)
+    assert parity_ratio_text(p, 1e12) == "0.316"
+    # CIDEr (higher is better) 1, 5, 9 at 1e9, 1e10, 1e11: 7 is reached at 10^10.5
+    p = parity_flops([1e11, 1e9, 1e10], [9.0, 1.0, 5.0], 7.0, higher_is_better=True)  # any order
+    assert p.flops == pytest.approx(10 ** 10.5, rel=1e-12)
+
+
+def test_parity_uses_the_running_best_and_reports_bounds():
+    flops, fid = [1e9, 1e10, 1e11, 1e12], [100.0, 60.0, 70.0, 30.0]  # a worse later evaluation does not count
+    assert running_best(flops, fid, higher_is_better=False) == (flops, [100.0, 60.0, 60.0, 30.0])
+    p = parity_flops(flops, fid, 50.0, higher_is_better=False)  # between (1e11, 60) and (1e12, 30): 1/3 of the way
+    assert p.flops == pytest.approx(1e11 * 10 ** (1 / 3), rel=1e-12)
+    first = parity_flops(flops, fid, 120.0, higher_is_better=False)
+    assert first.status == "at_first" and first.flops == 1e9 and parity_ratio_text(first, 1e10) == "<= 0.1"
+    never = parity_flops(flops, fid, 10.0, higher_is_better=False)
+    assert never.flops is None and never.best == 30.0 and never.best_flops == 1e12
+    assert parity_ratio_text(never, 1e12) == "not reached (best 30 at 1.00e+12 FLOPs)"
+    exact = parity_flops(flops, fid, 60.0, higher_is_better=False)  # reached exactly at an evaluation
+    assert exact.flops == pytest.approx(1e10)
+
+
+def test_metric_directions():
+    assert [metric_info(k)[1] for k in ("fid", "ppl", "cider_d", "clip_score@shapes-clip")] == [False, False, True, True]
+    assert metric_info("clip_score@shapes-clip")[0] == "CLIP score (shapes-clip)"
+    with pytest.raises(KeyError, match="unknown metric"):
+        metric_info("bleu")
+
+
+# ---------------------------------------------------------------- the sweep command
+def _common(seq_len: int) -> dict:
+    return {"model.init_args.lr": 3e-3, "model.init_args.warmup_steps": 2, "data.init_args.seq_len": seq_len,
+            "data.init_args.batch_size": 4, "data.init_args.num_workers": 0, "trainer.limit_val_batches": 1,
+            "trainer.log_every_n_steps": 1, "trainer.enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_weights, clip_dir):
+    out = tmp_path_factory.mktemp("sweep")
+    config = {
+        "output": str(out / "sweep"),
+        "transfusion": {"config": "lightning_configs/transfusion_embedded.yaml",
+                        "overrides": {**_common(64), "model.init_args.num_inference_steps": 3}},
+        "chameleon": {"config": "lightning_configs/chameleon_embedded.yaml", "overrides": _common(48)},
+        "sizes": {"XS": {"model.init_args.preset": "debug", "model.init_args.transformer": {"dim": 32, "n_heads": 2}},
+                  "S": {"model.init_args.preset": "debug"}},
+        "budgets": [4],
+        "eval_every_n_steps": 2,
+        "evaluation": {"num_samples": 4, "batch_size": 4, "metrics": ["fid", "clip", "cider", "ppl"],
+                       "fid_weights": fid_weights, "fid_features": 64, "max_text_windows": 2, "max_caption_tokens": 4, "log_samples": 2},
+        "tokenizer": {"path": tokenizer_path}, "autoencoder": {"path": autoencoder_ckpt},
+        "vqvae": {"path": vq_ckpt}, "clip": {"path": clip_dir},
+        "ablations": [{"name": "intra-image attention", "size": "XS",
+                       "settings": {"bidirectional": {}, "causal": {"model.init_args.bidirectional_images": False}}}],
+    }
+    path = out / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # sizes in order, small to large
+    main(["sweep", "--config", str(path)])
+    return out
+
+
+def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
+    out = sweep_dir / "sweep"
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    metrics = ["ppl", "cider_d", "fid@64", "clip_score@test-clip"]
+    assert list(rows[0])[-4:] == metrics
+    main_runs = {(r["model"], r["size"]) for r in rows if not r["ablation"]}
+    assert main_runs == {(m, s) for m in ("transfusion", "chameleon") for s in ("XS", "S")}
+    for run in {r["run"] for r in rows}:
+        mine = [r for r in rows if r["run"] == run and r["setting"] != "bidirectional"]
+        assert [int(r["step"]) for r in mine] == [2, 4], run  # every 2 steps
+        flops = [float(r["flops"]) for r in mine]
+        assert flops[1] > flops[0] > 0
+        assert all(float(r["flops"]) == 6 * int(r["params"]) * int(r["tokens"]) for r in mine)
+        assert all(float(r["flops_exact"]) > float(r["flops"]) for r in mine)  # attention on top
+        assert all(math.isfinite(float(r[m])) for r in mine for m in metrics)
+    xs, s = ({int(r["params"]) for r in rows if r["model"] == "transfusion" and r["size"] == size} for size in ("XS", "S"))
+    assert max(xs) < min(s)
+
+    # Table 3: one row per metric, in the paper's format, and the ratio the CSV implies
+    table = (out / "table3.md").read_text().splitlines()
+    assert table[2] == "| metric | better | Transfusion | Chameleon | parity FLOP ratio |"
+    body = [line.split(" | ") for line in table[4:]]
+    assert [b[0].strip("| ") for b in body] == ["perplexity", "CIDEr-D", "FID (64)", "CLIP score (test-clip)"]
+    assert [b[1] for b in body] == ["lower", "higher", "lower", "higher"]
+    result = json.loads((out / "results.json").read_text())
+    t3 = result["table3"]
+    assert t3["size"] == "S" and t3["budget"] == 4
+    chameleon = [r for r in rows if r["model"] == "chameleon" and r["size"] == "S" and r["step"] == "4"][0]
+    curve = [r for r in rows if r["model"] == "transfusion" and not r["ablation"]]
+    for line, cells in zip(t3["rows"], body):
+        key, higher = line["metric"], line["higher_is_better"]
+        assert line["chameleon"] == pytest.approx(float(chameleon[key]))
+        expected = parity_flops([float(r["flops"]) for r in curve], [float(r[key]) for r in curve],
+                                float(chameleon[key]), higher)
+        assert line["parity_status"] == expected.status
+        assert cells[4].rstrip(" |") == parity_ratio_text(expected, float(chameleon["flops"]))
+        assert re.fullmatch(r"(<= )?[0-9.e+-]+|not reached \(best .* FLOPs\)", cells[4].rstrip(" |"))
+
+    ablation = (out / "ablations.md").read_text()
+    assert "| intra-image attention | transfusion | XS | 4 | bidirectional |" in ablation
+    assert "| intra-image attention | transfusion | XS | 4 | causal |" in ablation
+    assert len(result["ablations"][0]["settings"]) == 2
+
+    with Image.open(out / "scaling.png") as image:
+        assert image.format == "PNG" and image.width > 4 * image.height / 2  # four panels side by side
+
+
+def test_sweep_resumes_without_training_again(sweep_dir, monkeypatch):
+    before = (sweep_dir / "sweep" / "results.csv").read_text()
+    monkeypatch.setattr(Sweep, "_train", lambda *a: pytest.fail("a finished run was trained again"))
+    main(["sweep", "--config", str(sweep_dir / "sweep.yaml")])
+    assert (sweep_dir / "sweep" / "results.csv").read_text() == before
+
+
+def test_sweep_rejects_bad_configs():
+    runs = {"config": "x.yaml"}
+    with pytest.raises(ValueError, match="reference_size"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, reference_size="L")
+    with pytest.raises(ValueError, match="ablation 'a' names size 'L'"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, ablations=[{"name": "a", "settings": {}, "size": "L"}])

@@ -1,0 +1,157 @@
+"""A sweep's outputs: Table 3 (paper format), the ablation table, scaling plots, raw CSV and JSON.
+
+``rows`` are the sweep's evaluations, one dict each: run, model, size, budget, ablation, setting, step,
+params, tokens, flops (6ND), flops_exact (with attention) and the metrics (``fid``, ``clip_score@<clip>``,
+``cider_d``, ``ppl``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_text
+
+COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "params", "tokens", "flops", "flops_exact"]
+
+
+def metric_keys(rows: list[dict]) -> list[str]:
+    """Metric columns present in ``rows``, in the paper's order (text first)."""
+    order = ["ppl", "cider_d", "fid", "clip_score"]
+    keys = {k for r in rows for k in r if k not in COLUMNS}
+    return sorted(keys, key=lambda k: (order.index(k.split("@")[0]) if k.split("@")[0] in order else 99, k))
+
+
+def main_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r["ablation"]]
+
+
+def final(rows: list[dict], model: str, size: str, budget: int) -> dict:
+    """The last evaluation of a main run."""
+    mine = [r for r in main_rows(rows) if (r["model"], r["size"], r["budget"]) == (model, size, budget)]
+    if not mine:
+        raise ValueError(f"no evaluations of {model} size {size} budget {budget}")
+    return max(mine, key=lambda r: r["step"])
+
+
+def table3(rows: list[dict], reference_size: str, parity_curve: str = "all_sizes") -> dict:
+    """Transfusion vs Chameleon at the reference size's largest budget, and the parity FLOP ratio per metric."""
+    budget = max(r["budget"] for r in main_rows(rows) if r["size"] == reference_size)
+    tf, ch = final(rows, "transfusion", reference_size, budget), final(rows, "chameleon", reference_size, budget)
+    curve = [r for r in main_rows(rows) if r["model"] == "transfusion"
+             and (parity_curve == "all_sizes" or r["size"] == reference_size)]
+    lines = []
+    for key in metric_keys(rows):
+        name, higher = metric_info(key)
+        if not (_finite(tf.get(key)) and _finite(ch.get(key))):
+            continue
+        parity = parity_flops([r["flops"] for r in curve], [r.get(key, math.nan) for r in curve], ch[key], higher)
+        lines.append({"metric": key, "name": name, "higher_is_better": higher, "transfusion": tf[key],
+                      "chameleon": ch[key], "parity_status": parity.status, "parity_flops": parity.flops,
+                      "parity_ratio": None if parity.flops is None else parity.flops / ch["flops"],
+                      "parity_text": parity_ratio_text(parity, ch["flops"]), "best_transfusion": parity.best,
+                      "best_transfusion_flops": parity.best_flops})
+    return {"size": reference_size, "budget": budget, "parity_curve": parity_curve,
+            "transfusion_flops": tf["flops"], "chameleon_flops": ch["flops"], "transfusion_params": tf["params"],
+            "chameleon_params": ch["params"], "transfusion_tokens": tf["tokens"], "chameleon_tokens": ch["tokens"],
+            "rows": lines}
+
+
+def table3_markdown(t: dict) -> str:
+    curve = "all Transfusion sizes and budgets" if t["parity_curve"] == "all_sizes" else f"Transfusion {t['size']}"
+    out = [f"Size {t['size']}, {t['budget']} steps: Transfusion {t['transfusion_params']:,} parameters, "
+           f"{t['transfusion_tokens']:,} tokens, {t['transfusion_flops']:.3e} FLOPs; Chameleon "
+           f"{t['chameleon_params']:,} parameters, {t['chameleon_tokens']:,} tokens, {t['chameleon_flops']:.3e} FLOPs "
+           f"(6ND). Parity FLOP ratio = FLOPs at which Transfusion ({curve}, running best, interpolated in "
+           f"log FLOPs) first reaches Chameleon's final value / Chameleon's FLOPs; `<=`: already reached at the "
+           "first evaluation.", "",
+           "| metric | better | Transfusion | Chameleon | parity FLOP ratio |", "|---|---|---|---|---|"]
+    for r in t["rows"]:
+        out.append(f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {r['transfusion']:.4g} | "
+                   f"{r['chameleon']:.4g} | {r['parity_text']} |")
+    return "\n".join(out) + "\n"
+
+
+def ablation_tables(rows: list[dict]) -> list[dict]:
+    """One table per ablation: each setting's final metrics."""
+    tables = {}
+    for r in rows:
+        if r["ablation"]:
+            table = tables.setdefault(r["ablation"], {})
+            if r["setting"] not in table or r["step"] > table[r["setting"]]["step"]:
+                table[r["setting"]] = r
+    keys = metric_keys(rows)
+    return [{"ablation": name, "model": next(iter(s.values()))["model"], "size": next(iter(s.values()))["size"],
+             "budget": next(iter(s.values()))["budget"],
+             "settings": [{"setting": k, **{m: v.get(m) for m in keys}} for k, v in s.items()]}
+            for name, s in tables.items()]
+
+
+def ablations_markdown(tables: list[dict], keys: list[str]) -> str:
+    if not tables:
+        return ""
+    names = [f"{metric_info(k)[0]} {'↑' if metric_info(k)[1] else '↓'}" for k in keys]
+    out = ["| ablation | model | size | steps | setting | " + " | ".join(names) + " |",
+           "|---|---|---|---|---|" + "---|" * len(keys)]
+    for t in tables:
+        for s in t["settings"]:
+            cells = [f"{s[k]:.4g}" if _finite(s.get(k)) else "-" for k in keys]
+            out.append(f"| {t['ablation']} | {t['model']} | {t['size']} | {t['budget']} | {s['setting']} | "
+                       + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_scaling(rows: list[dict], path: Path) -> None:
+    """Metric vs training FLOPs (log x), one panel per metric, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = metric_keys(rows)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    runs = sorted({(r["model"], r["size"], r["budget"]) for r in main_rows(rows)})
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    markers = "os^Dvp*"
+    for ax, key in zip(axes[0], keys):
+        name, higher = metric_info(key)
+        for model, size, budget in runs:
+            points = sorted((r["flops"], r[key]) for r in main_rows(rows)
+                            if (r["model"], r["size"], r["budget"]) == (model, size, budget) and _finite(r.get(key)))
+            if points:
+                ax.plot(*zip(*points), color="C0" if model == "transfusion" else "C3",
+                        marker=markers[sizes.index(size) % len(markers)], markersize=4, linewidth=1,
+                        label=f"{model} {size} ({budget} steps)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (6ND)")
+        ax.set_title(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], output: Path, reference_size: str, parity_curve: str = "all_sizes",
+                 config: dict | None = None) -> dict:
+    """Write results.csv, results.json, table3.md, ablations.md and scaling.png under ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    keys = metric_keys(rows)
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
+    t3 = table3(rows, reference_size, parity_curve)
+    abl = ablation_tables(rows)
+    (output / "table3.md").write_text(table3_markdown(t3))
+    (output / "ablations.md").write_text(ablations_markdown(abl, keys))
+    plot_scaling(rows, output / "scaling.png")
+    result = {"config": config, "table3": t3, "ablations": abl, "evaluations": rows}
+    (output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

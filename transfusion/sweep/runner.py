@@ -1,0 +1,235 @@
+"""``transfusion sweep``: train Transfusion and Chameleon at several sizes and budgets, evaluating along the way.
+
+Every training run is ``transfusion fit`` (LightningCLI, in this process) on a model's own YAML plus the
+sweep's overrides, with the ``Evaluation`` callback appended (every ``eval_every_n_steps`` and at the last
+step). The sweep first makes what the runs share, unless given: the tokenizer, the KL-VAE (Transfusion),
+the VQ-VAE (Chameleon) and the CLIP for CLIP scores, each with its own ``transfusion fit``. A finished run
+leaves ``runs/<run>/evaluations.json`` and is not trained again, so a stopped sweep resumes where it was.
+
+Ablations (paper Tables 5-8) are extra runs of one model at one size and budget, one per setting, each
+setting a set of overrides (``{model.init_args.bidirectional_images: false}``); a setting equal to a main
+run reuses it. ``transfusion.sweep.report`` turns the evaluations into Table 3, plots, CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+
+MODELS = ("transfusion", "chameleon")
+
+
+@dataclass
+class ModelRuns:
+    """A model of the comparison: its training YAML and overrides for all its runs (dotted CLI keys)."""
+
+    config: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prerequisite:
+    """Something the runs need: an existing ``path``, or trained with ``transfusion fit --config config``."""
+
+    path: str | None = None
+    config: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Ablation:
+    """One switch run on and off (or any number of settings) for ``model`` at ``size`` and ``budget``."""
+
+    name: str
+    settings: dict  # setting name -> overrides
+    model: str = "transfusion"
+    size: str | None = None  # None: the first size
+    budget: int | None = None  # None: the first budget
+
+
+@dataclass
+class Run:
+    name: str
+    model: str
+    size: str
+    budget: int
+    overrides: dict
+    ablation: str | None = None
+    setting: str | None = None
+
+    def key(self) -> tuple:
+        return self.model, self.size, self.budget, json.dumps(self.overrides, sort_keys=True)
+
+
+def cli_args(overrides: dict) -> list[str]:
+    """``{"a.b": 1}`` -> ``["--a.b", "1"]``; non-strings as JSON (true, null, lists)."""
+    out = []
+    for key, value in overrides.items():
+        out += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return out
+
+
+class Sweep:
+    def __init__(self, transfusion: ModelRuns, chameleon: ModelRuns, sizes: dict[str, dict], budgets: list[int],
+                 eval_every_n_steps: int, output: str = "outputs/sweep", evaluation: dict | None = None,
+                 tokenizer: Prerequisite | None = None, tokenizer_vocab_size: int = 2048,
+                 autoencoder: Prerequisite | None = None, vqvae: Prerequisite | None = None,
+                 clip: Prerequisite | None = None, ablations: list[Ablation] | None = None,
+                 reference_size: str | None = None, parity_curve: str = "all_sizes"):
+        """
+        Args:
+            transfusion, chameleon: each model's training YAML and overrides for all its runs.
+            sizes: size name -> overrides for both models (e.g. ``{model.init_args.preset: cpu-small}``), small to large.
+            budgets: training steps of a run (``trainer.max_steps``); every size is trained once per budget,
+                each run with its own learning-rate schedule. Tokens and FLOPs are measured, not assumed.
+            eval_every_n_steps: evaluation cadence within a run (also at its last step).
+            evaluation: ``transfusion.lightning.evaluation.Evaluation`` arguments (num_samples, metrics, ...).
+            tokenizer, autoencoder, vqvae, clip: existing paths, or YAMLs to train them with (under ``output``).
+            ablations: switches to run on/off, printed as a table.
+            reference_size: the size whose largest-budget runs Table 3 compares (default: the last size).
+            parity_curve: Transfusion evaluations that make the parity curve: ``all_sizes`` (any size reaching
+                Chameleon's value counts) or ``same_size`` (only the reference size).
+        """
+        if not sizes or not budgets:
+            raise ValueError("sweep: `sizes` and `budgets` must not be empty")
+        if any(b < 1 for b in budgets) or eval_every_n_steps < 1:
+            raise ValueError(f"sweep: budgets {budgets} and eval_every_n_steps {eval_every_n_steps} must be >= 1")
+        if reference_size is not None and reference_size not in sizes:
+            raise ValueError(f"sweep: reference_size {reference_size!r} is not one of sizes {list(sizes)}")
+        if parity_curve not in ("all_sizes", "same_size"):
+            raise ValueError(f"sweep: parity_curve must be 'all_sizes' or 'same_size', got {parity_curve!r}")
+        self.models = {"transfusion": _as(ModelRuns, transfusion), "chameleon": _as(ModelRuns, chameleon)}
+        self.sizes, self.budgets, self.eval_every = sizes, sorted(budgets), eval_every_n_steps
+        self.output = Path(output)
+        self.evaluation = dict(evaluation or {})
+        self.tokenizer, self.vocab_size = _as(Prerequisite, tokenizer), tokenizer_vocab_size
+        self.prerequisites = {"autoencoder": _as(Prerequisite, autoencoder), "vqvae": _as(Prerequisite, vqvae),
+                              "clip": _as(Prerequisite, clip)}
+        self.ablations = [_as(Ablation, a) for a in ablations or []]
+        self.reference_size = reference_size or list(sizes)[-1]
+        self.parity_curve = parity_curve
+        self.runs = self._plan()
+
+    # ------------------------------------------------------------------ plan
+    def _plan(self) -> list[Run]:
+        runs = [Run(f"{model}-{size}-{budget}", model, size, budget, {})
+                for size in self.sizes for budget in self.budgets for model in MODELS]
+        known = {r.key(): r for r in runs}
+        for ab in self.ablations:
+            if ab.model not in MODELS:
+                raise ValueError(f"sweep: ablation {ab.name!r} names model {ab.model!r}; choose from {list(MODELS)}")
+            size = ab.size or list(self.sizes)[0]
+            if size not in self.sizes:
+                raise ValueError(f"sweep: ablation {ab.name!r} names size {size!r}, not one of {list(self.sizes)}")
+            budget = ab.budget or self.budgets[0]
+            for setting, overrides in ab.settings.items():
+                run = Run(f"{ab.model}-{size}-{budget}-{_slug(ab.name)}-{_slug(setting)}", ab.model, size, budget,
+                          dict(overrides or {}), ab.name, setting)
+                if run.key() in known:  # the same training as a main run: reuse it
+                    base = known[run.key()]
+                    run.name = base.name
+                runs.append(run)
+                known.setdefault(run.key(), run)
+        return runs
+
+    # ------------------------------------------------------------------ prerequisites
+    def prepare(self) -> dict[str, str]:
+        """Paths of the tokenizer, the autoencoders and the CLIP, trained here when not given."""
+        from transfusion.cli import cli_main, tokenizer_main
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        record = self.output / "prepared.json"
+        prepared = json.loads(record.read_text()) if record.is_file() else {}
+        tok = self.tokenizer.path or prepared.get("tokenizer") or str(self.output / "tokenizer.model")
+        if not Path(tok).is_file():
+            if self.tokenizer.path:
+                raise FileNotFoundError(f"sweep: tokenizer.path {tok!r} does not exist")
+            tokenizer_main(["--output", tok, "--vocab_size", str(self.vocab_size)])
+        prepared["tokenizer"] = tok
+        needed = ["autoencoder", "vqvae"] + (["clip"] if "clip" in self.evaluation.get("metrics", ["clip"]) else [])
+        for name in needed:
+            spec = self.prerequisites[name]
+            if spec.path:
+                if not Path(spec.path).exists():
+                    raise FileNotFoundError(f"sweep: {name}.path {spec.path!r} does not exist")
+                prepared[name] = spec.path
+                continue
+            if prepared.get(name) and Path(prepared[name]).exists():
+                continue
+            if not spec.config:
+                raise ValueError(f"sweep: `{name}` needs a `path` or a `config` to train it with")
+            root = self.output / name
+            rank_zero_info(f"sweep: training the {name} ({spec.config})")
+            extra = ["--model.init_args.export_dir", str(root / "model")] if name == "clip" else []
+            cli = cli_main(["fit", "--config", spec.config, *cli_args(spec.overrides), *extra,
+                            "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
+            prepared[name] = str(root / "model") if name == "clip" else cli.trainer.checkpoint_callback.last_model_path
+            record.write_text(json.dumps(prepared, indent=2) + "\n")
+        record.write_text(json.dumps(prepared, indent=2) + "\n")
+        return prepared
+
+    # ------------------------------------------------------------------ runs
+    def run(self) -> list[dict]:
+        """Train and evaluate every planned run not done yet; returns all evaluations (one dict each)."""
+        prepared = self.prepare()
+        done: dict[str, list[dict]] = {}
+        unique = list({r.name: r for r in self.runs}.values())
+        for i, run in enumerate(unique):
+            path = self.output / "runs" / run.name / "evaluations.json"
+            if path.is_file():
+                done[run.name] = json.loads(path.read_text())["evaluations"]
+                rank_zero_info(f"sweep: run {i + 1}/{len(unique)} {run.name}: done before, reusing {path}")
+                continue
+            rank_zero_info(f"sweep: run {i + 1}/{len(unique)} {run.name} ({run.budget} steps)")
+            start = time.perf_counter()
+            evaluations = self._train(run, prepared)
+            wall = time.perf_counter() - start
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"run": asdict(run), "wall_s": wall, "evaluations": evaluations}, indent=2) + "\n")
+            done[run.name] = evaluations
+        rows = []
+        for run in self.runs:
+            for ev in done[run.name]:
+                rows.append({"run": run.name, "model": run.model, "size": run.size, "budget": run.budget,
+                             "ablation": run.ablation or "", "setting": run.setting or "", **ev})
+        return rows
+
+    def _train(self, run: Run, prepared: dict) -> list[dict]:
+        from transfusion.cli import cli_main
+        from transfusion.lightning.evaluation import Evaluation
+
+        root = self.output / "runs" / run.name
+        spec = self.models[run.model]
+        autoencoder = prepared["autoencoder" if run.model == "transfusion" else "vqvae"]
+        evaluation = {**self.evaluation, "every_n_train_steps": self.eval_every, "at_train_end": True,
+                      "on_test": False, "on_validation": False, "output_dir": str(root / "evaluation")}
+        if "clip" in evaluation.get("metrics", ["clip"]):
+            evaluation["clip_model"] = prepared["clip"]
+        callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
+        args = ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
+                *cli_args(run.overrides),
+                "--model.init_args.tokenizer", prepared["tokenizer"], "--model.init_args.autoencoder", autoencoder,
+                "--trainer.max_steps", str(run.budget), "--trainer.val_check_interval", str(run.budget),
+                "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+                f"--trainer.callbacks+={json.dumps(callback)}"]
+        cli = cli_main(args)
+        callbacks = [c for c in cli.trainer.callbacks if isinstance(c, Evaluation)]
+        evaluations = []
+        for report in callbacks[-1].history:
+            evaluations.append({"step": report["training_steps"], "params": cli.model.flop_counter.params,
+                                "tokens": report["training_tokens"], "flops": report["training_flops"],
+                                "flops_exact": report["training_flops_exact"], **report["metrics"]})
+        return evaluations
+
+
+def _as(cls, value):
+    """A dataclass from a dict (Python callers), itself, or its defaults for None."""
+    return cls() if value is None else cls(**value) if isinstance(value, dict) else value
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
