@@ -235,3 +235,49 @@ def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt
     # the same samples (seeded per index), states added across ranks: equal up to float summation order
     for key, value in report["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+# ---------------------------------------------------------------- the same command on Chameleon
+@pytest.fixture(scope="module")
+def chameleon_ckpt(tmp_path_factory, tokenizer_path, vq_ckpt):
+    from test_chameleon import _fit_args
+
+    root = tmp_path_factory.mktemp("chameleon")
+    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, vq_ckpt, steps=4)])
+    return cli.trainer.checkpoint_callback.last_model_path
+
+
+def test_evaluation_command_on_chameleon(tmp_path, chameleon_ckpt, tokenizer_path, vq_ckpt, fid_weights, clip_dir):
+    from transfusion.flops import checkpoint_flops
+    from transfusion.lightning.chameleon import ChameleonModule
+
+    cli = cli_main(["test", "--config", str(CONFIGS / "chameleon_embedded.yaml"),
+                    "--config", str(CONFIGS / "evaluate_chameleon_embedded.yaml"), "--ckpt_path", chameleon_ckpt,
+                    "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", vq_ckpt,
+                    "--model.init_args.preset", "debug", "--model.init_args.image_temperature", "0.5",
+                    "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
+                    "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                    "--trainer.callbacks.init_args.num_samples", "4", "--trainer.callbacks.init_args.batch_size", "2",
+                    "--trainer.callbacks.init_args.max_text_windows", "2",
+                    "--trainer.callbacks.init_args.max_caption_tokens", "6", "--trainer.callbacks.init_args.fid_features", "64",
+                    "--trainer.callbacks.init_args.fid_weights", fid_weights,
+                    "--trainer.callbacks.init_args.clip_model", clip_dir, "--trainer.callbacks.init_args.output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["model"] == "ChameleonModule" and report["training_steps"] == 4
+    assert set(report["metrics"]) == {"fid@64", "clip_score@test-clip", "cider_d", "ppl"}
+    assert all(math.isfinite(v) for v in report["metrics"].values())
+    assert report["sampler"]["image_temperature"] == 0.5  # the command line's, not the checkpoint's
+    flops = checkpoint_flops(chameleon_ckpt)
+    assert report["training_flops"] == flops["flops"] > 0 and report["training_flops_exact"] == flops["exact_flops"]
+    assert report["training_tokens"] == flops["tokens"]
+    assert "| training FLOPs (6ND) |" in (tmp_path / "evaluation.md").read_text()
+
+    # perplexity over the whole vocabulary (text + codes) is exp of the model's own next-token loss on those windows
+    module: ChameleonModule = cli.model
+    datamodule = cli.datamodule
+    windows = text_windows(datamodule.heldout_text, 48, module.tokenizer.bos_id, module.tokenizer.pad_id)[:2]
+    tokens, doc_ids = (torch.stack([w[k] for w in windows]) for k in ("tokens", "doc_ids"))
+    with torch.no_grad():
+        out = module.model.loss(tokens, doc_ids, torch.full_like(tokens, -1), pad_id=module.tokenizer.pad_id)
+    assert report["metrics"]["ppl"] == pytest.approx(math.exp(float(out["lm_loss"])), rel=1e-5)

@@ -111,7 +111,9 @@ class Evaluation(Callback):
         from transfusion.evaluation.fid import inception_fid
 
         if "fid" in self.metrics and self._fid is None:
-            self._fid = inception_fid(self.fid_weights, features=self.fid_features)
+            # the real images are the same N held-out examples at every evaluation: their statistics are kept
+            self._fid = inception_fid(self.fid_weights, reset_real_features=False, features=self.fid_features)
+            self._fid_has_real = False
         if "clip" in self.metrics and self._clip is None:
             self._clip, self._clip_name = clip_score_metric(self.clip_model), clip_name(self.clip_model)
         for m in (self._fid, self._clip):
@@ -137,8 +139,10 @@ class Evaluation(Callback):
             samples = self._generate(pl_module, examples, mine, rank)
         if self._fid is not None:
             if samples:
-                self._fid.update(to_uint8(torch.stack([s["real"] for s in samples])).to(device), real=True)
+                if not self._fid_has_real:
+                    self._fid.update(to_uint8(torch.stack([s["real"] for s in samples])).to(device), real=True)
                 self._fid.update(to_uint8(torch.stack([s["generated"] for s in samples])).to(device), real=False)
+            self._fid_has_real = True
             results[self._fid_key] = float(self._fid.compute())
         if self._clip is not None:
             if samples:
