@@ -255,3 +255,25 @@ def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt
     # the same samples (seeded per index), states added across ranks: equal up to float summation order
     for key, value in report["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_samples_go_to_tensorboard_when_it_is_the_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = SimpleNamespace(is_global_zero=True, logger=logger, global_step=7, default_root_dir=str(tmp_path))
+    data = ShapesDataset(3, 16, seed=0)
+    samples = [{"index": i, "caption": data[i]["captions"][0], "references": data[i]["captions"],
+                "real": data[i]["image"], "generated": -data[i]["image"], "generated_caption": "a shape"}
+               for i in range(3)]
+    Evaluation(metrics=["ppl"], log_samples=2)._log_samples(trainer, samples, "val")
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert {"val/caption_to_image", "val/image_to_caption"} <= set(events.Tags()["images"])
+    assert events.Images("val/caption_to_image")[0].step == 7
+    assert any(tag.startswith("val/captions") for tag in events.Tags()["tensors"])
