@@ -70,6 +70,10 @@ class ChameleonModule(FlopAccounting, L.LightningModule):
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
     def sequence_layout(self) -> SequenceLayout:
         """Rows as for Transfusion, with n = the VQ latent's positions per image."""
         return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size)
@@ -101,7 +105,7 @@ class ChameleonModule(FlopAccounting, L.LightningModule):
             if not math.isnan(float(out[key])):
                 self.log(f"{stage}/{key}", out[key], prog_bar=True, batch_size=B, sync_dist=sync)
         if stage != "train" and not math.isnan(float(out["lm_loss"])):
-            self.log(f"{stage}/text_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)
+            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
