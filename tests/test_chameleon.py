@@ -53,7 +53,7 @@ def test_loss_is_next_token_cross_entropy_on_text_and_codes_within_documents():
     model = _model(z_loss_weight=0.0)
     tokens, doc_ids, image_ids = _row()
     out = model.loss(tokens, doc_ids, image_ids, pad_id=PAD)
-    logits = model.lm_head(model(tokens, doc_ids))[0]  # (L, V)
+    logits = model.lm_head(model(tokens, doc_ids)[0])[0]  # (L, V)
     # trained: every input whose target is in the same document and not padding
     trained = [i for i in range(tokens.shape[1] - 1) if doc_ids[0, i] == doc_ids[0, i + 1] and tokens[0, i + 1] != PAD]
     assert trained == list(range(9)) + list(range(10, 16))  # not EOS->BOS (new document), not into padding
@@ -67,7 +67,7 @@ def test_loss_is_next_token_cross_entropy_on_text_and_codes_within_documents():
     # padding and the next document cannot change the first document's loss terms
     other = tokens.clone()
     other[0, 10:] = torch.tensor([1, 30, BOI, 60, 61, 62, 63, 7, 7])
-    logits2 = model.lm_head(model(other, doc_ids))[0]
+    logits2 = model.lm_head(model(other, doc_ids)[0])[0]
     assert torch.allclose(logits2[:10], logits[:10])
 
 
@@ -217,12 +217,25 @@ def test_fit_loss_falls_flops_counted_and_predict_writes_samples(tmp_path, token
     assert ckpt["flops"]["flops"] == 6 * module.flop_counter.params * ckpt["flops"]["tokens"] == pytest.approx(flops[-1])
     assert ckpt["flops"]["params"] == sum(p.numel() for p in module.model.transformer.parameters())
 
-    out = tmp_path / "samples"
+    out, ckpt_path = tmp_path / "samples", cli.trainer.checkpoint_callback.last_model_path
     cli_main(["predict", *_fit_args(tmp_path, tokenizer_path, vq_ckpt, steps=40),
               "--config", str(CONFIGS / "chameleon_embedded_predict.yaml"),
               "--trainer.callbacks.init_args.output_dir", str(out), "--data.init_args.predict_examples", "2",
-              "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path])
+              "--ckpt_path", ckpt_path])
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["text-to-image", "image-to-text"] * 2
     assert all(len(r["images"]) == (r["kind"] == "text-to-image") for r in records)
     assert (out / "grid.png").is_file() and (out / records[0]["images"][0]).is_file()
+
+    evaluation = tmp_path / "evaluation"  # the paper's metrics through the same command as Transfusion
+    args = _fit_args(evaluation, tokenizer_path, vq_ckpt, steps=40)
+    args[2:2] = ["--config", str(CONFIGS / "chameleon_evaluate_embedded.yaml")]  # the overlay, then the overrides
+    cli_main(["test", *args, "--ckpt_path", ckpt_path,
+              "--trainer.limit_test_batches", "1", "--trainer.callbacks.init_args.metrics", "[cider, ppl]",
+              "--trainer.callbacks.init_args.num_samples", "4", "--trainer.callbacks.init_args.batch_size", "2",
+              "--trainer.callbacks.init_args.max_text_windows", "4",
+              "--trainer.callbacks.init_args.max_caption_tokens", "6",
+              "--trainer.callbacks.init_args.output_dir", str(evaluation)])
+    report = json.loads((evaluation / "evaluation.json").read_text())
+    assert set(report["metrics"]) == {"cider_d", "ppl"} and report["metrics"]["ppl"] > 1
+    assert report["training_steps"] == 40

@@ -252,7 +252,7 @@ def test_evaluation_command_on_chameleon(tmp_path, chameleon_ckpt, tokenizer_pat
     from transfusion.lightning.chameleon import ChameleonModule
 
     cli = cli_main(["test", "--config", str(CONFIGS / "chameleon_embedded.yaml"),
-                    "--config", str(CONFIGS / "evaluate_chameleon_embedded.yaml"), "--ckpt_path", chameleon_ckpt,
+                    "--config", str(CONFIGS / "chameleon_evaluate_embedded.yaml"), "--ckpt_path", chameleon_ckpt,
                     "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", vq_ckpt,
                     "--model.init_args.preset", "debug", "--model.init_args.image_temperature", "0.5",
                     "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
@@ -281,3 +281,25 @@ def test_evaluation_command_on_chameleon(tmp_path, chameleon_ckpt, tokenizer_pat
     with torch.no_grad():
         out = module.model.loss(tokens, doc_ids, torch.full_like(tokens, -1), pad_id=module.tokenizer.pad_id)
     assert report["metrics"]["ppl"] == pytest.approx(math.exp(float(out["lm_loss"])), rel=1e-5)
+
+
+def test_samples_go_to_tensorboard_when_it_is_the_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = SimpleNamespace(is_global_zero=True, logger=logger, global_step=7, default_root_dir=str(tmp_path))
+    data = ShapesDataset(3, 16, seed=0)
+    samples = [{"index": i, "caption": data[i]["captions"][0], "references": data[i]["captions"],
+                "real": data[i]["image"], "generated": -data[i]["image"], "generated_caption": "a shape"}
+               for i in range(3)]
+    Evaluation(metrics=["ppl"], log_samples=2)._log_samples(trainer, samples, "val")
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert {"val/caption_to_image", "val/image_to_caption"} <= set(events.Tags()["images"])
+    assert events.Images("val/caption_to_image")[0].step == 7
+    assert any(tag.startswith("val/captions") for tag in events.Tags()["tensors"])

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ from PIL import Image
 from transfusion.cli import main
 from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_text, running_best
 from transfusion.sweep.runner import Sweep
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
 
 # ---------------------------------------------------------------- parity FLOP ratio
@@ -141,3 +144,24 @@ def test_sweep_rejects_bad_configs():
         Sweep(runs, runs, {"S": {}}, [4], 2, reference_size="L")
     with pytest.raises(ValueError, match="ablation 'a' names size 'L'"):
         Sweep(runs, runs, {"S": {}}, [4], 2, ablations=[{"name": "a", "settings": {}, "size": "L"}])
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")))
+def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
+    from transfusion.cli import cli_main
+    from transfusion.sweep import parse_sweep
+
+    sweep, _ = parse_sweep(["--config", str(CONFIGS / config)])
+    assert sweep.reference_size in sweep.sizes
+    prepared = {"tokenizer": "tokenizer.model", "autoencoder": "ae.ckpt", "vqvae": "vq.ckpt", "clip": "clip"}
+    for run in {r.name: r for r in sweep.runs}.values():  # every training run's command line is valid
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(sweep.fit_args(run, prepared) + ["--print_config"])
+        assert exit_info.value.code == 0, run.name
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["trainer"]["max_steps"] == run.budget
+        evaluation = printed["trainer"]["callbacks"][-1]
+        assert evaluation["class_path"].endswith("Evaluation")
+        assert evaluation["init_args"]["every_n_train_steps"] == sweep.eval_every
+        assert printed["model"]["class_path"].endswith("TransfusionModule" if run.model == "transfusion"
+                                                       else "ChameleonModule")

@@ -125,3 +125,12 @@ def test_replicas_keep_one_codebook_under_data_parallel(tmp_path):
     a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert torch.equal(a["codebook"], b["codebook"]) and torch.equal(a["usage"], b["usage"])
     assert a["usage"].sum() > 0
+
+
+def test_wrong_kind_of_autoencoder_is_refused(vq_ckpt, autoencoder_ckpt):
+    from transfusion.lightning.autoencoder import AutoencoderModule
+
+    with pytest.raises(ValueError, match=r"(expected|not a checkpoint of) AutoencoderModule"):
+        load_frozen(AutoencoderModule, vq_ckpt)
+    with pytest.raises(ValueError, match=r"(expected|not a checkpoint of) VQAutoencoderModule"):
+        load_frozen(VQAutoencoderModule, autoencoder_ckpt)

@@ -199,5 +199,11 @@ def load_frozen(cls: type[AutoencoderModule], path: str) -> AutoencoderModule:
     to every LightningModule constructed meanwhile (a context variable), which would replace the
     checkpoint's own.
     """
-    module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
+    try:
+        module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # the weights or hyperparameters of another class
+        raise ValueError(f"{path} is not a checkpoint of {cls.__name__}: {error}") from error
+    if type(module) is not cls:
+        raise ValueError(f"{path} holds {type(module).__name__}, expected {cls.__name__} "
+                         f"({'VQ-VAE for Chameleon' if cls is VQAutoencoderModule else 'KL-VAE for Transfusion'})")
     return module.requires_grad_(False).eval()

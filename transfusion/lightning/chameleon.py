@@ -73,7 +73,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # FLOP counters of older checkpoints
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
     def sequence_layout(self) -> SequenceLayout:
@@ -100,7 +100,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
     def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Logits (P, text + codebook) at the ``at`` positions of text-only rows (B, L): perplexity is scored
         over the whole vocabulary, so probability the model puts on image codes counts against it."""
-        return self.model.lm_head(self.model(tokens, doc_ids)[at])
+        return self.model.lm_head(self.model(tokens, doc_ids)[0][at])
 
     def _common_step(self, batch: dict, stage: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.batch_tokens(batch) if tokens is None else tokens
@@ -112,7 +112,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
             if not math.isnan(float(out[key])):
                 self.log(f"{stage}/{key}", out[key], prog_bar=True, batch_size=B, sync_dist=sync)
         if stage != "train" and not math.isnan(float(out["lm_loss"])):
-            self.log(f"{stage}/text_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)
+            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # FLOP counters of older checkpoints
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
     def sequence_layout(self) -> SequenceLayout:

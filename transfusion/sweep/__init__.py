@@ -7,13 +7,13 @@ the runs through LightningCLI, ``report`` writes Table 3, the ablation table, sc
 
 from __future__ import annotations
 
+import json
 
-def sweep_main(argv: list[str]) -> dict:
-    import json
 
+def parse_sweep(argv: list[str]):
+    """(``Sweep``, its configuration as a dict) from the ``transfusion sweep`` command line."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from transfusion.sweep.report import ablations_markdown, metric_keys, write_report
     from transfusion.sweep.runner import Sweep
 
     parser = ArgumentParser(prog="transfusion sweep", description="Train Transfusion and Chameleon at several sizes "
@@ -25,7 +25,13 @@ def sweep_main(argv: list[str]) -> dict:
     config.pop("config", None)
     init = vars(parser.instantiate_classes(cfg))
     init.pop("config", None)
-    sweep = Sweep(**init)
+    return Sweep(**init), config
+
+
+def sweep_main(argv: list[str]) -> dict:
+    from transfusion.sweep.report import ablations_markdown, metric_keys, write_report
+
+    sweep, config = parse_sweep(argv)
     rows = sweep.run()
     report = write_report(rows, sweep.output, sweep.reference_size, sweep.parity_curve, config=config)
     print((sweep.output / "table3.md").read_text())
@@ -33,4 +39,3 @@ def sweep_main(argv: list[str]) -> dict:
         print(ablations_markdown(report["ablations"], metric_keys(rows)))
     print(f"wrote {sweep.output}/results.csv, results.json, table3.md, ablations.md, scaling.png")
     return report
-

@@ -198,10 +198,8 @@ class Sweep:
                              "ablation": run.ablation or "", "setting": run.setting or "", **ev})
         return rows
 
-    def _train(self, run: Run, prepared: dict) -> list[dict]:
-        from transfusion.cli import cli_main
-        from transfusion.lightning.evaluation import Evaluation
-
+    def fit_args(self, run: Run, prepared: dict) -> list[str]:
+        """The ``transfusion fit`` command line of ``run``: model YAML, overrides, budget, Evaluation callback."""
         root = self.output / "runs" / run.name
         spec = self.models[run.model]
         autoencoder = prepared["autoencoder" if run.model == "transfusion" else "vqvae"]
@@ -210,12 +208,18 @@ class Sweep:
         if "clip" in evaluation.get("metrics", ["clip"]):
             evaluation["clip_model"] = prepared["clip"]
         callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
-        args = ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
+        return ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
                 *cli_args(run.overrides),
                 "--model.init_args.tokenizer", prepared["tokenizer"], "--model.init_args.autoencoder", autoencoder,
                 "--trainer.max_steps", str(run.budget), "--trainer.val_check_interval", str(run.budget),
                 "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
                 f"--trainer.callbacks+={json.dumps(callback)}"]
+
+    def _train(self, run: Run, prepared: dict) -> list[dict]:
+        from transfusion.cli import cli_main
+        from transfusion.lightning.evaluation import Evaluation
+
+        args = self.fit_args(run, prepared)
         cli = cli_main(args)
         callbacks = [c for c in cli.trainer.callbacks if isinstance(c, Evaluation)]
         evaluations = []
