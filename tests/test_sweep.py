@@ -68,7 +68,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
         "chameleon": {"config": "lightning_configs/chameleon_embedded.yaml", "overrides": _common(48)},
         "sizes": {"XS": {"model.init_args.preset": "debug", "model.init_args.transformer": {"dim": 32, "n_heads": 2}},
                   "S": {"model.init_args.preset": "debug"}},
-        "budgets": [4],
+        "budgets": [3],
         "eval_every_n_steps": 2,
         "evaluation": {"num_samples": 4, "batch_size": 4, "metrics": ["fid", "clip", "cider", "ppl"],
                        "fid_weights": fid_weights, "fid_features": 64, "max_text_windows": 2, "max_caption_tokens": 4, "log_samples": 2},
@@ -93,7 +93,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert main_runs == {(m, s) for m in ("transfusion", "chameleon") for s in ("XS", "S")}
     for run in {r["run"] for r in rows}:
         mine = [r for r in rows if r["run"] == run and r["setting"] != "bidirectional"]
-        assert [int(r["step"]) for r in mine] == [2, 4], run  # every 2 steps
+        assert [int(r["step"]) for r in mine] == [2, 3], run  # every 2 steps, and at the last step
         flops = [float(r["flops"]) for r in mine]
         assert flops[1] > flops[0] > 0
         assert all(float(r["flops"]) == 6 * int(r["params"]) * int(r["tokens"]) for r in mine)
@@ -110,8 +110,8 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert [b[1] for b in body] == ["lower", "higher", "lower", "higher"]
     result = json.loads((out / "results.json").read_text())
     t3 = result["table3"]
-    assert t3["size"] == "S" and t3["budget"] == 4
-    chameleon = [r for r in rows if r["model"] == "chameleon" and r["size"] == "S" and r["step"] == "4"][0]
+    assert t3["size"] == "S" and t3["budget"] == 3
+    chameleon = [r for r in rows if r["model"] == "chameleon" and r["size"] == "S" and r["step"] == "3"][0]
     curve = [r for r in rows if r["model"] == "transfusion" and not r["ablation"]]
     for line, cells in zip(t3["rows"], body):
         key, higher = line["metric"], line["higher_is_better"]
@@ -123,8 +123,8 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         assert re.fullmatch(r"(<= )?[0-9.e+-]+|not reached \(best .* FLOPs\)", cells[4].rstrip(" |"))
 
     ablation = (out / "ablations.md").read_text()
-    assert "| intra-image attention | transfusion | XS | 4 | bidirectional |" in ablation
-    assert "| intra-image attention | transfusion | XS | 4 | causal |" in ablation
+    assert "| intra-image attention | transfusion | XS | 3 | bidirectional |" in ablation
+    assert "| intra-image attention | transfusion | XS | 3 | causal |" in ablation
     assert len(result["ablations"][0]["settings"]) == 2
 
     with Image.open(out / "scaling.png") as image:
