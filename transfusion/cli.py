@@ -4,7 +4,8 @@
 and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
 
 * ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
-* ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``).
+* ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
 """
 
 from __future__ import annotations
@@ -53,16 +54,30 @@ def tokenizer_main(argv: list[str]) -> None:
           f"boi {tok.boi_id}, eoi {tok.eoi_id})")
 
 
+def consolidate_main(argv: list[str]) -> None:
+    from transfusion.lightning.parallel import consolidate_checkpoint
+
+    parser = argparse.ArgumentParser(prog="transfusion consolidate", description="Turn a sharded (FSDP2) "
+                                     "checkpoint directory into one .ckpt file that any strategy can load.")
+    parser.add_argument("checkpoint", help="the directory written by FSDP2Strategy (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--output", default=None, help="default: CHECKPOINT.consolidated.ckpt next to it")
+    args = parser.parse_args(argv)
+    output = args.output or str(args.checkpoint).rstrip("/") + ".consolidated.ckpt"
+    print(f"wrote {consolidate_checkpoint(args.checkpoint, output)}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "tokenizer":
-        tokenizer_main(argv[1:])
-    elif argv and argv[0] == "quickstart":
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "tokenizer":
+        tokenizer_main(args[1:])
+    elif args and args[0] == "quickstart":
         from transfusion.quickstart import quickstart_main
 
-        quickstart_main(argv[1:])
-    else:
-        cli_main(argv)
+        quickstart_main(args[1:])
+    elif args and args[0] == "consolidate":
+        consolidate_main(args[1:])
+    else:  # None: the CLI reads sys.argv, which Lightning's DDP/FSDP launcher re-runs for the other ranks
+        cli_main(None if argv is None else args)
 
 
 if __name__ == "__main__":
