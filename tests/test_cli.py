@@ -18,7 +18,7 @@ OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedd
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_config_parses(config, capsys):
-    subcommand, base = OVERLAYS.get(config, ("fit", None))
+    subcommand, base = OVERLAYS.get(config, ("fit", "transfusion_embedded.yaml" if config.startswith("trainer_") else None))
     configs = ([str(CONFIGS / base)] if base else []) + [str(CONFIGS / config)]
     args = [subcommand] + [a for c in configs for a in ("--config", c)] + ["--print_config"]
     with pytest.raises(SystemExit) as exit_info:
