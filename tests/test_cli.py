@@ -70,7 +70,8 @@ def test_fit_loss_falls_and_predict_writes_samples(tmp_path, tokenizer_path, aut
         if record["kind"] == "text-to-image":
             assert len(record["images"]) == 1 and Image.open(out / record["images"][0]).size == (16, 16)
         else:
-            assert record["images"] == [] and isinstance(record["text"], str)
+            # a caption comes out; after 60 steps the model may go on to sample BOI and an image, which LM mode allows
+            assert isinstance(record["text"], str) and record["text"].strip()
     assert Image.open(out / "grid.png").size[0] > 16
 
 
