@@ -11,7 +11,8 @@ attention soft-capping cannot be turned off (``unet_skips=False`` fails an asser
 MFU: model FLOPs of the shared architecture (6 x matmul parameters + 12 x layers x width x L per token,
 attention over all L) over the CPU's matmul peak measured at the start of the run, for both implementations,
 so the MFU ratio equals the tokens/s ratio. Peak RSS: the process's high-water mark reset before each
-configuration (``/proc/self/clear_refs``), so it covers one model, its optimizer state and a step.
+configuration (``malloc_trim``, ``/proc/self/clear_refs``), so it covers the process's baseline (torch, ~0.3 GB),
+one model, its optimizer state and its steps.
 
     python bench/bench_training.py                    # about 8 minutes on 2 idle CPU cores
     python bench/bench_training.py --steps 1 --sections compare --output train.json
@@ -20,6 +21,7 @@ configuration (``/proc/self/clear_refs``), so it covers one model, its optimizer
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -101,6 +103,11 @@ def reference(cfg: TransformerConfig, L: int, images: int, rows: int):
 
 
 def _reset_peak_rss() -> None:
+    """Return freed heap to the OS (glibc keeps it otherwise), then restart the high-water mark from here."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
