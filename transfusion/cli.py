@@ -1,10 +1,11 @@
 """The ``transfusion`` command.
 
 ``transfusion fit|validate|test|predict --config lightning_configs/X.yaml`` is a LightningCLI: the model
-and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
+and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 
 * ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
 * ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
 """
 
@@ -18,12 +19,26 @@ from lightning.pytorch.cli import LightningCLI
 import lightning as L
 
 
+# settings that change how a trained model samples, not what it is: with --ckpt_path, Lightning replaces the
+# model's arguments by the checkpoint's hyper-parameters; these keep the values of the config / command line
+GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
+                       "clip_x0", "generation_seed")
+
+
 class TransfusionCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
+        kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[subcommand]["model.init_args"][key] = value
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
@@ -67,17 +82,22 @@ def consolidate_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] == "tokenizer":
-        tokenizer_main(args[1:])
-    elif args and args[0] == "quickstart":
+    command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "tokenizer":
+        tokenizer_main(argv[1:])
+    elif argv and argv[0] == "quickstart":
         from transfusion.quickstart import quickstart_main
 
-        quickstart_main(args[1:])
-    elif args and args[0] == "consolidate":
-        consolidate_main(args[1:])
-    else:  # None: the CLI reads sys.argv, which Lightning's DDP/FSDP launcher re-runs for the other ranks
-        cli_main(None if argv is None else args)
+        quickstart_main(argv[1:])
+    elif argv and argv[0] == "fid-weights":
+        from transfusion.evaluation.fid import main as fid_weights_main
+
+        fid_weights_main(argv[1:])
+    elif argv and argv[0] == "consolidate":
+        consolidate_main(argv[1:])
+    else:
+        cli_main(None if command_line else argv)
 
 
 if __name__ == "__main__":

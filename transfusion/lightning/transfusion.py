@@ -99,6 +99,9 @@ class TransfusionModule(L.LightningModule):
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
     def sequence_layout(self) -> SequenceLayout:
         return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size)
 
@@ -171,7 +174,7 @@ class TransfusionModule(L.LightningModule):
         self.log(f"{stage}/loss", lm + self.config.diffusion_lambda * ddpm, prog_bar=True)
         self.log(f"{stage}/lm_loss", lm, prog_bar=True)
         self.log(f"{stage}/ddpm_loss", ddpm, prog_bar=True)
-        self.log(f"{stage}/text_ppl", lm.exp())
+        self.log(f"{stage}/lm_ppl", lm.exp())  # text and captions
         self.eval_lm_loss.reset()
         self.eval_ddpm_loss.reset()
 
