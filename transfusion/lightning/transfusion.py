@@ -81,13 +81,16 @@ class TransfusionModule(L.LightningModule):
     def configure_model(self) -> None:
         if "model" in self._modules:  # called again by a later fit/validate, or after first use
             return
-        mesh = self.device_mesh if self._trainer is not None else None
-        with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
+        if self._trainer is None:  # direct use, or load_from_checkpoint (whose weights replace these)
             model = Transfusion(self.config)
-        if mesh is not None:
-            fully_shard_blocks(model, mesh)
-        model.to_empty(device=self.device if mesh is None else self.trainer.strategy.root_device)
-        model.init_weights(torch.initial_seed())  # the same weights under every strategy (seed_everything)
+        else:  # under a Trainer: the same weights under every strategy (from seed_everything's seed)
+            mesh = self.device_mesh
+            with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
+                model = Transfusion(self.config)
+            if mesh is not None:
+                fully_shard_blocks(model, mesh)
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights(torch.initial_seed())
         model.transformer.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.compile:
             for block in model.transformer.layers:
