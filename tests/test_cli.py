@@ -21,7 +21,7 @@ OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedd
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_config_parses(config, capsys):
-    subcommand, base = OVERLAYS.get(config, ("fit", None))
+    subcommand, base = OVERLAYS.get(config, ("fit", "transfusion_embedded.yaml" if config.startswith("trainer_") else None))
     configs = ([str(CONFIGS / base)] if base else []) + [str(CONFIGS / config)]
     args = [subcommand] + [a for c in configs for a in ("--config", c)] + ["--print_config"]
     with pytest.raises(SystemExit) as exit_info:
@@ -73,7 +73,8 @@ def test_fit_loss_falls_and_predict_writes_samples(tmp_path, tokenizer_path, aut
         if record["kind"] == "text-to-image":
             assert len(record["images"]) == 1 and Image.open(out / record["images"][0]).size == (16, 16)
         else:
-            assert record["images"] == [] and isinstance(record["text"], str)
+            # a caption comes out; after 60 steps the model may go on to sample BOI and an image, which LM mode allows
+            assert isinstance(record["text"], str) and record["text"].strip()
     assert Image.open(out / "grid.png").size[0] > 16
 
 

@@ -1,11 +1,12 @@
 """The ``transfusion`` command.
 
 ``transfusion fit|validate|test|predict --config lightning_configs/X.yaml`` is a LightningCLI: the model
-and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
+and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 
 * ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
-* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``).
+* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
+* ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def tokenizer_main(argv: list[str]) -> None:
           f"boi {tok.boi_id}, eoi {tok.eoi_id})")
 
 
+def consolidate_main(argv: list[str]) -> None:
+    from transfusion.lightning.parallel import consolidate_checkpoint
+
+    parser = argparse.ArgumentParser(prog="transfusion consolidate", description="Turn a sharded (FSDP2) "
+                                     "checkpoint directory into one .ckpt file that any strategy can load.")
+    parser.add_argument("checkpoint", help="the directory written by FSDP2Strategy (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--output", default=None, help="default: CHECKPOINT.consolidated.ckpt next to it")
+    args = parser.parse_args(argv)
+    output = args.output or str(args.checkpoint).rstrip("/") + ".consolidated.ckpt"
+    print(f"wrote {consolidate_checkpoint(args.checkpoint, output)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         from transfusion.evaluation.fid import main as fid_weights_main
 
         fid_weights_main(argv[1:])
+    elif argv and argv[0] == "consolidate":
+        consolidate_main(argv[1:])
     else:
         cli_main(None if command_line else argv)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts, shapes_prompts
 from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
@@ -74,14 +74,21 @@ class TransfusionDataModule(L.LightningDataModule):
                    else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2))
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool, sampler=None) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_rows,
+                          sampler=sampler, num_workers=self.hparams.num_workers, collate_fn=collate_rows,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # Row i is already a random draw from (seed, i), so rows are read in order, rank r of W taking rows
+        # r, r + W, ...: the global batch is the same rows however many processes share it (Lightning's own
+        # sampler would shuffle them differently for each world size).
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if kwargs and kwargs.get("num_replicas", 1) > 1:
+            return self._loader(self.train_set, shuffle=False,
+                                sampler=DistributedSampler(self.train_set, shuffle=False, **kwargs))
+        return self._loader(self.train_set, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -38,7 +38,7 @@ class SequenceLayout:
 
 
 class TransfusionRows(Dataset):
-    """Item ``i``: one row ``{"tokens", "doc_ids", "image_ids", "images", "max_t"}`` of length ``seq_len``.
+    """Item ``i``: one row ``{"tokens", "doc_ids", "image_ids", "images", "max_t", "index"}`` of length ``seq_len``.
 
     ``pairs[j]`` must return ``{"image": (3, H, W) in [-1, 1], "captions": [str, ...]}``; ``text`` is the
     (S,) BOS...EOS token stream (may be None or empty for image-caption rows only).
@@ -81,9 +81,8 @@ class TransfusionRows(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index])
-        if rng.random() < self.p_text:
-            return self._text_row(rng)
-        return self._pair_row(rng)
+        row = self._text_row(rng) if rng.random() < self.p_text else self._pair_row(rng)
+        return {**row, "index": index}  # the model seeds this row's diffusion noise with it
 
     def _text_row(self, rng) -> dict:
         start = int(rng.integers(0, len(self.text) - self.seq_len))
@@ -143,10 +142,13 @@ def collate_rows(rows: list[dict]) -> dict:
         ids[ids >= 0] += offset
         offset += row["images"].shape[0]
         image_ids.append(ids)
-    return {
+    batch = {
         "tokens": torch.stack([r["tokens"] for r in rows]),
         "doc_ids": torch.stack([r["doc_ids"] for r in rows]),
         "image_ids": torch.stack(image_ids),
         "images": torch.cat([r["images"] for r in rows]),
         "max_t": torch.cat([r["max_t"] for r in rows]),
     }
+    if all("index" in r for r in rows):
+        batch["row_index"] = torch.tensor([r["index"] for r in rows])
+    return batch
