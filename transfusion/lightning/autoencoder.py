@@ -6,6 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
 
 
@@ -24,6 +25,9 @@ class AutoencoderModule(L.LightningModule):
         warmup_steps: int = 0,
     ):
         super().__init__()
+        for name, value in (("lr", lr), ("kl_weight", kl_weight), ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
+            if value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"model option {name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
         overrides = {k: v for k, v in dict(image_size=image_size, latent_channels=latent_channels).items() if v is not None}
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
@@ -32,6 +36,13 @@ class AutoencoderModule(L.LightningModule):
         # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autoencoder_config"] = flatten_config(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "autoencoder_config" in checkpoint:
+            check_config(checkpoint["autoencoder_config"], self.config, "this autoencoder checkpoint")
 
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
