@@ -99,6 +99,62 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tokenizer_path, aut
         assert set(values) == set(reference[step]), (step, values, reference[step])
 
 
+def test_autoencoder_resume_is_exact_too(tmp_path, one_thread):
+    """The autoencoder's posterior samples and data order also survive an interruption (in-process)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfusion.data.images import ImageDataModule
+    from transfusion.lightning.autoencoder import AutoencoderModule
+
+    class Crash(Exception):
+        pass
+
+    class Record(L.Callback):
+        def __init__(self, crash_at=None):
+            self.losses, self.crash_at = {}, crash_at
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses[trainer.global_step] = float(outputs["loss"])
+            if trainer.global_step == self.crash_at:
+                raise Crash  # before this step's checkpoint (ModelCheckpoint runs last)
+
+    def fit(name, record, ckpt_path=None):
+        L.seed_everything(0)
+        module = AutoencoderModule("debug", image_size=16)
+        data = ImageDataModule(image_size=16, num_train=40, num_val=8, batch_size=8)  # 5 steps an epoch
+        every_step = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=1, save_last=True, save_top_k=0)
+        trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=[record, every_step])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit("straight", straight := Record())
+    with pytest.raises(Crash):
+        fit("crashed", crashed := Record(crash_at=4))
+    fit("crashed", resumed := Record(), ckpt_path=tmp_path / "crashed" / "last.ckpt")
+    assert sorted(straight.losses) == list(range(1, 9)) and min(resumed.losses) == 4
+    assert {**crashed.losses, **resumed.losses} == straight.losses
+
+
+def test_resumable_sampler_order_shards_and_start():
+    from transfusion.data.resumable import ResumableSampler
+
+    full = list(ResumableSampler(10, seed=3))
+    assert sorted(full) == list(range(10)) and full != list(range(10)) and full == list(ResumableSampler(10, seed=3))
+    other_epoch = ResumableSampler(10, seed=3)
+    other_epoch.set_epoch(1)
+    assert sorted(other_epoch) == list(range(10)) and list(other_epoch) != full  # a new order every epoch
+    ranks = [list(ResumableSampler(10, seed=3, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(r) for r in ranks] == [3, 3, 3] and len(set(sum(ranks, []))) == 9  # disjoint, equal, tail dropped
+    resumed = ResumableSampler(10, seed=3)
+    resumed.start_row = 4
+    assert list(resumed) == full[4:] and len(resumed) == 10  # len: the whole epoch, as Lightning counts it
+    resumed.set_epoch(1)
+    assert list(resumed) == list(other_epoch)  # the next epoch starts at its beginning
+    with pytest.raises(ValueError, match="empty"):
+        ResumableSampler(0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: atomic, plain, exported as safetensors, checked against the config
 

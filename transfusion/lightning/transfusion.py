@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from transfusion.data.sequences import SequenceLayout
@@ -15,6 +14,7 @@ from transfusion.data.tokenizer import Tokenizer
 from transfusion.generation import Generator, SamplingOptions
 from transfusion.lightning.autoencoder import AutoencoderModule
 from transfusion.lightning.checkpoint import check_config, flatten_config
+from transfusion.lightning.seeding import step_generator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -146,9 +146,7 @@ class TransfusionModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        key = [self.hparams.seed, self.global_step, batch_idx, self.global_rank]
-        seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1)
-        return self._common_step(batch, "train", torch.Generator(self.device).manual_seed(seed))
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.seed))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # same noise every validation
