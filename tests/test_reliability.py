@@ -331,3 +331,8 @@ def test_autoencoder_image_size_it_cannot_handle(tmp_path, capsys):
         cli_main(["fit", "--config", str(CONFIGS / "autoencoder_embedded.yaml"), "--model.init_args.image_size", "30",
                   "--trainer.default_root_dir", str(tmp_path)])
     assert "image_size (30) must be divisible by the downsample factor 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "autoencoder_embedded.yaml"), "--data.init_args.image_size", "24",
+                  "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "model.init_args.image_size=32 but data.init_args.image_size=24" in err, err

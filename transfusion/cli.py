@@ -49,6 +49,13 @@ class TransfusionCLI(LightningCLI):
                 cause = inner
             print(f"transfusion {self.subcommand}: error: {cause}", file=sys.stderr)
             raise ConfigError(2) from error
+        # Lightning requires options that model and data share to agree, but finds out only after setup
+        model_hp, data_hp = getattr(self.model, "hparams", {}), getattr(self.datamodule, "hparams", {})
+        clash = [f"model.init_args.{k}={model_hp[k]!r} but data.init_args.{k}={data_hp[k]!r}"
+                 for k in sorted(set(model_hp) & set(data_hp)) if not k.startswith("_") and model_hp[k] != data_hp[k]]
+        if clash:
+            print(f"transfusion {self.subcommand}: error: model and data disagree: {'; '.join(clash)}", file=sys.stderr)
+            raise ConfigError(2)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
