@@ -241,6 +241,17 @@ def test_safetensors_export_and_import(trained, tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
 
 
+def test_autoencoder_export_and_import(autoencoder_ckpt, tmp_path):
+    from transfusion.export import export, load_exported
+    from transfusion.lightning.autoencoder import AutoencoderModule
+
+    original = AutoencoderModule.load_from_checkpoint(autoencoder_ckpt, map_location="cpu").eval()
+    imported = load_exported(export(autoencoder_ckpt, tmp_path / "ae"))
+    assert isinstance(imported, AutoencoderModule) and imported.config == original.config
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(imported.encode_latents(images), original.encode_latents(images))  # latent_std included
+
+
 # ----------------------------------------------------------------------------------------------------------
 # numerical faults
 
