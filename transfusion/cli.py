@@ -5,13 +5,16 @@ and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
 
 * ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
 * ``transfusion export --ckpt_path CKPT --output DIR``: weights as safetensors with the config beside them
   (see ``transfusion.export``).
 
 Checkpoints are written atomically (``AtomicCheckpointIO``) unless the trainer is given another
 CheckpointIO; ``fit --ckpt_path last`` finds the newest ``last*.ckpt`` of earlier runs (other logger
-versions) in the checkpoint folders; an invalid option stops the command before any data is read, with
-a one-line message naming it.
+versions) in the checkpoint folders; ``fit --ckpt_path`` builds the model from the config given and
+names every architecture field that differs from the checkpoint's (``validate|test|predict`` take the
+model's arguments from the checkpoint); an invalid option stops the command before any data is read,
+with a one-line message naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from transfusion.lightning.checkpoint import AtomicCheckpointIO
 
 class ConfigError(SystemExit):
     """An invalid option: reported in one line, exit status 2 (as for a parse error)."""
+
+
+# settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
+# Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
+# config / command line
+GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
+                       "clip_x0", "generation_seed")
 
 
 class TransfusionCLI(LightningCLI):
@@ -68,6 +78,16 @@ class TransfusionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = find_last_checkpoint(self.trainer)  # None (with a warning): a fresh start
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand == "fit":  # resuming: the config given builds the model; on_load_checkpoint names mismatches
+            return
+        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
+        kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[subcommand]["model.init_args"][key] = value
 
 
 def _inner(error: BaseException) -> BaseException | None:
@@ -126,6 +146,7 @@ def tokenizer_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
@@ -137,8 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         from transfusion.quickstart import quickstart_main
 
         quickstart_main(argv[1:])
+    elif argv and argv[0] == "fid-weights":
+        from transfusion.evaluation.fid import main as fid_weights_main
+
+        fid_weights_main(argv[1:])
     else:
-        cli_main(argv)
+        cli_main(None if command_line else argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Image-only data for autoencoder training: the embedded shapes, batched as ``{"image": (N, 3, H, W)}``."""
+"""The embedded shapes as images: ``{"image": (N, 3, H, W)}`` batches for autoencoders, and with
+``captions=True`` also ``{"caption": [str]}`` (one phrasing drawn per item) for CLIP training."""
 
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
     return {"image": torch.stack([item["image"] for item in items])}
 
 
+def collate_captioned_images(items: list[dict]) -> dict:
+    """Images plus one caption per item, drawn from its phrasings (torch's RNG: seeded by ``seed_everything``)."""
+    picks = [int(torch.randint(len(item["captions"]), ())) for item in items]
+    return {**collate_images(items), "caption": [item["captions"][i] for item, i in zip(items, picks)]}
+
+
 class ImageDataModule(ResumableDataModule):
-    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]; training resumes exactly mid-epoch."""
+    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]; the image order resumes exactly mid-epoch."""
 
     def __init__(
         self,
@@ -25,6 +32,7 @@ class ImageDataModule(ResumableDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        captions: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -49,7 +57,7 @@ class ImageDataModule(ResumableDataModule):
             batch_size=hp.batch_size,
             sampler=self.train_sampler(len(dataset), hp.batch_size, hp.seed) if shuffle else None,
             num_workers=hp.num_workers,
-            collate_fn=collate_images,
+            collate_fn=collate_captioned_images if hp.captions else collate_images,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle,  # constant batch shapes in training
         )
