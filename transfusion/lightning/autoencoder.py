@@ -39,6 +39,7 @@ class AutoencoderModule(L.LightningModule):
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
         self.save_hyperparameters()
+        self.noise_seed = noise_seed  # not read from hparams: subclasses record their own arguments there
         self.autoencoder = self.build_autoencoder()
         # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
         self.register_buffer("latent_std", torch.ones(()))
@@ -89,7 +90,7 @@ class AutoencoderModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.noise_seed))
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.noise_seed))
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val")
