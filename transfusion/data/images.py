@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.shapes import ShapesDataset
 
 
@@ -21,8 +21,8 @@ def collate_captioned_images(items: list[dict]) -> dict:
     return {**collate_images(items), "caption": [item["captions"][i] for item, i in zip(items, picks)]}
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]."""
+class ImageDataModule(ResumableDataModule):
+    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]; the image order resumes exactly mid-epoch."""
 
     def __init__(
         self,
@@ -36,6 +36,11 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        for name in ("image_size", "num_train", "num_val", "batch_size"):
+            if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
+                raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
+        if num_workers < 0:
+            raise ValueError(f"data option num_workers must be >= 0, got {num_workers}")
         self.train_set: ShapesDataset | None = None
         self.val_set: ShapesDataset | None = None
 
@@ -46,14 +51,13 @@ class ImageDataModule(L.LightningDataModule):
             self.val_set = ShapesDataset(hp.num_val, hp.image_size, hp.seed + 1)
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        hp = self.hparams
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_captioned_images if self.hparams.captions else collate_images,
+            batch_size=hp.batch_size,
+            sampler=self.train_sampler(len(dataset), hp.batch_size, hp.seed) if shuffle else None,
+            num_workers=hp.num_workers,
+            collate_fn=collate_captioned_images if hp.captions else collate_images,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle,  # constant batch shapes in training
         )
