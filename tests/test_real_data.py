@@ -1,0 +1,192 @@
+"""Real-data sources through `datasets`: COCO, imagefolder, parquet shards and text files made here,
+turned into Transfusion rows with the right captions, images and order."""
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transfusion.data.image_text import ImageTextDataModule
+from transfusion.data.pairs import ImageCaptionPairs
+from transfusion.data.preprocess import preprocess_image
+from transfusion.data.sequences import SequenceLayout
+from transfusion.data.sources import (CocoSource, FilesSource, HubSource, HubTextSource, ImageFolderSource,
+                                      TextFilesSource)
+from transfusion.data.tokenizer import Tokenizer
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (230, 220, 30)}
+
+
+def save(path, colour, size=(20, 16), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, COLOURS[colour]).convert(mode).save(path)
+    return path.name
+
+
+def colour_of(image: torch.Tensor) -> str:
+    rgb = ((image.mean((1, 2)) + 1) * 127.5).numpy()
+    return min(COLOURS, key=lambda c: np.abs(rgb - COLOURS[c]).sum())
+
+
+@pytest.fixture
+def layout(tokenizer_path):
+    return SequenceLayout(Tokenizer(tokenizer_path), patches_per_image=4, image_size=8)
+
+
+def make_imagefolder(root, colours=("red", "green", "blue", "yellow"), csv=False):
+    rows = []
+    for i, colour in enumerate(colours):
+        name = save(root / f"{i}.png", colour)
+        rows += [{"file_name": name, "text": f"a {colour} picture"}, {"file_name": name, "text": f"all {colour}"}]
+    if csv:
+        (root / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n" for r in rows))
+    else:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_coco(root):
+    images = [{"id": 10 + i, "file_name": save(root / "train2017" / f"{i:012d}.jpg", c)}
+              for i, c in enumerate(COLOURS)]
+    annotations = [{"id": k, "image_id": 10 + i, "caption": f"{t} {c} thing"}
+                   for i, c in enumerate(COLOURS) for k, t in enumerate(("one", "a", "some"))]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    karpathy = {"images": [{"filepath": "train2017", "filename": im["file_name"], "cocoid": im["id"],
+                            "split": split, "sentences": [{"raw": f"the {c} one"}, {"raw": f"{c}"}]}
+                           for im, c, split in zip(images, COLOURS, ("train", "restval", "val", "test"))]}
+    (root / "dataset_coco.json").write_text(json.dumps(karpathy))
+    return root
+
+
+def test_imagefolder_groups_captions_per_image(tmp_path):
+    for csv in (False, True):
+        ds = ImageFolderSource(str(make_imagefolder(tmp_path / f"f{csv}", csv=csv))).load("train")
+        assert len(ds) == 4 and ds[0]["captions"] == ["a red picture", "all red"]
+        assert ds[3]["image"]["path"].endswith("3.png")
+
+
+def test_coco_and_karpathy_split(tmp_path):
+    root = make_coco(tmp_path)
+    ds = CocoSource(images=str(root / "train2017"),
+                    annotations=str(root / "annotations" / "captions_train2017.json")).load("train")
+    assert len(ds) == 4 and ds[1]["captions"] == ["one green thing", "a green thing", "some green thing"]
+    assert colour_of(preprocess_image(ds[1]["image"], 8)) == "green"
+    karpathy = CocoSource(images=str(root), karpathy_split=str(root / "dataset_coco.json"))
+    train, val, test = (karpathy.load(s) for s in ("train", "validation", "test"))
+    assert [r["captions"][1] for r in train] == ["red", "green"]  # train + restval
+    assert [r["captions"][1] for r in val] == ["blue"] and [r["captions"][1] for r in test] == ["yellow"]
+
+
+def test_parquet_shards_with_image_bytes(tmp_path):
+    import datasets
+
+    for shard, colours in enumerate((("red", "green"), ("blue",))):
+        cells = []
+        for c in colours:
+            buffer = io.BytesIO()
+            Image.new("RGB", (12, 12), COLOURS[c]).save(buffer, format="PNG")
+            cells.append({"bytes": buffer.getvalue(), "path": None})
+        datasets.Dataset.from_dict({"jpg": cells, "caption": [f"{c} square" for c in colours]},
+                                   features=datasets.Features({"jpg": datasets.Image(), "caption": datasets.Value("string")})
+                                   ).to_parquet(str(tmp_path / f"shard-{shard}.parquet"))
+    ds = FilesSource(str(tmp_path / "shard-*.parquet"), image_column="jpg", caption_column="caption").load("train")
+    pairs = ImageCaptionPairs(ds, 8, scan="full")
+    assert [colour_of(pairs[i]["image"]) for i in range(3)] == ["red", "green", "blue"]
+    assert pairs[2]["captions"] == ["blue square"]
+    with pytest.raises(ValueError, match="no column"):
+        FilesSource(str(tmp_path / "shard-*.parquet")).load("train")
+
+
+def test_preprocess_resizes_shorter_side_and_centre_crops():
+    image = Image.new("RGB", (48, 16), COLOURS["red"])
+    image.paste(COLOURS["blue"], (16, 0, 32, 16))  # left third red, centre blue, right red
+    out = preprocess_image(image, 8)
+    assert out.shape == (3, 8, 8) and out.min() >= -1 and out.max() <= 1
+    assert colour_of(out[:, 1:-1, 1:-1]) == "blue"
+
+
+def test_hub_source_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="'someone/captions'"):
+        HubSource("someone/captions", image_column="jpg", caption_column="txt").load("train")
+    with pytest.raises(ConnectionError, match="'allenai/c4'"):
+        list(HubTextSource("allenai/c4", config="en", streaming=True).documents("train"))
+    assert time.monotonic() - start < 15
+
+
+def test_text_files_hold_out_and_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\nthird doc\n")
+    (tmp_path / "b.txt").write_text("fourth doc\n")
+    source = TextFilesSource(str(tmp_path / "*.txt"), val_fraction=0.25)
+    assert list(source.documents("train")) == ["first doc", "second doc", "third doc"]
+    assert list(source.documents("validation")) == ["fourth doc"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": f"doc {i}", "id": i}) + "\n" for i in range(4)))
+    jsonl = TextFilesSource(str(tmp_path / "c.jsonl"), text_column="body", val_paths=str(tmp_path / "b.txt"))
+    assert list(jsonl.documents("train")) == [f"doc {i}" for i in range(4)]
+
+
+def _caption_first_documents(row, tok):
+    """(caption text, image index) of each caption-first document in a row."""
+    out, tokens, image_ids = [], row["tokens"].tolist(), row["image_ids"].tolist()
+    for doc in row["doc_ids"].unique().tolist():
+        positions = (row["doc_ids"] == doc).nonzero().flatten().tolist()
+        ids = [tokens[p] for p in positions]
+        if ids[0] != tok.bos_id or ids[1] == tok.boi_id:
+            continue
+        boi = ids.index(tok.boi_id)
+        patches = [image_ids[p] for p in positions[boi + 1:-2]]
+        assert ids[-2:] == [tok.eoi_id, tok.eos_id] and len(set(patches)) == 1 and len(patches) == 4
+        out.append((tok.decode(ids[1:boi]), patches[0]))
+    return out
+
+
+def test_datamodule_rows_pair_captions_with_their_images(tmp_path, layout):
+    coco = make_coco(tmp_path / "coco")
+    (tmp_path / "news.txt").write_text("".join(f"news story number {i} about the weather.\n" for i in range(40)))
+    dm = ImageTextDataModule(
+        CocoSource(images=str(coco / "train2017"), annotations=str(coco / "annotations" / "captions_train2017.json")),
+        TextFilesSource(str(tmp_path / "news.txt")), seq_len=48, rows_per_epoch=64, val_rows=8, val_fraction=0.25,
+        p_caption_first=1.0, caption_dropout=0.0, batch_size=4, layout=layout, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.pairs["train"]) == 3 and len(dm.pairs["validation"]) == 1  # held out: the last image
+    assert list((tmp_path / "cache").glob("text-*.tokens.bin"))
+    seen, text_rows = set(), 0
+    for i in range(len(dm.train_set)):
+        row = dm.train_set[i]
+        if row["images"].shape[0] == 0:
+            text_rows += 1
+            assert layout.tokenizer.decode(row["tokens"].tolist()).count("news story") >= 1
+            continue
+        for caption, k in _caption_first_documents(row, layout.tokenizer):
+            colour = colour_of(row["images"][k])
+            assert caption in {f"{t} {colour} thing" for t in ("one", "a", "some")}, (caption, colour)
+            seen.add(caption)
+    assert 0 < text_rows < 64 and len(seen) >= 6  # text mixed in; several captions per image used
+    assert "yellow" not in " ".join(seen)  # the held-out (last) image never trains
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["tokens"].shape == (4, 48)
+    prompts = dm.heldout_prompts(4)
+    assert prompts[1]["kind"] == "image-to-text" and len(prompts[1]["reference"]) == 3  # all captions as references
+
+
+def test_imagefolder_pairs_only_and_text_only(tmp_path, layout):
+    folder = make_imagefolder(tmp_path / "images")
+    dm = ImageTextDataModule(ImageFolderSource(str(folder)), None, text_ratio=0.0, seq_len=32, rows_per_epoch=8,
+                             val_fraction=0.25, layout=layout)
+    dm.setup("fit")
+    assert all(dm.train_set[i]["images"].shape[0] > 0 for i in range(8))
+    (tmp_path / "t.txt").write_text("".join(f"line {i} of text here\n" for i in range(30)))
+    dm = ImageTextDataModule(None, TextFilesSource(str(tmp_path / "t.txt")), seq_len=16, rows_per_epoch=8, layout=layout)
+    dm.setup("fit")
+    assert all(dm.train_set[i]["images"].shape[0] == 0 for i in range(8))
+    with pytest.raises(ValueError, match="text_ratio"):
+        ImageTextDataModule(ImageFolderSource(str(folder)), None, layout=layout)
