@@ -17,6 +17,7 @@ seed and index), so under DDP Lightning's distributed sampler gives each rank a 
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_
 from transfusion.data.sources import ImageCaptionSource, TextSource
 from transfusion.data.text import TokenArray, tokenize_documents
 from transfusion.generation import IMAGE
+
+log = logging.getLogger(__name__)
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -58,6 +61,9 @@ class ImageTextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["layout", "image_captions", "text"])
         self.image_captions, self.text = image_captions, text
+        for source in (image_captions, text):
+            if strict and hasattr(source, "strict"):
+                source.strict = True  # one switch for the whole module
         self.layout = layout
         self.train_set = self.val_set = None
         self.pairs: dict[str, ImageCaptionPairs] = {}
@@ -108,6 +114,7 @@ class ImageTextDataModule(L.LightningDataModule):
             rows, layout.image_size, name=f"{type(self.image_captions).__name__} {split}", scan=hp.scan,
             strict=hp.strict, min_size=hp.min_image_size, max_pixels=hp.max_image_pixels,
             tokenizer=layout.tokenizer, max_caption_tokens=max_caption)
+        log.info("%s: %d usable pairs; %s", self.pairs[split].name, len(self.pairs[split]), self.pairs[split].summary())
         return self.pairs[split]
 
     def prepare_data(self) -> None:
@@ -133,6 +140,18 @@ class ImageTextDataModule(L.LightningDataModule):
                                          caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
         self.val_set = TransfusionRows(self._pairs("validation") or [], text["validation"], num_rows=hp.val_rows,
                                        caption_dropout=0.0, seed=hp.seed + 1, **common)
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is not None and self.pairs:
+            logger.log_metrics(self.data_counts(), step=0)
+
+    def data_counts(self) -> dict[str, int]:
+        """Usable, skipped and converted image-caption rows per split (logged at setup as ``data/...``)."""
+        counts = {}
+        for split, pairs in self.pairs.items():
+            counts[f"data/{split}_pairs"] = len(pairs)
+            counts[f"data/{split}_skipped"] = sum(pairs.skipped.values())
+            counts[f"data/{split}_converted"] = sum(pairs.converted.values())
+        return counts
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool) -> DataLoader:

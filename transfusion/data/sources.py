@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import socket
+import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -83,9 +84,12 @@ class ImageCaptionSource:
 
 
 class ImageFolderSource(ImageCaptionSource):
-    def __init__(self, data_dir: str, caption_column: str = "text", image_column: str = "file_name"):
-        """``data_dir`` holds ``metadata.jsonl`` or ``metadata.csv``; ``data_dir/{train,validation}/`` splits if present."""
+    def __init__(self, data_dir: str, caption_column: str = "text", image_column: str = "file_name",
+                 strict: bool = False):
+        """``data_dir`` holds ``metadata.jsonl`` or ``metadata.csv``; ``data_dir/{train,validation}/`` splits if present.
+        Invalid UTF-8 in the metadata is replaced (warned; an error if ``strict``)."""
         self.data_dir, self.caption_column, self.image_column = Path(data_dir), caption_column, image_column
+        self.strict = strict
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"image folder {str(self.data_dir)!r} does not exist")
 
@@ -105,10 +109,16 @@ class ImageFolderSource(ImageCaptionSource):
             raise FileNotFoundError(f"image folder {str(folder)!r} has no metadata.jsonl or metadata.csv "
                                     f"(one row per image or caption: {self.image_column}, {self.caption_column})")
         builder = "json" if found[0].suffix == ".jsonl" else "csv"
+        errors = check_text_file(str(found[0]), self.strict)
+        data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
         try:
-            meta = datasets.load_dataset(builder, data_files=str(found[0]), split="train")
+            meta = datasets.load_dataset(builder, data_files=data_file, split="train",
+                                         **({"encoding_errors": errors} if errors and builder == "csv" else {}))
         except Exception as err:  # datasets raises many types for malformed files
             raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
+        finally:
+            if data_file != str(found[0]):
+                os.remove(data_file)  # the loaded table lives in the datasets cache
         for column in (self.image_column, self.caption_column):
             if column not in meta.column_names:
                 raise ValueError(f"{str(found[0])!r} has no column {column!r} (columns: {meta.column_names})")
@@ -256,6 +266,15 @@ def check_text_file(path: str, strict: bool) -> str | None:
         return "replace"
 
 
+def utf8_copy(path: str | os.PathLike) -> str:
+    """A temporary copy of a file with invalid UTF-8 replaced (pyarrow's JSON reader has no error handler)."""
+    handle, copy = tempfile.mkstemp(suffix=Path(path).suffix, prefix="transfusion-utf8-")
+    with os.fdopen(handle, "w", encoding="utf-8") as out, open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            out.write(line)
+    return copy
+
+
 class TextFilesSource(TextSource):
     def __init__(self, paths: str | list[str], format: str | None = None, text_column: str = "text",
                  val_paths: str | list[str] | None = None, val_fraction: float = 0.1, sample_by: str = "line",
@@ -285,19 +304,25 @@ class TextFilesSource(TextSource):
         for f in files:
             if fmt in ("text", "json"):
                 try:
-                    errors = check_text_file(f, self.strict) or errors
+                    bad = check_text_file(f, self.strict)
                 except BadDataError as err:
                     if self.strict or "empty" not in str(err):
                         raise
                     warnings.warn(f"skipping {err}", BadDataWarning)
                     continue
+                errors = bad or errors
+                f = utf8_copy(f) if bad and fmt == "json" else f
             usable.append(f)
         if not usable:
             raise BadDataError(f"no usable text file among {files} (all empty)")
-        kwargs = {"encoding_errors": errors} if errors and fmt in ("text", "json") else {}
+        kwargs = {"encoding_errors": errors} if errors and fmt == "text" else {}
         if fmt == "text":
             kwargs["sample_by"] = self.sample_by
-        ds = datasets.load_dataset(fmt, data_files=usable, split="train", **kwargs)
+        try:
+            ds = datasets.load_dataset(fmt, data_files=usable, split="train", **kwargs)
+        finally:
+            for f in set(usable) - set(files):
+                os.remove(f)  # UTF-8 repaired copies; the loaded table lives in the datasets cache
         if fmt == "text" and self.text_column != "text":
             ds = ds.rename_column("text", self.text_column)
         return ds
