@@ -93,13 +93,13 @@ def test_each_bad_image_class_is_skipped_and_counted(tmp_path):
     for name, reason in [("corrupt.png", "unreadable image"), ("text.jpg", "unreadable image"),
                          ("truncated.png", "cannot decode image"), ("tiny.png", "too small"),
                          ("huge.png", "too large"), ("missing.png", "missing file"),
-                         ("empty_caption.png", "empty caption"), ("grey.png", "mode L converted to RGB")]:
+                         ("empty_caption.png", "empty caption")]:
         assert any(name in line and reason in line for line in messages.splitlines()), (name, reason, messages)
     assert len(pairs) == 2  # good + grey (converted)
     assert pairs.skipped == {"unreadable image": 2, "cannot decode image": 1, "too small": 1, "too large": 1,
                              "missing file": 1, "empty caption": 1}
     assert pairs.converted == {"mode L converted to RGB": 1}
-    assert "2 of 9 rows usable" in messages
+    assert "2 of 9 rows usable" in messages and "1 mode L converted to RGB" in messages  # the summary
 
 
 def test_truncated_file_found_late_is_replaced_and_counted(tmp_path):

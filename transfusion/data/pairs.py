@@ -4,7 +4,8 @@ The dataset's rows are ``{"image": {"path", "bytes"} | path | bytes | PIL, "capt
 (see ``transfusion.data.sources``). At construction every row is checked (``scan="header"``: the
 file exists and its header opens, the size is within bounds, a caption is left after cleaning;
 ``scan="full"`` also decodes the pixels, catching truncated files; ``scan="none"`` skips checks).
-Bad rows are skipped, counted by reason and warned about by file name; ``strict=True`` raises on the
+Bad rows are skipped, counted by reason and warned about by file name (mode conversions are only
+counted); ``strict=True`` raises on the
 first one instead, and a dataset with no usable row is an error. An image that still fails when it
 is decoded later (only possible without a full scan) is replaced by the next usable row, warned about
 and counted in ``runtime_skips`` of that process.
@@ -12,6 +13,7 @@ and counted in ``runtime_skips`` of that process.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from transfusion.data.preprocess import BadRecord, check_size, clean_caption, open_image, preprocess_image
 
 MAX_WARNINGS = 20  # per dataset; the summary counts the rest
+log = logging.getLogger(__name__)
 
 
 class BadDataWarning(UserWarning):
@@ -69,8 +72,10 @@ class ImageCaptionPairs:
         if not self.index:
             raise BadDataError(f"{name}: none of its {len(rows)} rows is usable (skipped: {self.summary()}); "
                                "see the warnings above for the files")
-        if self.skipped or self.converted:
+        if self.skipped:
             warnings.warn(f"{name}: {len(self.index)} of {len(rows)} rows usable; {self.summary()}", BadDataWarning)
+        elif self.converted:
+            log.info("%s: all %d rows usable; %s", name, len(rows), self.summary())
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
@@ -86,9 +91,9 @@ class ImageCaptionPairs:
             warnings.warn(f"skipping {message}", BadDataWarning)
         self._warned += 1
 
-    def _note(self, image, what: str) -> None:
+    def _note(self, image, what: str, warn: bool = True) -> None:
         self.converted[what] += 1
-        if self._warned < MAX_WARNINGS:
+        if warn and self._warned < MAX_WARNINGS:
             warnings.warn(f"{self.name}: {describe(image)}: {what}", BadDataWarning)
         self._warned += 1
 
@@ -114,7 +119,7 @@ class ImageCaptionPairs:
         opened = open_image(image)
         check_size(opened, self.min_size, self.max_pixels)
         if opened.mode != "RGB":
-            self._note(image, f"mode {opened.mode} converted to RGB")
+            self._note(image, f"mode {opened.mode} converted to RGB", warn=False)  # routine: counted only
         if decode:
             preprocess_image(opened, self.image_size, self.min_size, self.max_pixels)
 
