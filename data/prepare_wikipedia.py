@@ -54,7 +54,7 @@ def plain_text(wiki: str) -> str:
     text = re.sub(r"\[https?://\S+ ([^\]]*)\]|\[https?://\S+\]", r"\1", text)  # external links
     text = re.sub(r"<[^>]+>", "", text)                                    # remaining tags
     text = re.sub(r"'{2,}", "", text)                                      # bold / italics
-    text = re.sub(r"^=+\s*(.*?)\s*=+\s*$", r"\1.", text, flags=re.M)       # headings
+    text = re.sub(r"^=+[ \t]*(.*?)[ \t]*=+[ \t]*$", r"\1.", text, flags=re.M)  # headings (alone: dropped below)
     text = re.sub(r"^[*#:;]+\s*", "", text, flags=re.M)                    # list markers
     paragraphs = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n\n")]
     return "\n".join(p for p in paragraphs if len(p.split()) >= 5)

@@ -190,3 +190,67 @@ def test_imagefolder_pairs_only_and_text_only(tmp_path, layout):
     assert all(dm.train_set[i]["images"].shape[0] == 0 for i in range(8))
     with pytest.raises(ValueError, match="text_ratio"):
         ImageTextDataModule(ImageFolderSource(str(folder)), None, layout=layout)
+
+
+def _load_script(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    data_dir = Path(__file__).resolve().parents[1] / "data"
+    sys.path.insert(0, str(data_dir))
+    spec = importlib.util.spec_from_file_location(name, data_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wikipedia_markup_becomes_plain_text():
+    wiki = _load_script("prepare_wikipedia")
+    markup = ("{{Infobox|name={{nested|x}}}}\n'''Anarchism''' is a [[political philosophy]] that advocates "
+              "[[self-governance|self-governed]] societies.<ref>Woodcock</ref> [[File:A.jpg|thumb|a [[b]] c]]\n\n"
+              "== History ==\n\n* The [http://example.org earliest] anarchist themes are found here today.\n"
+              "[[Category:Politics]]\n{| class=wikitable\n| a || b\n|}")
+    assert wiki.plain_text(markup) == ("Anarchism is a political philosophy that advocates self-governed societies.\n"
+                                       "The earliest anarchist themes are found here today.")
+
+
+def test_real_cpu_configs_train_on_prepared_output(tmp_path, tokenizer_path, autoencoder_ckpt, one_thread):
+    """The prepare scripts' output format (digits imagefolder, Wikipedia JSONL) through the shipped real configs."""
+    import csv
+    import gzip
+    from pathlib import Path
+
+    from transfusion.cli import cli_main
+
+    prep = _load_script("prepare_images")
+    rows = [[str(int(v)) for v in np.random.default_rng(i).integers(0, 17, 64)] + [str(i % 10)] for i in range(20)]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    prep.write(tmp_path / "digits", prep.digits(gzip.compress(buffer.getvalue().encode())))
+    assert json.loads((tmp_path / "digits" / "train" / "metadata.jsonl").read_text().splitlines()[3])["text"][0] == \
+        "a handwritten digit 3"
+    (tmp_path / "wiki").mkdir()
+    for split, n in (("train", 30), ("validation", 5)):
+        (tmp_path / "wiki" / f"{split}.jsonl").write_text("".join(
+            json.dumps({"title": f"T{i}", "text": f"Article {i} is about topic number {i} and more words."}) + "\n"
+            for i in range(n)))
+    configs = Path(__file__).resolve().parents[1] / "lightning_configs"
+    common = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.num_workers", "0"]
+    cli = cli_main(["fit", "--config", str(configs / "autoencoder_real_cpu.yaml"), *common,
+                    "--model.init_args.preset", "debug", "--model.init_args.image_size", "16",
+                    "--data.init_args.image_size", "16", "--data.init_args.batch_size", "4",
+                    "--data.init_args.source.init_args.data_dir", str(tmp_path / "digits")])
+    assert cli.trainer.global_step == 2 and len(cli.datamodule.val_set) == 2
+    cli = cli_main(["fit", "--config", str(configs / "transfusion_real_cpu.yaml"), *common,
+                    "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
+                    "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48",
+                    "--data.init_args.batch_size", "4", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                    "--data.init_args.image_captions.init_args.data_dir", str(tmp_path / "digits"),
+                    "--data.init_args.text.init_args.paths", str(tmp_path / "wiki" / "train.jsonl"),
+                    "--data.init_args.text.init_args.val_paths", str(tmp_path / "wiki" / "validation.jsonl")])
+    assert cli.trainer.global_step == 2
+    assert cli.datamodule.data_counts()["data/train_pairs"] == 18
+    assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))

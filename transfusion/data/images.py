@@ -1,4 +1,5 @@
-"""Image-only data for autoencoder training: the embedded shapes, batched as ``{"image": (N, 3, H, W)}``."""
+"""Image-only data for autoencoder training, batched as ``{"image": (N, 3, H, W)}``: the embedded shapes, or the
+images of a real image-caption source (``transfusion.data.sources``), checked and preprocessed as for Transfusion."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from transfusion.data.pairs import ImageCaptionPairs
 from transfusion.data.shapes import ShapesDataset
+from transfusion.data.sources import ImageCaptionSource
 
 
 def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -15,7 +18,8 @@ def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]."""
+    """Train/validation images in [-1, 1]: :class:`ShapesDataset`, or ``source`` (then ``num_*`` are ignored and
+    the source's validation split, or its last ``val_fraction``, is held out)."""
 
     def __init__(
         self,
@@ -25,17 +29,32 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        source: ImageCaptionSource | None = None,
+        val_fraction: float = 0.05,
+        scan: str = "header",
+        strict: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["source"])
+        self.source = source
         self.train_set: ShapesDataset | None = None
         self.val_set: ShapesDataset | None = None
 
     def setup(self, stage: str | None = None):
         hp = self.hparams
-        if self.train_set is None:
+        if self.train_set is None and self.source is None:
             self.train_set = ShapesDataset(hp.num_train, hp.image_size, hp.seed)
             self.val_set = ShapesDataset(hp.num_val, hp.image_size, hp.seed + 1)
+        elif self.train_set is None:
+            val = self.source.load("validation")
+            train = self.source.load("train")
+            if val is None:
+                n_train = len(train) - max(1, round(len(train) * hp.val_fraction))
+                train, val = train.select(range(n_train)), train.select(range(n_train, len(train)))
+            name = type(self.source).__name__
+            self.train_set, self.val_set = (ImageCaptionPairs(rows, hp.image_size, name=f"{name} {split}", scan=hp.scan,
+                                                              strict=hp.strict)
+                                            for rows, split in ((train, "train"), (val, "validation")))
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
