@@ -5,17 +5,33 @@ and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
 
 * ``transfusion tokenizer --output PATH [--text_files ... | --hub NAME] [--captions_from DIR ...]``: train the
   SentencePiece tokenizer on a text source (default: the embedded text);
-* ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``).
+* ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion export --ckpt_path CKPT --output DIR``: weights as safetensors with the config beside them
+  (see ``transfusion.export``).
+
+Checkpoints are written atomically (``AtomicCheckpointIO``) unless the trainer is given another
+CheckpointIO; ``fit --ckpt_path last`` finds the newest ``last*.ckpt`` of earlier runs (other logger
+versions) in the checkpoint folders; an invalid option stops the command before any data is read, with
+a one-line message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import transfusion  # noqa: F401  (torchvision shim before lightning)
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 import lightning as L
+
+from transfusion.lightning.checkpoint import AtomicCheckpointIO
+
+
+class ConfigError(SystemExit):
+    """An invalid option: reported in one line, exit status 2 (as for a parse error)."""
 
 
 class TransfusionCLI(LightningCLI):
@@ -24,6 +40,55 @@ class TransfusionCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:  # module and data module constructors check their options; nothing is read yet
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            cause = error  # jsonargparse wraps the constructor's error in its own: report the original
+            while isinstance(inner := _inner(cause), (ValueError, FileNotFoundError)):
+                cause = inner
+            print(f"transfusion {self.subcommand}: error: {cause}", file=sys.stderr)
+            raise ConfigError(2) from error
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = find_last_checkpoint(self.trainer)  # None (with a warning): a fresh start
+
+
+def _inner(error: BaseException) -> BaseException | None:
+    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest ``last*.ckpt`` of any run that wrote to this trainer's checkpoint folders.
+
+    Lightning looks for ``last`` only in the folder of the *new* logger version, so a resumed run
+    would silently start from scratch.
+    """
+    folders = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            folders.append(Path(callback.dirpath))
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
+        folders += sorted(root.glob("*/checkpoints"))
+    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    if not found:
+        print(f"transfusion fit: --ckpt_path last: no last*.ckpt under {', '.join(map(str, folders))}; "
+              "starting from scratch", file=sys.stderr)
+        return None
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
@@ -82,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
+    elif argv and argv[0] == "export":
+        from transfusion.export import export_main
+
+        export_main(argv[1:])
     elif argv and argv[0] == "quickstart":
         from transfusion.quickstart import quickstart_main
 

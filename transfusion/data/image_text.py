@@ -11,7 +11,8 @@ Sources (``transfusion.data.sources``) are chosen in YAML by ``class_path``::
 Images are checked (``scan``), decoded and resized + centre-cropped to the autoencoder's size; captions
 longer than a row allows are cut. Text is tokenized once (to ``cache_dir`` when given: memory-mapped,
 streamed sources need not fit in memory). Rows are built by ``TransfusionRows`` (a pure function of
-seed and index), so under DDP Lightning's distributed sampler gives each rank a distinct set of rows.
+seed and index) in a seeded per-epoch order dealt to the ranks (``ResumableDataModule``): under DDP each
+rank gets a distinct set of rows, and a killed run resumes at the same row.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import logging
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from transfusion.data.pairs import BadDataWarning, ImageCaptionPairs
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
+from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
 from transfusion.data.sources import ImageCaptionSource, TextSource
 from transfusion.data.text import TokenArray, tokenize_documents
@@ -35,7 +35,7 @@ from transfusion.generation import IMAGE
 log = logging.getLogger(__name__)
 
 
-class ImageTextDataModule(L.LightningDataModule):
+class ImageTextDataModule(ResumableDataModule):
     def __init__(self, image_captions: ImageCaptionSource | None = None, text: TextSource | None = None,
                  seq_len: int = 128, batch_size: int = 16, rows_per_epoch: int = 100_000, val_rows: int = 64,
                  text_ratio: float = 1.0, p_caption_first: float = 0.8, image_first_max_t: int | None = 500,
@@ -67,6 +67,13 @@ class ImageTextDataModule(L.LightningDataModule):
         self.layout = layout
         self.train_set = self.val_set = None
         self.pairs: dict[str, ImageCaptionPairs] = {}
+        for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows", "min_image_size", "max_image_pixels"):
+            if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
+                raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data option val_fraction must be in (0, 1), got {val_fraction}")
+        if scan not in ("none", "header", "full"):
+            raise ValueError(f"data option scan must be 'none', 'header' or 'full', got {scan!r}")
         if image_captions is None and text is None:
             raise ValueError("ImageTextDataModule needs image_captions, text or both")
         if text is None and text_ratio > 0:
@@ -154,20 +161,20 @@ class ImageTextDataModule(L.LightningDataModule):
         return counts
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=collate_rows,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        hp = self.hparams  # a seeded per-epoch order, sharded over ranks, resumable mid-epoch
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.batch_size, hp.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -3,11 +3,11 @@ images of a real image-caption source (``transfusion.data.sources``), checked an
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from transfusion.data.pairs import ImageCaptionPairs
+from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.shapes import ShapesDataset
 from transfusion.data.sources import ImageCaptionSource
 
@@ -17,9 +17,9 @@ def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
     return {"image": torch.stack([item["image"] for item in items])}
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableDataModule):
     """Train/validation images in [-1, 1]: :class:`ShapesDataset`, or ``source`` (then ``num_*`` are ignored and
-    the source's validation split, or its last ``val_fraction``, is held out)."""
+    the source's validation split, or its last ``val_fraction``, is held out). Training resumes exactly mid-epoch."""
 
     def __init__(
         self,
@@ -37,6 +37,11 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["source"])
         self.source = source
+        for name in ("image_size", "num_train", "num_val", "batch_size"):
+            if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
+                raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
+        if num_workers < 0:
+            raise ValueError(f"data option num_workers must be >= 0, got {num_workers}")
         self.train_set: ShapesDataset | None = None
         self.val_set: ShapesDataset | None = None
 
@@ -57,13 +62,12 @@ class ImageDataModule(L.LightningDataModule):
                                             for rows, split in ((train, "train"), (val, "validation")))
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        hp = self.hparams
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.hparams.num_workers,
+            batch_size=hp.batch_size,
+            sampler=self.train_sampler(len(dataset), hp.batch_size, hp.seed) if shuffle else None,
+            num_workers=hp.num_workers,
             collate_fn=collate_images,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle,  # constant batch shapes in training

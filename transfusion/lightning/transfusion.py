@@ -13,6 +13,8 @@ from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.generation import Generator, SamplingOptions
 from transfusion.lightning.autoencoder import AutoencoderModule
+from transfusion.lightning.checkpoint import check_config, flatten_config
+from transfusion.lightning.seeding import step_generator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -21,19 +23,50 @@ from transfusion.models.transformer import TransformerConfig
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
+# TransfusionConfig fields that define the weights; the others (lambda, masks, attention kernel) may change
+ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "patch_size", "patch_encoder",
+                "unet_channels", "num_timesteps")
+
+
+def check_options(hp) -> SamplingOptions:
+    """Raise a ValueError naming the first invalid optimisation or generation option; the sampling options."""
+    if hp.lr <= 0:
+        raise ValueError(f"model option lr must be > 0, got {hp.lr}")
+    if len(hp.betas) != 2 or not all(0.0 <= b < 1.0 for b in hp.betas):
+        raise ValueError(f"model option betas must be two numbers in [0, 1), got {list(hp.betas)}")
+    for name in ("eps", "weight_decay", "warmup_steps"):
+        if hp[name] < 0:
+            raise ValueError(f"model option {name} must be >= 0, got {hp[name]}")
+    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+        raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
+    if hp.diffusion_lambda < 0:  # also checked by TransfusionConfig, but only after the autoencoder is loaded
+        raise ValueError(f"model option diffusion_lambda must be >= 0, got {hp.diffusion_lambda}")
+    if hp.patch_size <= 0:
+        raise ValueError(f"model option patch_size must be positive, got {hp.patch_size}")
+    TransformerConfig.from_name(hp.preset, **(hp.transformer or {}))  # unknown preset, heads vs width, ...
+    try:
+        return SamplingOptions(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                               cfg_scale=hp.cfg_scale, num_steps=hp.num_inference_steps, sampler=hp.sampler,
+                               clip_x0=hp.clip_x0)
+    except ValueError as error:
+        raise ValueError(f"model option {str(error).replace('num_steps', 'num_inference_steps')}") from None
+
+
 class TransfusionModule(L.LightningModule):
-    def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", patch_size: int = 2,
+    def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
-                 generation_seed: int = 0):
+                 generation_seed: int = 0, seed: int = 0):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
-            autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen.
+            autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
+                ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
+                ``transfusion.export.load_exported``.)
             preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B).
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
@@ -42,14 +75,20 @@ class TransfusionModule(L.LightningModule):
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
             cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
                 for ``predict`` (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
+            seed: the training noise and timesteps of a step are drawn from a generator seeded by
+                (seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
         """
         super().__init__()
         self.save_hyperparameters()
+        self.sampling = check_options(self.hparams)  # before any file is read
         self.tokenizer = Tokenizer(tokenizer)
-        if not Path(autoencoder).is_file():
+        if isinstance(autoencoder, dict):
+            self.autoencoder = AutoencoderModule(**autoencoder)
+        elif not Path(autoencoder).is_file():
             raise FileNotFoundError(f"autoencoder checkpoint {autoencoder!r} does not exist; train one with "
                                     "`transfusion fit --config lightning_configs/autoencoder_embedded.yaml`")
-        self.autoencoder = AutoencoderModule.load_from_checkpoint(autoencoder, map_location="cpu")
+        else:
+            self.autoencoder = AutoencoderModule.load_from_checkpoint(autoencoder, map_location="cpu")
         self.autoencoder.requires_grad_(False).eval()
         ae_cfg = self.autoencoder.autoencoder.config
         self.config = TransfusionConfig(
@@ -60,9 +99,17 @@ class TransfusionModule(L.LightningModule):
             bidirectional_images=bidirectional_images, attention=attention,
         )
         self.model = Transfusion(self.config)
-        self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        cfg_scale=cfg_scale, num_steps=num_inference_steps, sampler=sampler,
-                                        clip_x0=clip_x0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["transfusion_config"] = flatten_config(self.config)
+        checkpoint["autoencoder_config"] = flatten_config(self.autoencoder.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
+        if "transfusion_config" in checkpoint:
+            check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
+        if "autoencoder_config" in checkpoint:
+            check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -99,7 +146,7 @@ class TransfusionModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.seed))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # same noise every validation

@@ -52,6 +52,9 @@ class TransformerConfig:
     def from_name(cls, name: str, **overrides) -> "TransformerConfig":
         if name not in TRANSFORMER_PRESETS:
             raise ValueError(f"unknown transformer preset {name!r}; choose one of {sorted(TRANSFORMER_PRESETS)}")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown transformer option(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
         if ("dim" in overrides or "ffn_multiple_of" in overrides) and "ffn_dim" not in overrides:
             overrides["ffn_dim"] = None  # re-derive from the new width
         return replace(TRANSFORMER_PRESETS[name], **overrides)
