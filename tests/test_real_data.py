@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from transfusion.data.image_text import ImageTextDataModule
+from transfusion.data.latent_cache import LatentPairs
 from transfusion.data.pairs import ImageCaptionPairs
 from transfusion.data.preprocess import preprocess_image
 from transfusion.data.sequences import SequenceLayout
@@ -254,3 +255,56 @@ def test_real_cpu_configs_train_on_prepared_output(tmp_path, tokenizer_path, aut
     assert cli.trainer.global_step == 2
     assert cli.datamodule.data_counts()["data/train_pairs"] == 18
     assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))
+
+
+def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, tokenizer_path, autoencoder_ckpt,
+                                                                    one_thread):
+    """`transfusion cache-latents` writes latents equal to on-the-fly encoding; training uses them; another
+    autoencoder is refused."""
+    from pathlib import Path
+
+    from transfusion.cli import main
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    coco = make_coco(tmp_path / "coco")
+    (tmp_path / "news.txt").write_text("".join(f"news story number {i} about the weather.\n" for i in range(40)))
+    configs = Path(__file__).resolve().parents[1] / "lightning_configs"
+    args = ["--config", str(configs / "transfusion_real_cpu.yaml"),
+            "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
+            "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
+            "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.25",
+            "--data.init_args.image_captions", "transfusion.data.sources.CocoSource",
+            "--data.init_args.image_captions.images", str(coco / "train2017"),
+            "--data.init_args.image_captions.annotations", str(coco / "annotations" / "captions_train2017.json"),
+            "--data.init_args.text.init_args.paths", str(tmp_path / "news.txt"),
+            "--data.init_args.text.init_args.val_paths", str(tmp_path / "news.txt"),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    main(["cache-latents", *args, "--output", str(tmp_path / "latents"), "--batch_size", "2"])
+    meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
+    assert meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [4, 4, 4]
+
+    module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
+    layout = module.sequence_layout()
+    source = CocoSource(images=str(coco / "train2017"), annotations=str(coco / "annotations" / "captions_train2017.json"))
+    kwargs = dict(text_ratio=0.0, seq_len=48, rows_per_epoch=8, val_fraction=0.25, layout=layout)
+    cached = ImageTextDataModule(source, None, latent_cache=str(tmp_path / "latents"), **kwargs)
+    fresh = ImageTextDataModule(source, None, **kwargs)
+    cached.setup("fit"), fresh.setup("fit")
+    for i in range(3):
+        a, b = cached.pairs["train"][i], fresh.pairs["train"][i]
+        assert a["captions"] == b["captions"]
+        torch.testing.assert_close(a["image"], module.encode_images(b["image"][None])[0], rtol=1e-5, atol=1e-5)
+    row_cached, row_fresh = cached.train_set[0], fresh.train_set[0]
+    assert torch.equal(row_cached["tokens"], row_fresh["tokens"])  # same rows, latents in place of pixels
+    torch.testing.assert_close(module.encode_images(row_cached["images"]), module.encode_images(row_fresh["images"]),
+                               rtol=1e-5, atol=1e-5)
+
+    layout.autoencoder_fingerprint = "0" * 64  # a different autoencoder
+    with pytest.raises(ValueError, match="made by another autoencoder"):
+        ImageTextDataModule(source, None, latent_cache=str(tmp_path / "latents"), **kwargs).setup("fit")
+
+    from transfusion.cli import cli_main
+    cli = cli_main(["fit", *args, "--data.init_args.latent_cache", str(tmp_path / "latents"), "--trainer.max_steps", "2",
+                    "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2 and isinstance(cli.datamodule.pairs["train"], LatentPairs)

@@ -1,11 +1,13 @@
 """The ``transfusion`` command.
 
 ``transfusion fit|validate|test|predict --config lightning_configs/X.yaml`` is a LightningCLI: the model
-and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
+and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 
 * ``transfusion tokenizer --output PATH [--text_files ... | --hub NAME] [--captions_from DIR ...]``: train the
   SentencePiece tokenizer on a text source (default: the embedded text);
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion cache-latents --config X.yaml --output DIR``: encode a config's images once with its autoencoder
+  (see ``transfusion.data.latent_cache``);
 * ``transfusion export --ckpt_path CKPT --output DIR``: weights as safetensors with the config beside them
   (see ``transfusion.export``).
 
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
+    elif argv and argv[0] == "cache-latents":
+        from transfusion.data.latent_cache import cache_main
+
+        cache_main(argv[1:])
     elif argv and argv[0] == "export":
         from transfusion.export import export_main
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from transfusion.data.latent_cache import LatentPairs
 from transfusion.data.pairs import BadDataWarning, ImageCaptionPairs
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
 from transfusion.data.resumable import ResumableDataModule
@@ -41,7 +42,7 @@ class ImageTextDataModule(ResumableDataModule):
                  text_ratio: float = 1.0, p_caption_first: float = 0.8, image_first_max_t: int | None = 500,
                  caption_dropout: float = 0.1, val_fraction: float = 0.05, scan: str = "header", strict: bool = False,
                  min_image_size: int = 8, max_image_pixels: int = 64_000_000, max_text_tokens: int | None = None,
-                 cache_dir: str | None = None, num_workers: int = 0, seed: int = 0, predict_examples: int = 8,
+                 cache_dir: str | None = None, latent_cache: str | None = None, num_workers: int = 0, seed: int = 0, predict_examples: int = 8,
                  prompts: str | None = None, layout: SequenceLayout | None = None):
         """
         Args:
@@ -55,6 +56,8 @@ class ImageTextDataModule(ResumableDataModule):
             min_image_size, max_image_pixels: images smaller on a side / larger in area are skipped.
             max_text_tokens: cap on the training text stream (a streamed corpus is read only this far).
             cache_dir: where tokenized text streams are kept (memory-mapped) between runs.
+            latent_cache: a ``transfusion cache-latents`` folder: train on its latents (checked against the model's
+                autoencoder) instead of encoding images every step; when it does not exist, images are encoded on the fly.
             predict_examples: held-out pairs as ``predict`` prompts (caption -> image, image -> caption with all
                 its captions as references), unless ``prompts`` names a prompt file.
         """
@@ -101,11 +104,24 @@ class ImageTextDataModule(ResumableDataModule):
         return tokenize_documents(self.text.documents(split), self._layout().tokenizer, path=self._text_path(split),
                                   max_tokens=cap, desc=f"tokenizing {split} text")
 
-    def _pairs(self, split: str) -> ImageCaptionPairs | None:
+    def _pairs(self, split: str) -> ImageCaptionPairs | LatentPairs | None:
+        """The split's pairs: from the latent cache when there is one, else decoded on the fly."""
         if self.image_captions is None:
             return None
-        if split in self.pairs:
-            return self.pairs[split]
+        if split not in self.pairs:
+            cache, layout = self.hparams.latent_cache, self._layout()
+            if cache is not None and (Path(cache) / "meta.json").is_file():
+                self.pairs[split] = LatentPairs(cache, split, layout.autoencoder_fingerprint, layout.image_size)
+            else:
+                if cache is not None:
+                    warnings.warn(f"latent cache {cache!r} not found: encoding images on the fly (make it with "
+                                  "`transfusion cache-latents`)", BadDataWarning)
+                self.pairs[split] = self.uncached_pairs(split)
+            log.info("%s: %d usable pairs; %s", self.pairs[split].name, len(self.pairs[split]), self.pairs[split].summary())
+        return self.pairs[split]
+
+    def uncached_pairs(self, split: str) -> ImageCaptionPairs:
+        """The split's usable pairs, checked and decoded from the source."""
         hp, layout = self.hparams, self._layout()
         rows = self.image_captions.load("validation")
         if rows is not None:
@@ -117,12 +133,10 @@ class ImageTextDataModule(ResumableDataModule):
             n_train = len(train) - max(1, round(len(train) * hp.val_fraction))
             rows = train.select(range(n_train) if split == "train" else range(n_train, len(train)))
         max_caption = hp.seq_len - layout.patches_per_image - 4  # a document must fit in one row
-        self.pairs[split] = ImageCaptionPairs(
+        return ImageCaptionPairs(
             rows, layout.image_size, name=f"{type(self.image_captions).__name__} {split}", scan=hp.scan,
             strict=hp.strict, min_size=hp.min_image_size, max_pixels=hp.max_image_pixels,
             tokenizer=layout.tokenizer, max_caption_tokens=max_caption)
-        log.info("%s: %d usable pairs; %s", self.pairs[split].name, len(self.pairs[split]), self.pairs[split].summary())
-        return self.pairs[split]
 
     def prepare_data(self) -> None:
         """Tokenize text into ``cache_dir`` once (local rank 0), so ranks and later runs memory-map it."""
@@ -183,9 +197,10 @@ class ImageTextDataModule(ResumableDataModule):
 
     def heldout_prompts(self, count: int) -> list[dict]:
         """The first ``count`` held-out pairs: caption -> image, and image -> caption (references: all its captions)."""
-        pairs = self._pairs("validation")
-        if pairs is None:
+        if self.image_captions is None:
             raise ValueError("predict without an image-caption source needs a prompt file (`prompts`)")
+        pairs = self.pairs.get("validation")
+        pairs = pairs if isinstance(pairs, ImageCaptionPairs) else self.uncached_pairs("validation")  # pixels
         records = []
         for i in range(min(count, len(pairs))):
             example = pairs[i]
