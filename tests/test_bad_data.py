@@ -190,3 +190,23 @@ def test_jsonl_text_with_bad_utf8_is_repaired(tmp_path):
         docs = list(TextFilesSource(str(tmp_path / "a.jsonl"), val_fraction=0.34).documents("train"))
     assert docs == ["ok one", "bad \ufffd two"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_exif_rotation_32_bit_and_float_modes_and_long_captions():
+    wide = Image.new("RGB", (32, 16), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 32, 8))  # top half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    rotated = Image.open(io.BytesIO(_jpeg_with_exif(wide, exif)))
+    out = preprocess_image(rotated, 8)  # displayed upright: the blue half is on the right
+    assert out[2, :, 6:].mean() > out[2, :, :2].mean() + 0.5
+    assert preprocess_image(Image.fromarray(np.full((16, 16), 65535, dtype=np.int32), "I"), 8).min() == 1.0
+    assert abs(preprocess_image(Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), "F"), 8).mean()) < 0.01
+    pairs = ImageCaptionPairs(rows((GOOD, ["word " * 100])), 8, max_caption_chars=32)
+    assert pairs.captions[0] == ["word word word word word word"] and pairs.converted == {"caption cut or re-encoded": 1}
+
+
+def _jpeg_with_exif(image, exif) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
