@@ -308,3 +308,22 @@ def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, to
                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                     "--trainer.enable_progress_bar", "false"])
     assert cli.trainer.global_step == 2 and isinstance(cli.datamodule.pairs["train"], LatentPairs)
+
+
+def test_webdataset_tar_shards(tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i, colour in enumerate(("green", "red")):
+            for ext, data in (("jpg", None), ("txt", f"a {colour} photo".encode())):
+                if data is None:
+                    buffer = io.BytesIO()
+                    Image.new("RGB", (12, 12), COLOURS[colour]).save(buffer, format="JPEG")
+                    data = buffer.getvalue()
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ds = FilesSource(str(tmp_path / "*.tar"), format="webdataset", image_column="jpg", caption_column="txt").load("train")
+    pairs = ImageCaptionPairs(ds, 8, scan="full")
+    assert [(colour_of(pairs[i]["image"]), pairs[i]["captions"]) for i in range(2)] == \
+        [("green", ["a green photo"]), ("red", ["a red photo"])]
