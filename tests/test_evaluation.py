@@ -184,13 +184,35 @@ def test_perplexity_is_token_weighted_over_the_split(one_thread):
 
 # ---------------------------------------------------------------- the evaluation command
 @pytest.fixture(scope="module")
-def transfusion_ckpt(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
-    """A debug Transfusion trained a few steps, as the quickstart's pipeline does at full size."""
+def trained_with_evaluation(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
+    """A debug Transfusion trained a few steps, as the quickstart's pipeline does at full size, evaluated
+    (CIDEr-D, perplexity) every 3 steps."""
     from test_cli import _fit_args
 
     root = tmp_path_factory.mktemp("transfusion")
-    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6)])
-    return cli.trainer.checkpoint_callback.last_model_path
+    cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6),
+                    "--trainer.callbacks+=transfusion.lightning.evaluation.Evaluation",
+                    "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.on_test=false",
+                    "--trainer.callbacks.metrics=[cider,ppl]", "--trainer.callbacks.num_samples=2",
+                    "--trainer.callbacks.max_text_windows=2", "--trainer.callbacks.max_caption_tokens=4",
+                    "--trainer.callbacks.output_dir", str(root / "evaluation")])
+    return cli.trainer
+
+
+@pytest.fixture(scope="module")
+def transfusion_ckpt(trained_with_evaluation):
+    return trained_with_evaluation.checkpoint_callback.last_model_path
+
+
+def test_evaluation_every_n_training_steps(trained_with_evaluation):
+    import csv
+
+    with open(Path(trained_with_evaluation.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/cider_d")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert all(float(r["eval/ppl"]) > 1 for r in rows)
+    report = json.loads((Path(trained_with_evaluation.default_root_dir) / "evaluation" / "evaluation.json").read_text())
+    assert report["training_steps"] == 6 and set(report["metrics"]) == {"cider_d", "ppl"}
 
 
 def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: str, clip: str) -> list[str]:
@@ -233,3 +255,25 @@ def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt
     # the same samples (seeded per index), states added across ranks: equal up to float summation order
     for key, value in report["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_samples_go_to_tensorboard_when_it_is_the_logger(tmp_path):
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = SimpleNamespace(is_global_zero=True, logger=logger, global_step=7, default_root_dir=str(tmp_path))
+    data = ShapesDataset(3, 16, seed=0)
+    samples = [{"index": i, "caption": data[i]["captions"][0], "references": data[i]["captions"],
+                "real": data[i]["image"], "generated": -data[i]["image"], "generated_caption": "a shape"}
+               for i in range(3)]
+    Evaluation(metrics=["ppl"], log_samples=2)._log_samples(trainer, samples, "val")
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert {"val/caption_to_image", "val/image_to_caption"} <= set(events.Tags()["images"])
+    assert events.Images("val/caption_to_image")[0].step == 7
+    assert any(tag.startswith("val/captions") for tag in events.Tags()["tensors"])

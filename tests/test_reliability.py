@@ -241,6 +241,17 @@ def test_safetensors_export_and_import(trained, tmp_path, capsys):
     assert "missing.ckpt" in capsys.readouterr().err
 
 
+def test_autoencoder_export_and_import(autoencoder_ckpt, tmp_path):
+    from transfusion.export import export, load_exported
+    from transfusion.lightning.autoencoder import AutoencoderModule
+
+    original = AutoencoderModule.load_from_checkpoint(autoencoder_ckpt, map_location="cpu").eval()
+    imported = load_exported(export(autoencoder_ckpt, tmp_path / "ae"))
+    assert isinstance(imported, AutoencoderModule) and imported.config == original.config
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(imported.encode_latents(images), original.encode_latents(images))  # latent_std included
+
+
 # ----------------------------------------------------------------------------------------------------------
 # numerical faults
 
@@ -331,3 +342,8 @@ def test_autoencoder_image_size_it_cannot_handle(tmp_path, capsys):
         cli_main(["fit", "--config", str(CONFIGS / "autoencoder_embedded.yaml"), "--model.init_args.image_size", "30",
                   "--trainer.default_root_dir", str(tmp_path)])
     assert "image_size (30) must be divisible by the downsample factor 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(CONFIGS / "autoencoder_embedded.yaml"), "--data.init_args.image_size", "24",
+                  "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "model.init_args.image_size=32 but data.init_args.image_size=24" in err, err

@@ -14,8 +14,10 @@ and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 
 Checkpoints are written atomically (``AtomicCheckpointIO``) unless the trainer is given another
 CheckpointIO; ``fit --ckpt_path last`` finds the newest ``last*.ckpt`` of earlier runs (other logger
-versions) in the checkpoint folders; an invalid option stops the command before any data is read, with
-a one-line message naming it.
+versions) in the checkpoint folders; ``fit --ckpt_path`` builds the model from the config given and
+names every architecture field that differs from the checkpoint's (``validate|test|predict`` take the
+model's arguments from the checkpoint); an invalid option stops the command before any data is read,
+with a one-line message naming it.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ class ConfigError(SystemExit):
     """An invalid option: reported in one line, exit status 2 (as for a parse error)."""
 
 
-# settings that change how a trained model samples, not what it is: with --ckpt_path, Lightning replaces the
-# model's arguments by the checkpoint's hyper-parameters; these keep the values of the config / command line
+# settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
+# Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
+# config / command line
 GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
                        "clip_x0", "generation_seed")
 
@@ -59,6 +62,13 @@ class TransfusionCLI(LightningCLI):
                 cause = inner
             print(f"transfusion {self.subcommand}: error: {cause}", file=sys.stderr)
             raise ConfigError(2) from error
+        # Lightning requires options that model and data share to agree, but finds out only after setup
+        model_hp, data_hp = getattr(self.model, "hparams", {}), getattr(self.datamodule, "hparams", {})
+        clash = [f"model.init_args.{k}={model_hp[k]!r} but data.init_args.{k}={data_hp[k]!r}"
+                 for k in sorted(set(model_hp) & set(data_hp)) if not k.startswith("_") and model_hp[k] != data_hp[k]]
+        if clash:
+            print(f"transfusion {self.subcommand}: error: model and data disagree: {'; '.join(clash)}", file=sys.stderr)
+            raise ConfigError(2)
 
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
@@ -74,6 +84,8 @@ class TransfusionCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit":  # resuming: the config given builds the model; on_load_checkpoint names mismatches
+            return
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
         super()._parse_ckpt_path()

@@ -26,7 +26,7 @@ def collate_captioned_images(items: list[dict]) -> dict:
 
 class ImageDataModule(ResumableDataModule):
     """Train/validation images in [-1, 1]: :class:`ShapesDataset`, or ``source`` (then ``num_*`` are ignored and
-    the source's validation split, or its last ``val_fraction``, is held out). Training resumes exactly mid-epoch."""
+    the source's validation split, or its last ``val_fraction``, is held out). The image order resumes exactly mid-epoch."""
 
     def __init__(
         self,

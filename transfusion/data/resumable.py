@@ -34,6 +34,8 @@ class ResumableSampler(DistributedSampler):
         self.num_rows, self.shuffle, self.seed = num_rows, shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.start_row = 0, 0
+        self.drop_last = True  # DistributedSampler's attributes, for code that reads them
+        self.num_samples, self.total_size = len(self), len(self) * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

@@ -24,10 +24,10 @@ class AutoencoderModule(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        seed: int = 0,
+        noise_seed: int = 0,
     ):
-        """``seed``: posterior samples of a training step are drawn from a generator seeded by (seed, step,
-        batch, rank), so a resumed run draws what an uninterrupted one would."""
+        """``noise_seed``: posterior samples of a training step are drawn from a generator seeded by
+        (noise_seed, step, batch, rank), so a resumed run draws what an uninterrupted one would."""
         super().__init__()
         for name, value in (("lr", lr), ("kl_weight", kl_weight), ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
             if value < 0 or (name == "lr" and value == 0):
@@ -83,7 +83,7 @@ class AutoencoderModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.seed))
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.noise_seed))
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val")

@@ -134,8 +134,12 @@ class Evaluation(Callback):
             results["cider_d"] = float(cider.compute())
         if "ppl" in self.metrics:
             results["ppl"] = self._perplexity(pl_module, datamodule, rank, world, device)
-        for key, value in results.items():  # already global: no sync
-            pl_module.log(f"{prefix}/{key}", value)
+        if prefix == "eval":  # during fit: straight to the logger, at this step only
+            if trainer.logger is not None and trainer.is_global_zero:
+                trainer.logger.log_metrics({f"eval/{k}": v for k, v in results.items()}, step=trainer.global_step)
+        else:
+            for key, value in results.items():  # already global: no sync
+                pl_module.log(f"{prefix}/{key}", value)
         self._log_samples(trainer, samples, prefix)
         self.results = self._report(trainer, pl_module, results)
         pl_module.train(was_training)

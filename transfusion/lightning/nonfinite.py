@@ -8,6 +8,9 @@ so every rank decides alike) and before the optimizer step. On a NaN or Inf it e
   batch and parameters, counts the skip (logged as ``train/skipped_steps``, kept in checkpoints) and
   stops after ``max_consecutive_skips`` skips in a row, which means training has diverged; or
 * ``action="stop"``: raises at once, naming the step, batch and parameters.
+
+With fp16 mixed precision the gradients are checked after unscaling, so GradScaler's overflow steps
+are counted as skips too (bf16 and fp32 have no overflow steps).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class TransfusionModule(L.LightningModule):
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
-                 generation_seed: int = 0, seed: int = 0):
+                 generation_seed: int = 0, noise_seed: int = 0):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
@@ -76,8 +76,8 @@ class TransfusionModule(L.LightningModule):
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
             cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
                 for ``predict`` (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
-            seed: the training noise and timesteps of a step are drawn from a generator seeded by
-                (seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
+            noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
+                (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -153,7 +153,7 @@ class TransfusionModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.seed))
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.noise_seed))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # same noise every validation
