@@ -195,6 +195,25 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch\n"
+        "from transfusion.lightning.checkpoint import AtomicCheckpointIO\n"
+        "io, weights, i = AtomicCheckpointIO(), torch.zeros(8_000_000), 0\n"  # 32 MB: writes take a while
+        "while True:\n"
+        "    io.save_checkpoint({'i': i, 'w': weights}, sys.argv[1]); i += 1\n"), str(path)], env=_env())
+    deadline = time.monotonic() + 60
+    while not (path.exists() and list(tmp_path.glob(".last.ckpt.*.tmp"))) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    writer.send_signal(signal.SIGKILL)  # in the middle of writing the next one
+    writer.wait()
+    assert time.monotonic() < deadline, "the writer never got going"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["w"].shape == (8_000_000,) and checkpoint["i"] >= 0
+    assert [p.name for p in tmp_path.glob("last*.ckpt")] == ["last.ckpt"]  # the torn file is not a candidate
+
+
 def test_fit_checkpoint_is_plain_and_records_config_and_data_position(trained):
     checkpoint = torch.load(trained, weights_only=True)  # executes no pickled code
     json_types = (str, int, float, bool, type(None), list, dict)
@@ -214,6 +233,12 @@ def test_checkpoint_from_another_config_names_the_fields(trained):
     with pytest.raises(ValueError, match=r"patch_size: checkpoint 2 != config 4"):
         TransfusionModule.load_from_checkpoint(trained, patch_size=4)
     TransfusionModule.load_from_checkpoint(trained, diffusion_lambda=1.0)  # not part of the weights: allowed
+
+
+def test_resuming_fit_with_another_config_names_the_fields(trained, tmp_path, tokenizer_path, autoencoder_ckpt):
+    with pytest.raises(ValueError, match=r"mismatched fields:\n  transformer\.n_layers: checkpoint 2 != config 1"):
+        _quick_fit(tmp_path, tokenizer_path, autoencoder_ckpt, 4, "--model.init_args.transformer", "{n_layers: 1}",
+                   "--ckpt_path", trained)
 
 
 def test_safetensors_export_and_import(trained, tmp_path, capsys):

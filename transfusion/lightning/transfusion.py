@@ -107,6 +107,7 @@ class TransfusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
         if "transfusion_config" in checkpoint:
             check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
         if "autoencoder_config" in checkpoint:
@@ -116,9 +117,6 @@ class TransfusionModule(L.LightningModule):
         super().train(mode)
         self.autoencoder.eval()  # frozen: never in training mode
         return self
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
     def sequence_layout(self) -> SequenceLayout:
         return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
