@@ -42,3 +42,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def vq_ckpt(tmp_path_factory):
+    """A 16px debug VQ-VAE (64-entry codebook, 4x4 = 16 codes an image) trained a few steps through `transfusion fit`."""
+    from transfusion.cli import cli_main
+
+    root = tmp_path_factory.mktemp("vqvae")
+    cli = cli_main(["fit", "--config", "lightning_configs/vqvae_embedded.yaml",
+                    "--model.init_args.preset", "debug", "--model.init_args.image_size", "16", "--data.init_args.image_size", "16",
+                    "--model.init_args.codebook_size", "64", "--data.init_args.batch_size", "16", "--trainer.max_steps", "5",
+                    "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "5",
+                    "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
+    return cli.trainer.checkpoint_callback.last_model_path

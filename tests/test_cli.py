@@ -14,7 +14,9 @@ from transfusion.models.transformer import TransformerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedded.yaml"),
-            "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml")}
+            "chameleon_embedded_predict.yaml": ("predict", "chameleon_embedded.yaml"),
+            "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml"),
+            "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml")}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -28,7 +30,7 @@ def test_shipped_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
     assert model["class_path"].startswith("transfusion.")
-    if "preset" in model["init_args"] and model["class_path"].endswith("TransfusionModule"):
+    if "preset" in model["init_args"] and model["class_path"].endswith(("TransfusionModule", "ChameleonModule")):
         TransformerConfig.from_name(model["init_args"]["preset"])  # a real preset
 
 

@@ -175,6 +175,8 @@ def test_datamodule_rows_pair_captions_with_their_images(tmp_path, layout):
     assert "yellow" not in " ".join(seen)  # the held-out (last) image never trains
     batch = next(iter(dm.train_dataloader()))
     assert batch["tokens"].shape == (4, 48)
+    assert layout.tokenizer.decode(dm.heldout_text.tolist()).startswith("news story number 36")  # the last 10%
+    assert [e["references"] for e in dm.evaluation_examples(2)] == [["one yellow thing", "a yellow thing", "some yellow thing"]]
     prompts = dm.heldout_prompts(4)
     assert prompts[1]["kind"] == "image-to-text" and len(prompts[1]["reference"]) == 3  # all captions as references
 

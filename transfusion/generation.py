@@ -68,6 +68,18 @@ class SamplingOptions:
             raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0}")
 
 
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators) -> torch.Tensor:
+    """Token ids (R,) from logits (R, V): greedy at temperature 0, else nucleus sampling with row r's generator."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).squeeze(-1)
+
+
 class _Stream:
     """Committed positions of all rows: ids, documents, images and RoPE positions, each (R, S)."""
 
@@ -88,14 +100,15 @@ class Generator:
     and optionally ``IMAGE`` last (generate an image right away).
     """
 
+    options_class = SamplingOptions
+
     def __init__(self, module, options: SamplingOptions | None = None, seed: int = 0):
         self.module, self.model, self.tok = module, module.model, module.tokenizer
         self.options = options or SamplingOptions()
         self.seed = seed
-        cfg = module.config
-        self.n, self.C, self.s = cfg.patches_per_image, cfg.latent_channels, cfg.latent_size
-        self.image_size = module.sequence_layout().image_size
-        self.max_len = cfg.transformer.max_seq_len
+        layout = module.sequence_layout()
+        self.n, self.image_size = layout.patches_per_image, layout.image_size  # n: positions per image
+        self.max_len = module.config.transformer.max_seq_len
         self.device = module.device
         banned = [self.tok.pad_id, self.tok.eoi_id, self.tok.bos_id]  # never sampled as text
         self.banned = torch.tensor(banned, device=self.device)
@@ -183,15 +196,7 @@ class Generator:
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token ids (R,) from logits (R, V)."""
         logits = logits.float().index_fill(-1, self.banned, float("-inf"))
-        o = self.options
-        if o.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / o.temperature, dim=-1)
-        if o.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < o.top_p
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-        return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)]).squeeze(-1)
+        return sample_tokens(logits, self.options.temperature, self.options.top_p, self.generators)
 
     def _denoise(self, image_rows: list[int]) -> dict[int, torch.Tensor]:
         """Generate one image for each prompt row in ``image_rows`` (BOI already committed); commit it + EOI."""
@@ -216,8 +221,9 @@ class Generator:
             eps_u = torch.stack([eps[ids[r + self.B]] for r in image_rows])
             return eps_u + self.options.cfg_scale * (eps_c - eps_u)
 
-        o = self.options
-        x0 = self.model.diffusion.sample(eps_fn, (len(image_rows), self.C, self.s, self.s), num_steps=o.num_steps,
+        o, cfg = self.options, self.module.config
+        shape = (len(image_rows), cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        x0 = self.model.diffusion.sample(eps_fn, shape, num_steps=o.num_steps,
                                          sampler=o.sampler, clip_x0=o.clip_x0,
                                          generator=[self.generators[r] for r in image_rows],
                                          device=self.device, dtype=self.model.embedding.weight.dtype)
@@ -226,12 +232,16 @@ class Generator:
         hidden, _ = self._run(block, {ids[r]: (x0[k % len(image_rows)], 0) for k, r in enumerate(rows)}, commit=True)
         for r in image_rows:
             self.logits[r] = self.model.lm_head(hidden[r, -1])
-        if guided:  # the unconditional rows see BOS alone again: retire their BOI and image
-            for r in rows[len(image_rows):]:
-                st = self.stream
-                st.doc[r] = torch.where(st.pos[r] >= 1, PAD_DOC, st.doc[r])
-                self.next_pos[r] = 1
+        if guided:
+            self._retire_unconditional(rows[len(image_rows):])
         return {r: x0[k] for k, r in enumerate(image_rows)}
+
+    def _retire_unconditional(self, rows: list[int]) -> None:
+        """The unconditional rows see BOS alone again: retire their BOI and image."""
+        st = self.stream
+        for r in rows:
+            st.doc[r] = torch.where(st.pos[r] >= 1, PAD_DOC, st.doc[r])
+            self.next_pos[r] = 1
 
     @torch.no_grad()
     def generate(self, prompts: list, seeds: list[int] | None = None, decode: bool = True,
@@ -331,27 +341,36 @@ class Generator:
                 outputs[r].append(tok.decode(text[r]))
         return self._decode_images(outputs) if decode else outputs
 
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) in [-1, 1] for generated images (N, ...)."""
+        return self.module.decode_latents(latents)
+
     def _decode_images(self, outputs: list[list]) -> list[list]:
         latents = [seg for out in outputs for seg in out if isinstance(seg, torch.Tensor)]
         if not latents:
             return outputs
-        pixels = iter(self.module.decode_latents(torch.stack(latents)))
+        pixels = iter(self.decode(torch.stack(latents)))
         return [[next(pixels) if isinstance(seg, torch.Tensor) else seg for seg in out] for out in outputs]
+
+
+def _generator(module, seed: int, **options) -> Generator:
+    """The generator class the module names (``generator_class``; Transfusion's by default) with ``options``."""
+    cls = getattr(module, "generator_class", Generator)
+    return cls(module, cls.options_class(**options), seed)
 
 
 def generate_images(module, captions: list[str], cfg_scale: float = 5.0, num_steps: int = 250, sampler: str = "ddpm",
                     seed: int = 0, use_cache: bool = True) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for N captions, each prompt ``caption`` + ``IMAGE``."""
-    options = SamplingOptions(max_new_tokens=0, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
-                              use_cache=use_cache)
-    outputs = Generator(module, options, seed).generate([[c, IMAGE] for c in captions])
+    outputs = _generator(module, seed, max_new_tokens=0, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
+                         use_cache=use_cache).generate([[c, IMAGE] for c in captions])
     return torch.stack([next(s for s in out if isinstance(s, torch.Tensor)) for out in outputs])
 
 
 def generate_captions(module, images, max_new_tokens: int = 32, use_cache: bool = True) -> list[str]:
     """Greedy captions for images ((N, 3, H, W) tensor in [-1, 1] or a list of PIL RGB images)."""
-    options = SamplingOptions(max_new_tokens=max_new_tokens, cfg_scale=1.0, use_cache=use_cache)
-    outputs = Generator(module, options).generate([[image] for image in images])
+    outputs = _generator(module, 0, max_new_tokens=max_new_tokens, cfg_scale=1.0,
+                         use_cache=use_cache).generate([[image] for image in images])
     return ["".join(s for s in out if isinstance(s, str)) for out in outputs]
 
 

@@ -68,7 +68,7 @@ class ImageTextDataModule(ResumableDataModule):
             if strict and hasattr(source, "strict"):
                 source.strict = True  # one switch for the whole module
         self.layout = layout
-        self.train_set = self.val_set = None
+        self.train_set = self.val_set = self.heldout_text = None
         self.pairs: dict[str, ImageCaptionPairs] = {}
         for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows", "min_image_size", "max_image_pixels"):
             if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
@@ -157,6 +157,7 @@ class ImageTextDataModule(ResumableDataModule):
         if rows % world:  # a distributed sampler would pad with repeated rows
             rows -= rows % world
             warnings.warn(f"rows_per_epoch rounded down to {rows}, a multiple of the {world} processes", BadDataWarning)
+        self.heldout_text = text["validation"][:] if text["validation"] is not None else None  # for perplexity
         self.train_set = TransfusionRows(self._pairs("train") or [], text["train"], num_rows=rows,
                                          caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
         self.val_set = TransfusionRows(self._pairs("validation") or [], text["validation"], num_rows=hp.val_rows,
@@ -195,12 +196,25 @@ class ImageTextDataModule(ResumableDataModule):
         records = read_prompts(hp.prompts) if hp.prompts else self.heldout_prompts(hp.predict_examples)
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
 
+    def evaluation_examples(self, num: int) -> list[dict]:
+        """The first ``num`` held-out pairs for metrics (``transfusion.lightning.evaluation``): ``{"image": (3, H, W)
+        in [-1, 1], "caption": the prompt, "references": every caption of the image}``."""
+        pairs = self._pixel_pairs("validation")
+        examples = []
+        for i in range(min(num, len(pairs))):
+            item = pairs[i]
+            examples.append({"image": item["image"], "caption": item["captions"][0], "references": item["captions"]})
+        return examples
+
+    def _pixel_pairs(self, split: str) -> ImageCaptionPairs:
+        if self.image_captions is None:
+            raise ValueError("image metrics and predict prompts need an image-caption source (or a prompt file)")
+        pairs = self.pairs.get(split)
+        return pairs if isinstance(pairs, ImageCaptionPairs) else self.uncached_pairs(split)  # pixels, not latents
+
     def heldout_prompts(self, count: int) -> list[dict]:
         """The first ``count`` held-out pairs: caption -> image, and image -> caption (references: all its captions)."""
-        if self.image_captions is None:
-            raise ValueError("predict without an image-caption source needs a prompt file (`prompts`)")
-        pairs = self.pairs.get("validation")
-        pairs = pairs if isinstance(pairs, ImageCaptionPairs) else self.uncached_pairs("validation")  # pixels
+        pairs = self._pixel_pairs("validation")
         records = []
         for i in range(min(count, len(pairs))):
             example = pairs[i]

@@ -26,7 +26,11 @@ from transfusion.data.tokenizer import Tokenizer
 
 @dataclass
 class SequenceLayout:
-    """What the data must know of the model: its tokenizer and the image/patch geometry."""
+    """What the data must know of the model: its tokenizer and the image geometry.
+
+    ``patches_per_image`` is the number of sequence positions an image takes: latent patches for
+    Transfusion, VQ codes for the Chameleon baseline (which writes the codes into those positions).
+    """
 
     tokenizer: Tokenizer
     patches_per_image: int

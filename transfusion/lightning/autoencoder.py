@@ -1,6 +1,8 @@
-"""LightningModule training a :class:`KLAutoencoder` with an L1 reconstruction loss plus a small KL penalty."""
+"""LightningModules for the autoencoders: the KL-VAE (L1 + small KL penalty) and the VQ-VAE (L1 + codebook loss)."""
 
 from __future__ import annotations
+
+import contextvars
 
 import lightning as L
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
+from transfusion.models.vq import VQAutoencoder
 
 
 class AutoencoderModule(L.LightningModule):
@@ -36,10 +39,13 @@ class AutoencoderModule(L.LightningModule):
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
         self.save_hyperparameters()
-        self.autoencoder = KLAutoencoder(self.config)
+        self.autoencoder = self.build_autoencoder()
         # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
         self.register_buffer("latent_std", torch.ones(()))
         self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    def build_autoencoder(self):
+        return KLAutoencoder(self.config)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["autoencoder_config"] = flatten_config(self.config)
@@ -102,3 +108,117 @@ class AutoencoderModule(L.LightningModule):
         x = (batch["image"] if isinstance(batch, dict) else batch).to(self.device)
         recon, _ = self.autoencoder(x, sample_posterior=False)
         return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
+
+
+class VQAutoencoderModule(AutoencoderModule):
+    """Trains the VQ-VAE of the Chameleon baseline: L1 reconstruction + codebook and commitment loss.
+
+    Logs codebook usage (share of entries chosen in the batch), perplexity (effective number of entries)
+    and dead entries re-initialised (per step and in total); see ``transfusion.models.vq``.
+    """
+
+    def __init__(
+        self,
+        preset: str = "embedded",
+        image_size: int | None = None,
+        latent_channels: int | None = None,
+        codebook_size: int = 16_384,
+        beta: float = 0.25,
+        vq_weight: float = 1.0,
+        usage_decay: float = 0.99,
+        dead_code_threshold: float = 0.01,
+        lr: float = 2e-3,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ):
+        """
+        Args:
+            codebook_size: K entries (paper: 16,384).
+            beta: commitment weight (paper: 0.25); vq_weight: weight of the whole codebook loss (paper: 1).
+            usage_decay, dead_code_threshold: an entry whose EMA (decay ``usage_decay``) of assignments per
+                batch falls below ``dead_code_threshold`` is re-initialised to an encoder output after the step.
+        """
+        if image_size is None:  # recorded resolved, as in AutoencoderModule
+            image_size = AutoencoderConfig.from_name(preset).image_size
+        super().__init__(preset=preset, image_size=image_size, latent_channels=latent_channels, kl_weight=0.0,
+                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps)
+        self._last_z: torch.Tensor | None = None
+
+    def build_autoencoder(self) -> VQAutoencoder:
+        hp = self.hparams
+        return VQAutoencoder(self.config, hp.codebook_size, hp.beta, hp.usage_decay, hp.dead_code_threshold)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.autoencoder.codebook_size
+
+    @property
+    def latent_positions(self) -> int:
+        """Codes per image (h * w): the image tokens of a Chameleon sequence."""
+        return self.config.latent_size ** 2
+
+    @torch.no_grad()
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] -> codes (N, h * w) in raster order."""
+        return self.autoencoder.encode_codes(images).flatten(1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (N, h * w) -> images (N, 3, H, W) clamped to [-1, 1]."""
+        s = self.config.latent_size
+        return self.autoencoder.decode_codes(codes.view(-1, s, s)).clamp(-1, 1)
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a VQ-VAE gives discrete codes: use encode_codes / decode_codes")
+
+    decode_latents = encode_latents
+
+    def _common_step(self, batch, stage: str) -> torch.Tensor:
+        x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
+        recon, z_e, _, stats = self.autoencoder(x)
+        rec_loss = F.l1_loss(recon, x)
+        loss = rec_loss + self.hparams.vq_weight * stats["vq_loss"]
+        if stage == "train":
+            self._last_z = z_e.detach()
+            alive = (self.autoencoder.quantizer.usage >= self.hparams.dead_code_threshold).float().mean()
+            self.log("train/codebook_alive", alive)
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/rec_loss", rec_loss)
+        self.log(f"{stage}/vq_loss", stats["vq_loss"])
+        self.log(f"{stage}/commitment_loss", stats["commitment_loss"])
+        self.log(f"{stage}/codebook_usage", stats["usage"], prog_bar=True)
+        self.log(f"{stage}/codebook_perplexity", stats["perplexity"])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the optimizer step: re-initialise dead entries from this batch's encoder outputs."""
+        if self._last_z is None:
+            return
+        reset = self.autoencoder.quantizer.reset_dead_codes(self._last_z)
+        self._last_z = None
+        self.log("train/dead_codes_reset", float(reset))
+        self.log("train/dead_codes_reset_total", self.autoencoder.quantizer.codes_reset.float())
+
+    @torch.no_grad()
+    def log_images(self, batch) -> dict[str, torch.Tensor]:
+        x = (batch["image"] if isinstance(batch, dict) else batch).to(self.device)
+        recon, _, _, _ = self.autoencoder(x)
+        return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
+
+
+def load_frozen(cls: type[AutoencoderModule], path: str) -> AutoencoderModule:
+    """A trained autoencoder from checkpoint ``path``, on the CPU, frozen and in eval mode.
+
+    Loaded in an empty context: while LightningCLI builds a module it hands that module's hyperparameters
+    to every LightningModule constructed meanwhile (a context variable), which would replace the
+    checkpoint's own.
+    """
+    try:
+        module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
+    except (TypeError, ValueError, KeyError, RuntimeError) as error:  # the weights or hyperparameters of another class
+        raise ValueError(f"{path} is not a checkpoint of {cls.__name__}: {error}") from error
+    if type(module) is not cls:
+        raise ValueError(f"{path} holds {type(module).__name__}, expected {cls.__name__} "
+                         f"({'VQ-VAE for Chameleon' if cls is VQAutoencoderModule else 'KL-VAE for Transfusion'})")
+    return module.requires_grad_(False).eval()

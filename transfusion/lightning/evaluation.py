@@ -148,16 +148,17 @@ class Evaluation(Callback):
     def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int) -> list[dict]:
         sampling = pl_module.sampling
         seed = pl_module.hparams.get("generation_seed", 0)
-        image_options = SamplingOptions(**{**sampling.__dict__, "max_new_tokens": 0})
-        caption_options = SamplingOptions(**{**sampling.__dict__, "cfg_scale": 1.0,
-                                             "max_new_tokens": self.max_caption_tokens})
+        generator = getattr(pl_module, "generator_class", Generator)  # Transfusion's, or Chameleon's
+        image_options = generator.options_class(**{**sampling.__dict__, "max_new_tokens": 0})
+        caption_options = generator.options_class(**{**sampling.__dict__, "cfg_scale": 1.0,
+                                                     "max_new_tokens": self.max_caption_tokens})
         samples = []
         chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
             seeds = [seed + i for i in chunk]
-            images = Generator(pl_module, image_options).generate(
+            images = generator(pl_module, image_options).generate(
                 [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
-            captions = Generator(pl_module, caption_options).generate([[examples[i]["image"]] for i in chunk],
+            captions = generator(pl_module, caption_options).generate([[examples[i]["image"]] for i in chunk],
                                                                       seeds=seeds)
             for i, image_out, caption_out in zip(chunk, images, captions):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],

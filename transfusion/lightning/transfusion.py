@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -12,9 +11,11 @@ import torch
 from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
+from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
 from transfusion.generation import Generator, SamplingOptions
-from transfusion.lightning.autoencoder import AutoencoderModule
+from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
 from transfusion.lightning.checkpoint import check_config, flatten_config
+from transfusion.lightning.optim import adamw_cosine
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
@@ -53,7 +54,7 @@ def check_options(hp) -> SamplingOptions:
         raise ValueError(f"model option {str(error).replace('num_steps', 'num_inference_steps')}") from None
 
 
-class TransfusionModule(L.LightningModule):
+class TransfusionModule(FlopAccounting, L.LightningModule):
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
@@ -89,7 +90,7 @@ class TransfusionModule(L.LightningModule):
             raise FileNotFoundError(f"autoencoder checkpoint {autoencoder!r} does not exist; train one with "
                                     "`transfusion fit --config lightning_configs/autoencoder_embedded.yaml`")
         else:
-            self.autoencoder = AutoencoderModule.load_from_checkpoint(autoencoder, map_location="cpu")
+            self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
         self.autoencoder.requires_grad_(False).eval()
         ae_cfg = self.autoencoder.autoencoder.config
         self.config = TransfusionConfig(
@@ -100,13 +101,17 @@ class TransfusionModule(L.LightningModule):
             bidirectional_images=bidirectional_images, attention=attention,
         )
         self.model = Transfusion(self.config)
+        self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
+                                        self.config.transformer.dim)  # N: body + patch layers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # FlopAccounting
         checkpoint["transfusion_config"] = flatten_config(self.config)
         checkpoint["autoencoder_config"] = flatten_config(self.autoencoder.config)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
         if "transfusion_config" in checkpoint:
             check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
@@ -151,6 +156,9 @@ class TransfusionModule(L.LightningModule):
         return out["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        is_patch = batch["image_ids"] >= 0
+        self.count_flops(batch["doc_ids"], batch["image_ids"], is_patch | (batch["tokens"] != self.tokenizer.pad_id),
+                         self.config.bidirectional_images)
         return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.noise_seed))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -171,18 +179,5 @@ class TransfusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total)
-
-        def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to min_lr_ratio
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_cosine(self.model.parameters(), hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
+                            hp.min_lr_ratio, self.trainer.estimated_stepping_batches)

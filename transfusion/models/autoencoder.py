@@ -205,6 +205,16 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (N, C, H, W)
 
 
+def check_images(config: AutoencoderConfig, x: torch.Tensor) -> None:
+    """Raise a clear error unless x is a batch of images of the configured size."""
+    size = config.image_size
+    if x.ndim != 4 or x.shape[1] != config.in_channels or x.shape[-2:] != (size, size):
+        raise ValueError(
+            f"expected images of shape (N, {config.in_channels}, {size}, {size}) "
+            f"(config image_size={size}), got {tuple(x.shape)}"
+        )
+
+
 class KLAutoencoder(nn.Module):
     """Encoder -> diagonal Gaussian posterior -> decoder."""
 
@@ -216,12 +226,7 @@ class KLAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Posterior over latents (N, Z, h, w) for images x (N, C, H, W) in [-1, 1]."""
-        size = self.config.image_size
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[-2:] != (size, size):
-            raise ValueError(
-                f"expected images of shape (N, {self.config.in_channels}, {size}, {size}) "
-                f"(config image_size={size}), got {tuple(x.shape)}"
-            )
+        check_images(self.config, x)
         return DiagonalGaussian(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""Training compute: FLOPs ~ 6 * N * D (paper section 4.1, after Kaplan et al. 2020).
+
+N counts the parameters a token passes through: the transformer body plus the modality parts (patch
+encoders/decoders), not the token embedding or the LM head (an embedding lookup and, in Kaplan's
+convention, the output embedding are left out). D counts the positions trained on: text tokens, image
+patches (Transfusion) or image codes (Chameleon), not padding. 6 = 2 (multiply-add) x 3 (forward +
+backward). The exact variant adds attention scores and weighted sums, which 6ND leaves out:
+12 * layers * width FLOPs for each (query, key) pair attention allows (forward 2 matmuls of 2 FLOPs per
+pair and channel, x3 with backward).
+
+``FlopCounter`` keeps the running totals in buffers, so they are in every checkpoint and survive resume.
+
+Legend: B rows, L length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+EXCLUDED_PREFIXES = ("embedding.", "lm_head.")
+
+
+def flop_parameters(model: nn.Module) -> int:
+    """N: parameters of ``model`` outside its token embedding and LM head."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(EXCLUDED_PREFIXES))
+
+
+def training_flops(params: int, tokens: int) -> float:
+    """6 * N * D."""
+    return 6.0 * params * tokens
+
+
+def attention_flops(n_layers: int, dim: int, pairs: int) -> float:
+    """Training FLOPs of attention's score and value matmuls over ``pairs`` allowed (query, key) pairs."""
+    return 12.0 * n_layers * dim * pairs
+
+
+def attention_pairs(doc_ids: torch.Tensor, image_ids: torch.Tensor, real: torch.Tensor, bidirectional: bool) -> int:
+    """Allowed (query, key) pairs among the ``real`` positions of rows (B, L): causal within each document,
+    plus the later patches of the same image when images attend bidirectionally."""
+    total = 0
+    for r in range(doc_ids.shape[0]):
+        lengths = torch.unique_consecutive(doc_ids[r][real[r]], return_counts=True)[1]
+        total += int((lengths * (lengths + 1) // 2).sum())
+    if bidirectional:
+        n = torch.unique(image_ids[image_ids >= 0], return_counts=True)[1]
+        total += int((n * (n - 1) // 2).sum())
+    return total
+
+
+class FlopCounter(nn.Module):
+    """Running totals of positions and attention pairs trained on; ``flops`` is 6 * N * D."""
+
+    def __init__(self, params: int, n_layers: int, dim: int):
+        super().__init__()
+        self.params, self.n_layers, self.dim = int(params), n_layers, dim
+        self.register_buffer("tokens", torch.zeros((), dtype=torch.long))  # int64: never cast by .to(dtype)
+        self.register_buffer("pairs", torch.zeros((), dtype=torch.long))
+
+    def add(self, tokens: int, pairs: int = 0) -> None:
+        self.tokens += int(tokens)
+        self.pairs += int(pairs)
+
+    @property
+    def flops(self) -> float:
+        return training_flops(self.params, int(self.tokens))
+
+    @property
+    def exact_flops(self) -> float:
+        return self.flops + attention_flops(self.n_layers, self.dim, int(self.pairs))
+
+    def summary(self) -> dict:
+        """What the sweep reads from a checkpoint (``checkpoint["flops"]``)."""
+        return {"params": self.params, "tokens": int(self.tokens), "flops": self.flops,
+                "attention_pairs": int(self.pairs), "exact_flops": self.exact_flops}
+
+
+def checkpoint_flops(path: str) -> dict:
+    """``FlopCounter.summary()`` of a Transfusion or Chameleon checkpoint, for sweeps and comparison tables."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "flops" not in checkpoint:
+        raise KeyError(f"{path} has no FLOP count: it was not written by a TransfusionModule or ChameleonModule")
+    return checkpoint["flops"]
+
+
+class FlopAccounting:
+    """LightningModule mixin for modules with a ``flop_counter``: counts each training batch, logs the
+    cumulative ``train/flops`` (6ND), ``train/flops_exact`` and ``train/tokens``, and writes
+    ``checkpoint["flops"]`` (the counter's summary) for sweeps to read."""
+
+    def count_flops(self, doc_ids: torch.Tensor, image_ids: torch.Tensor, real: torch.Tensor, bidirectional: bool):
+        doc_ids, image_ids, real = doc_ids.cpu(), image_ids.cpu(), real.cpu()  # one transfer, then CPU bookkeeping
+        stats = torch.tensor([int(real.sum()), attention_pairs(doc_ids, image_ids, real, bidirectional)],
+                             dtype=torch.float64)
+        if self.trainer.world_size > 1:  # every process trains on its own rows
+            stats = self.trainer.strategy.reduce(stats.to(self.device), reduce_op="sum").cpu()
+        self.flop_counter.add(*(int(s) for s in stats.tolist()))
+        self.log("train/flops", self.flop_counter.flops, batch_size=doc_ids.shape[0])
+        self.log("train/flops_exact", self.flop_counter.exact_flops, batch_size=doc_ids.shape[0])
+        self.log("train/tokens", float(self.flop_counter.tokens), batch_size=doc_ids.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["flops"] = self.flop_counter.summary()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})  # checkpoints from before FLOP accounting start at zero
+        for name in ("tokens", "pairs"):
+            state.setdefault(f"flop_counter.{name}", torch.zeros((), dtype=torch.long))

@@ -1,0 +1,133 @@
+"""LightningModule for the Chameleon baseline: a frozen VQ-VAE in front of the Chameleon model.
+
+Trains on the same rows as Transfusion (``TransfusionDataModule``: caption first 80%, image first 20%,
+caption dropout for CFG); each image's n positions receive its VQ codes. The image-first noise limit
+(``max_t``) has no meaning for discrete codes and is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from transfusion.chameleon_generation import ChameleonGenerator, ChameleonSamplingOptions
+from transfusion.data.sequences import SequenceLayout
+from transfusion.data.tokenizer import Tokenizer
+from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
+from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
+from transfusion.lightning.optim import adamw_cosine
+from transfusion.models.chameleon import Chameleon, ChameleonConfig, insert_codes
+from transfusion.models.transformer import TransformerConfig
+
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen VQ-VAE
+
+
+class ChameleonModule(FlopAccounting, L.LightningModule):
+    generator_class = ChameleonGenerator  # used by transfusion.generation.generate_images / generate_captions
+
+    def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", transformer: dict | None = None,
+                 qk_norm: bool = True, norm_reorder: bool = True, z_loss_weight: float = 1e-5, attention: str = "auto",
+                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
+                 cfg_scale: float = 5.0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 image_temperature: float = 1.0, image_top_p: float = 1.0, generation_seed: int = 0):
+        """
+        Args:
+            tokenizer: path of the SentencePiece model (``transfusion tokenizer``).
+            autoencoder: path of a trained ``VQAutoencoderModule`` checkpoint; kept frozen.
+            preset, transformer: transformer size and overrides, as for ``TransfusionModule``.
+            qk_norm, norm_reorder, z_loss_weight: Chameleon's stability changes (paper: on, on, 1e-5).
+            lr: the paper's Chameleon learning rate is 1e-4; the rest of the optimisation as Transfusion's.
+            cfg_scale: classifier-free guidance on image-code logits, from a caption-dropped stream.
+            temperature, top_p: text sampling (0: greedy); image_temperature, image_top_p: image codes.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = Tokenizer(tokenizer)
+        if not Path(autoencoder).is_file():
+            raise FileNotFoundError(f"VQ-VAE checkpoint {autoencoder!r} does not exist; train one with "
+                                    "`transfusion fit --config lightning_configs/vqvae_embedded.yaml`")
+        self.autoencoder = load_frozen(VQAutoencoderModule, autoencoder)
+        self.config = ChameleonConfig(
+            transformer=TransformerConfig.from_name(preset, qk_norm=qk_norm, norm_reorder=norm_reorder,
+                                                    **(transformer or {})),
+            text_vocab_size=self.tokenizer.vocab_size, codebook_size=self.autoencoder.codebook_size,
+            image_tokens=self.autoencoder.latent_positions, z_loss_weight=z_loss_weight, attention=attention,
+        )
+        self.model = Chameleon(self.config)
+        self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
+                                        self.config.transformer.dim)  # N: the transformer body
+        self.sampling = ChameleonSamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, cfg_scale=cfg_scale,
+                                                 image_temperature=image_temperature, image_top_p=image_top_p)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: never in training mode
+        return self
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
+    def sequence_layout(self) -> SequenceLayout:
+        """Rows as for Transfusion, with n = the VQ latent's positions per image."""
+        return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) in [-1, 1] -> codes (N, n)."""
+        if images.shape[0] == 0:
+            return torch.zeros(0, self.config.image_tokens, dtype=torch.long, device=images.device)
+        return self.autoencoder.encode_codes(images.to(self.autoencoder.dtype))
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (N, n) -> pixels (N, 3, H, W) in [-1, 1]."""
+        return self.autoencoder.decode_codes(codes)
+
+    def batch_tokens(self, batch: dict) -> torch.Tensor:
+        """The batch's tokens (B, L) with image codes in place."""
+        return insert_codes(batch["tokens"], batch["image_ids"], self.encode_images(batch["images"]),
+                            self.config.text_vocab_size)
+
+    def _common_step(self, batch: dict, stage: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.batch_tokens(batch) if tokens is None else tokens
+        out = self.model.loss(tokens, batch["doc_ids"], batch["image_ids"], pad_id=self.tokenizer.pad_id)
+        B, sync = tokens.shape[0], stage != "train"
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=sync)
+        self.log(f"{stage}/z_loss", out["z_loss"], batch_size=B, sync_dist=sync)
+        for key in ("lm_loss", "image_loss"):  # absent from batches without text / images
+            if not math.isnan(float(out[key])):
+                self.log(f"{stage}/{key}", out[key], prog_bar=True, batch_size=B, sync_dist=sync)
+        if stage != "train" and not math.isnan(float(out["lm_loss"])):
+            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
+        return out["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        tokens = self.batch_tokens(batch)
+        self.count_flops(batch["doc_ids"], batch["image_ids"], tokens != self.tokenizer.pad_id, bidirectional=False)
+        return self._common_step(batch, "train", tokens)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "test")
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
+        hp = self.hparams
+        outputs = ChameleonGenerator(self, self.sampling).generate(
+            [r["prompt"] for r in batch], seeds=[hp.generation_seed + r["index"] for r in batch],
+            max_new_tokens=[r.get("max_new_tokens") for r in batch])
+        return [{**record, "output": output} for record, output in zip(batch, outputs)]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return adamw_cosine(self.model.parameters(), hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
+                            hp.min_lr_ratio, self.trainer.estimated_stepping_batches)
