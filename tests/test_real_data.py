@@ -257,6 +257,22 @@ def test_real_cpu_configs_train_on_prepared_output(tmp_path, tokenizer_path, aut
     assert cli.trainer.global_step == 2
     assert cli.datamodule.data_counts()["data/train_pairs"] == 18
     assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))
+    # the Chameleon baseline on the same data: a VQ-VAE, then Chameleon
+    cli = cli_main(["fit", "--config", str(configs / "vqvae_real_cpu.yaml"), *common,
+                    "--model.init_args.preset", "debug", "--model.init_args.image_size", "16",
+                    "--model.init_args.codebook_size", "32", "--data.init_args.image_size", "16",
+                    "--data.init_args.batch_size", "4", "--data.init_args.source.init_args.data_dir", str(tmp_path / "digits"),
+                    "--trainer.default_root_dir", str(tmp_path / "vq"), "--trainer.logger.init_args.save_dir", str(tmp_path / "vq")])
+    vq = cli.trainer.checkpoint_callback.last_model_path
+    cli = cli_main(["fit", "--config", str(configs / "chameleon_real_cpu.yaml"), *common,
+                    "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", vq,
+                    "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48",
+                    "--data.init_args.batch_size", "4", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                    "--data.init_args.image_captions.init_args.data_dir", str(tmp_path / "digits"),
+                    "--data.init_args.text.init_args.paths", str(tmp_path / "wiki" / "train.jsonl"),
+                    "--data.init_args.text.init_args.val_paths", str(tmp_path / "wiki" / "validation.jsonl"),
+                    "--trainer.default_root_dir", str(tmp_path / "ch"), "--trainer.logger.init_args.save_dir", str(tmp_path / "ch")])
+    assert cli.trainer.global_step == 2 and torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))
 
 
 def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, tokenizer_path, autoencoder_ckpt,
