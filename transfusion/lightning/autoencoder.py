@@ -131,7 +131,6 @@ class VQAutoencoderModule(AutoencoderModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        noise_seed: int = 0,
     ):
         """
         Args:
@@ -143,7 +142,7 @@ class VQAutoencoderModule(AutoencoderModule):
         if image_size is None:  # recorded resolved, as in AutoencoderModule
             image_size = AutoencoderConfig.from_name(preset).image_size
         super().__init__(preset=preset, image_size=image_size, latent_channels=latent_channels, kl_weight=0.0,
-                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps, noise_seed=noise_seed)
+                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self._last_z: torch.Tensor | None = None
 
     def build_autoencoder(self) -> VQAutoencoder:
@@ -176,8 +175,8 @@ class VQAutoencoderModule(AutoencoderModule):
     decode_latents = encode_latents
 
     def _common_step(self, batch, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W); quantisation draws nothing
-        recon, z_e, _, stats = self.autoencoder(x)
+        x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
+        recon, z_e, _, stats = self.autoencoder(x)  # deterministic: the step generator is not needed
         rec_loss = F.l1_loss(recon, x)
         loss = rec_loss + self.hparams.vq_weight * stats["vq_loss"]
         if stage == "train":

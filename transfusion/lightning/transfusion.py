@@ -111,12 +111,12 @@ class TransfusionModule(FlopAccounting, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
-        super().on_load_checkpoint(checkpoint)  # FlopAccounting
-        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
         if "transfusion_config" in checkpoint:
             check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
         if "autoencoder_config" in checkpoint:
             check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
     def train(self, mode: bool = True):
         super().train(mode)
