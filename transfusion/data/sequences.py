@@ -35,6 +35,7 @@ class SequenceLayout:
     tokenizer: Tokenizer
     patches_per_image: int
     image_size: int
+    autoencoder_fingerprint: str | None = None  # identifies the autoencoder, for checking cached latents
 
 
 class TransfusionRows(Dataset):
@@ -62,6 +63,8 @@ class TransfusionRows(Dataset):
         self.seq_len, self.num_rows, self.seed = seq_len, num_rows, seed
         self.p_caption_first, self.image_first_max_t, self.caption_dropout = p_caption_first, image_first_max_t, caption_dropout
         self.tok = layout.tokenizer
+        H = layout.image_size  # pairs give pixels (3, H, H) or cached latents (C, h, h): text rows match them
+        self.image_shape = tuple(pairs[0]["image"].shape) if len(pairs) else (3, H, H)
         self.p_text = 0.0
         if text_ratio > 0:
             self.p_text = 1.0 if len(pairs) == 0 else self._p_text_for(text_ratio)
@@ -88,9 +91,8 @@ class TransfusionRows(Dataset):
         start = int(rng.integers(0, len(self.text) - self.seq_len))
         tokens = self.text[start:start + self.seq_len].clone()
         doc_ids = torch.cumsum((tokens == self.tok.bos_id).long(), 0)
-        H = self.layout.image_size
         return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": torch.full_like(tokens, -1),
-                "images": torch.zeros(0, 3, H, H), "max_t": torch.zeros(0, dtype=torch.long)}
+                "images": torch.zeros(0, *self.image_shape), "max_t": torch.zeros(0, dtype=torch.long)}
 
     def document(self, caption: list[int], image_first: bool) -> list[int]:
         """Token ids of one pair document; -1 marks the n patch positions."""

@@ -132,6 +132,7 @@ class VQAutoencoderModule(AutoencoderModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        noise_seed: int = 0,
     ):
         """
         Args:
@@ -143,7 +144,8 @@ class VQAutoencoderModule(AutoencoderModule):
         if image_size is None:  # recorded resolved, as in AutoencoderModule
             image_size = AutoencoderConfig.from_name(preset).image_size
         super().__init__(preset=preset, image_size=image_size, latent_channels=latent_channels, kl_weight=0.0,
-                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps)
+                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         noise_seed=noise_seed)
         self._last_z: torch.Tensor | None = None
 
     def build_autoencoder(self) -> VQAutoencoder:

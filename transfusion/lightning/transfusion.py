@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
@@ -158,14 +159,17 @@ class TransfusionModule(FlopAccounting, L.LightningModule):
         return self
 
     def sequence_layout(self) -> SequenceLayout:
-        return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size)
+        return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
+                              autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, H, W) in [-1, 1] -> unit-variance latents (N, C, h, w)."""
+        """Pixels (N, 3, H, W) in [-1, 1] -> unit-variance latents (N, C, h, w); cached latents pass through."""
+        c, s = self.config.latent_channels, self.config.latent_size
         if images.shape[0] == 0:
-            c, s = self.config.latent_channels, self.config.latent_size
             return images.new_zeros(0, c, s, s)
+        if tuple(images.shape[1:]) == (c, s, s):  # from `transfusion cache-latents` (h < H: never pixels)
+            return images
         return self.autoencoder.encode_latents(images)
 
     @torch.no_grad()
