@@ -76,6 +76,7 @@ def load_exported(folder: str | Path, map_location: str | torch.device = "cpu"):
         init_args["tokenizer"] = str(folder / init_args["tokenizer"])
     module = _load_class(config["class_path"])(**init_args)
     check_config(config["config"], module.config, f"the export in {str(folder)!r}")
+    module.configure_model()  # modules that build their network lazily (TransfusionModule) build it now
     state = load_file(folder / WEIGHTS, device=str(map_location))
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
