@@ -130,6 +130,8 @@ def test_gradient_accumulation_matches_the_larger_batch(runs, tokenizer_path, au
     cli_main(["fit", *_args(tmp_path, tokenizer_path, autoencoder_ckpt, devices=1, batch_size=4, accumulate=2),
               "--trainer.limit_val_batches", "2"])  # validate on the same 8 rows
     """Exact only in expectation: Lightning averages the micro-batches' losses, each a mean over its own LM
-    tokens and images, where one batch of 8 rows takes the mean over all of them (measured: val loss 0.04% off)."""
+    tokens and images, where one batch of 8 rows takes the mean over all of them. Measured val loss after 8
+    steps: 0.7% off the 8-row batch (10.635 vs 10.558); without accumulation (4 rows a step) 4.6% off (11.041),
+    so the 1.5% tolerance tells accumulation from none."""
     single, accumulated = _metric(runs["single"], "val/loss"), _metric(tmp_path, "val/loss")
-    assert abs(accumulated - single) < 0.003 * single
+    assert abs(accumulated - single) < 0.015 * single
