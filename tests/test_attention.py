@@ -466,3 +466,24 @@ def make_model_16(attention, seed=0):
         for p in model.patch_decoder.parameters():
             p.normal_(std=0.05)
     return model.eval()
+
+
+def test_chunked_dense_attention_equals_one_masked_call(one_thread):
+    """Long CPU rows take the chunked path (keys a query chunk cannot see are skipped): same values and gradients."""
+    from transfusion.models.attention import attend, chunked_attention, dense_mask
+
+    torch.manual_seed(0)
+    L = 600
+    doc_ids = torch.cat([torch.zeros(250), torch.ones(300), torch.full((50,), 2)]).long()[None].repeat(2, 1)
+    doc_ids[1] = 0
+    image_ids = torch.full((2, L), -1)
+    image_ids[0, 240:256] = 0  # an image across the first chunk boundary
+    image_ids[1, 500:520] = 1
+    mask = dense_mask(doc_ids, image_ids)
+    q, k, v = (torch.randn(2, 2, L, 16, requires_grad=True) for _ in range(3))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    chunked = attend(q, k, v, mask)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(chunked.square().sum(), (q, k, v)),
+                               torch.autograd.grad(full.square().sum(), (q, k, v)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(chunked_attention(q, k, v, mask, chunk=64), full, rtol=1e-5, atol=1e-6)

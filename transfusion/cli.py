@@ -1,26 +1,49 @@
 """The ``transfusion`` command.
 
 ``transfusion fit|validate|test|predict --config lightning_configs/X.yaml`` is a LightningCLI: the model
-and data classes are chosen by ``class_path`` in the YAML. Two more subcommands:
+and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 
-* ``transfusion tokenizer --output PATH``: train the SentencePiece tokenizer on the embedded text;
+* ``transfusion tokenizer --output PATH [--text_files ... | --hub NAME] [--captions_from DIR ...]``: train the
+  SentencePiece tokenizer on a text source (default: the embedded text);
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
+* ``transfusion cache-latents --config X.yaml --output DIR``: encode a config's images once with its autoencoder
+  (see ``transfusion.data.latent_cache``);
 * ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
-* ``transfusion sweep --config lightning_configs/sweep_micro.yaml``: Transfusion vs Chameleon (``transfusion.sweep``).
+* ``transfusion sweep --config lightning_configs/sweep_micro.yaml``: Transfusion vs Chameleon (``transfusion.sweep``);
+* ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
+* ``transfusion export --ckpt_path CKPT --output DIR``: weights as safetensors with the config beside them
+  (see ``transfusion.export``).
+
+Checkpoints are written atomically (``AtomicCheckpointIO``) unless the trainer is given another
+CheckpointIO; ``fit --ckpt_path last`` finds the newest ``last*.ckpt`` of earlier runs (other logger
+versions) in the checkpoint folders; ``fit --ckpt_path`` builds the model from the config given and
+names every architecture field that differs from the checkpoint's (``validate|test|predict`` take the
+model's arguments from the checkpoint); an invalid option stops the command before any data is read,
+with a one-line message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import transfusion  # noqa: F401  (torchvision shim before lightning)
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 import lightning as L
 
+from transfusion.lightning.checkpoint import AtomicCheckpointIO
 
-# settings that change how a trained model samples, not what it is: with --ckpt_path, Lightning replaces the
-# model's arguments by the checkpoint's hyper-parameters; these keep the values of the config / command line
+
+class ConfigError(SystemExit):
+    """An invalid option: reported in one line, exit status 2 (as for a parse error)."""
+
+
+# settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
+# Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
+# config / command line
 GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
                        "clip_x0", "generation_seed", "image_temperature", "image_top_p")
 
@@ -32,13 +55,71 @@ class TransfusionCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def instantiate_classes(self) -> None:
+        try:  # module and data module constructors check their options; nothing is read yet
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:
+            cause = error  # jsonargparse wraps the constructor's error in its own: report the original
+            while isinstance(inner := _inner(cause), (ValueError, FileNotFoundError)):
+                cause = inner
+            print(f"transfusion {self.subcommand}: error: {cause}", file=sys.stderr)
+            raise ConfigError(2) from error
+        # Lightning requires options that model and data share to agree, but finds out only after setup
+        model_hp, data_hp = getattr(self.model, "hparams", {}), getattr(self.datamodule, "hparams", {})
+        clash = [f"model.init_args.{k}={model_hp[k]!r} but data.init_args.{k}={data_hp[k]!r}"
+                 for k in sorted(set(model_hp) & set(data_hp)) if not k.startswith("_") and model_hp[k] != data_hp[k]]
+        if clash:
+            print(f"transfusion {self.subcommand}: error: model and data disagree: {'; '.join(clash)}", file=sys.stderr)
+            raise ConfigError(2)
+
+    def instantiate_trainer(self, **kwargs):
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = find_last_checkpoint(self.trainer)  # None (with a warning): a fresh start
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit":  # resuming: the config given builds the model; on_load_checkpoint names mismatches
+            return
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
         super()._parse_ckpt_path()
         for key, value in kept.items():
             self.config[subcommand]["model.init_args"][key] = value
+
+
+def _inner(error: BaseException) -> BaseException | None:
+    return error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest ``last*.ckpt`` of any run that wrote to this trainer's checkpoint folders.
+
+    Lightning looks for ``last`` only in the folder of the *new* logger version, so a resumed run
+    would silently start from scratch.
+    """
+    folders = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+            folders.append(Path(callback.dirpath))
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
+        folders += sorted(root.glob("*/checkpoints"))
+    folders.append(Path(trainer.default_root_dir) / "checkpoints")
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    if not found:
+        print(f"transfusion fit: --ckpt_path last: no last*.ckpt under {', '.join(map(str, folders))}; "
+              "starting from scratch", file=sys.stderr)
+        return None
+    return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
@@ -53,20 +134,56 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
 
 
 def tokenizer_main(argv: list[str]) -> None:
+    import itertools
+
     from transfusion.data.shapes import all_captions
+    from transfusion.data.sources import HubTextSource, ImageFolderSource, TextFilesSource
     from transfusion.data.text import read_documents, sentences, split_documents
     from transfusion.data.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(prog="transfusion tokenizer", description="Train a SentencePiece tokenizer "
-                                     "on the embedded captions and the training split of a text corpus.")
+                                     "(BOS, EOS, PAD, BOI, EOI reserved) on the training split of a text source and "
+                                     "captions; by default the embedded news text and shapes captions.")
     parser.add_argument("--output", required=True, help="where to write the .model file")
     parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
     parser.add_argument("--text_path", default=None, help="one-document-per-line corpus (default: embedded)")
+    parser.add_argument("--text_files", nargs="+", default=None, help="text/JSONL/Parquet files or globs (datasets)")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--hub", default=None, help="a Hub text dataset, e.g. allenai/c4 (needs network)")
+    parser.add_argument("--hub_config", default=None)
+    parser.add_argument("--streaming", action="store_true", help="stream the Hub dataset")
+    parser.add_argument("--captions_from", nargs="*", default=None,
+                        help="image folders (metadata.jsonl/csv) whose captions are added; none: the shapes captions")
+    parser.add_argument("--max_documents", type=int, default=200_000, help="documents read from the text source")
     args = parser.parse_args(argv)
-    train_docs, _ = split_documents(read_documents(args.text_path))
-    tok = Tokenizer.train(sentences(train_docs) + all_captions(), args.output, vocab_size=args.vocab_size)
+    if args.text_files or args.hub:
+        source = (TextFilesSource(args.text_files, text_column=args.text_column) if args.text_files else
+                  HubTextSource(args.hub, config=args.hub_config, text_column=args.text_column, streaming=args.streaming))
+        documents = list(itertools.islice(source.documents("train"), args.max_documents))
+    else:
+        documents, _ = split_documents(read_documents(args.text_path))
+    if args.captions_from is None:
+        captions = all_captions()
+    else:
+        captions = [c for folder in args.captions_from for row in ImageFolderSource(folder).load("train")
+                    for c in row["captions"]]
+    tok = Tokenizer.train(sentences(documents) + captions, args.output, vocab_size=args.vocab_size,
+                          model_type=args.model_type)
     print(f"wrote {args.output}: {tok.vocab_size} ids (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}, "
-          f"boi {tok.boi_id}, eoi {tok.eoi_id})")
+          f"boi {tok.boi_id}, eoi {tok.eoi_id}) from {len(documents)} documents and {len(captions)} captions")
+
+
+def consolidate_main(argv: list[str]) -> None:
+    from transfusion.lightning.parallel import consolidate_checkpoint
+
+    parser = argparse.ArgumentParser(prog="transfusion consolidate", description="Turn a sharded (FSDP2) "
+                                     "checkpoint directory into one .ckpt file that any strategy can load.")
+    parser.add_argument("checkpoint", help="the directory written by FSDP2Strategy (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--output", default=None, help="default: CHECKPOINT.consolidated.ckpt next to it")
+    args = parser.parse_args(argv)
+    output = args.output or str(args.checkpoint).rstrip("/") + ".consolidated.ckpt"
+    print(f"wrote {consolidate_checkpoint(args.checkpoint, output)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,6 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "tokenizer":
         tokenizer_main(argv[1:])
+    elif argv and argv[0] == "cache-latents":
+        from transfusion.data.latent_cache import cache_main
+
+        cache_main(argv[1:])
+    elif argv and argv[0] == "export":
+        from transfusion.export import export_main
+
+        export_main(argv[1:])
     elif argv and argv[0] == "quickstart":
         from transfusion.quickstart import quickstart_main
 
@@ -86,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         from transfusion.sweep import sweep_main
 
         sweep_main(argv[1:])
+    elif argv and argv[0] == "consolidate":
+        consolidate_main(argv[1:])
     else:
         cli_main(None if command_line else argv)
 

@@ -7,17 +7,17 @@ may pass a ``SequenceLayout`` directly.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts, shapes_prompts
+from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
 from transfusion.data.shapes import ShapesDataset
 from transfusion.data.text import read_documents, split_documents, token_stream
 
 
-class TransfusionDataModule(L.LightningDataModule):
+class TransfusionDataModule(ResumableDataModule):
     def __init__(self, seq_len: int = 128, batch_size: int = 16, rows_per_epoch: int = 100_000, val_rows: int = 64,
                  num_examples: int = 10_000, text_path: str | None = None, text_ratio: float = 1.0,
                  p_caption_first: float = 0.8, image_first_max_t: int | None = 500, caption_dropout: float = 0.1,
@@ -26,7 +26,8 @@ class TransfusionDataModule(L.LightningDataModule):
         """
         Args:
             seq_len: row length L in tokens (text tokens + image patches + specials).
-            rows_per_epoch: training rows per epoch (rows are drawn afresh, the data is synthetic).
+            rows_per_epoch: training rows per epoch; row i is a pure function of (seed, i) and the order of
+                an epoch of (seed, epoch), so a run resumed from a checkpoint sees the same rows in the same order.
             text_ratio: text-only tokens per image-caption token (1.0 = the paper's 1:1).
             image_first_max_t: noise limit for images that precede their caption (None: no limit).
             caption_dropout: probability of dropping a (caption-first) caption, for classifier-free guidance.
@@ -35,6 +36,7 @@ class TransfusionDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["layout"])
+        check_options(self.hparams)  # at start-up, before any data is read
         self.layout = layout
         self.train_set = self.val_set = None
         self.heldout_text: torch.Tensor | None = None  # the held-out text split as one token stream (perplexity)
@@ -74,17 +76,34 @@ class TransfusionDataModule(L.LightningDataModule):
                    else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2))
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
 
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=generator,
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=collate_rows,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        hp = self.hparams
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.batch_size, hp.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
+
+
+def check_options(hp) -> None:
+    """Raise a ValueError naming the first invalid data option."""
+    for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows", "num_examples", "predict_examples"):
+        if not isinstance(hp[name], int) or hp[name] <= 0:
+            raise ValueError(f"data option {name} must be a positive integer, got {hp[name]!r}")
+    if hp.num_workers < 0:
+        raise ValueError(f"data option num_workers must be >= 0, got {hp.num_workers}")
+    if hp.text_ratio < 0:
+        raise ValueError(f"data option text_ratio must be >= 0, got {hp.text_ratio}")
+    if not 0.0 <= hp.p_caption_first <= 1.0:
+        raise ValueError(f"data option p_caption_first must be in [0, 1], got {hp.p_caption_first}")
+    if not 0.0 <= hp.caption_dropout < 1.0:
+        raise ValueError(f"data option caption_dropout must be in [0, 1), got {hp.caption_dropout}")
+    if hp.image_first_max_t is not None and not 1 <= hp.image_first_max_t <= 1000:
+        raise ValueError(f"data option image_first_max_t must be in [1, 1000] or null, got {hp.image_first_max_t}")

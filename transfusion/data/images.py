@@ -1,13 +1,16 @@
-"""The embedded shapes as images: ``{"image": (N, 3, H, W)}`` batches for autoencoders, and with
-``captions=True`` also ``{"caption": [str]}`` (one phrasing drawn per item) for CLIP training."""
+"""Image data, batched as ``{"image": (N, 3, H, W)}`` for autoencoders (and with ``captions=True`` also
+``{"caption": [str]}``, one caption drawn per item, for CLIP training): the embedded shapes, or the images
+of a real image-caption source (``transfusion.data.sources``), checked and preprocessed as for Transfusion."""
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from transfusion.data.pairs import ImageCaptionPairs
+from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.shapes import ShapesDataset
+from transfusion.data.sources import ImageCaptionSource
 
 
 def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -21,8 +24,9 @@ def collate_captioned_images(items: list[dict]) -> dict:
     return {**collate_images(items), "caption": [item["captions"][i] for item, i in zip(items, picks)]}
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Train/validation splits of :class:`ShapesDataset` images in [-1, 1]."""
+class ImageDataModule(ResumableDataModule):
+    """Train/validation images in [-1, 1]: :class:`ShapesDataset`, or ``source`` (then ``num_*`` are ignored and
+    the source's validation split, or its last ``val_fraction``, is held out). The image order resumes exactly mid-epoch."""
 
     def __init__(
         self,
@@ -32,28 +36,47 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        source: ImageCaptionSource | None = None,
+        val_fraction: float = 0.05,
+        scan: str = "header",
+        strict: bool = False,
         captions: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["source"])
+        self.source = source
+        for name in ("image_size", "num_train", "num_val", "batch_size"):
+            if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
+                raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
+        if num_workers < 0:
+            raise ValueError(f"data option num_workers must be >= 0, got {num_workers}")
         self.train_set: ShapesDataset | None = None
         self.val_set: ShapesDataset | None = None
 
     def setup(self, stage: str | None = None):
         hp = self.hparams
-        if self.train_set is None:
+        if self.train_set is None and self.source is None:
             self.train_set = ShapesDataset(hp.num_train, hp.image_size, hp.seed)
             self.val_set = ShapesDataset(hp.num_val, hp.image_size, hp.seed + 1)
+        elif self.train_set is None:
+            val = self.source.load("validation")
+            train = self.source.load("train")
+            if val is None:
+                n_train = len(train) - max(1, round(len(train) * hp.val_fraction))
+                train, val = train.select(range(n_train)), train.select(range(n_train, len(train)))
+            name = type(self.source).__name__
+            self.train_set, self.val_set = (ImageCaptionPairs(rows, hp.image_size, name=f"{name} {split}", scan=hp.scan,
+                                                              strict=hp.strict)
+                                            for rows, split in ((train, "train"), (val, "validation")))
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        hp = self.hparams
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.hparams.num_workers,
-            collate_fn=collate_captioned_images if self.hparams.captions else collate_images,
+            batch_size=hp.batch_size,
+            sampler=self.train_sampler(len(dataset), hp.batch_size, hp.seed) if shuffle else None,
+            num_workers=hp.num_workers,
+            collate_fn=collate_captioned_images if hp.captions else collate_images,
             persistent_workers=self.hparams.num_workers > 0,
             drop_last=shuffle,  # constant batch shapes in training
         )

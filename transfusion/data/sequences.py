@@ -35,10 +35,11 @@ class SequenceLayout:
     tokenizer: Tokenizer
     patches_per_image: int
     image_size: int
+    autoencoder_fingerprint: str | None = None  # identifies the autoencoder, for checking cached latents
 
 
 class TransfusionRows(Dataset):
-    """Item ``i``: one row ``{"tokens", "doc_ids", "image_ids", "images", "max_t"}`` of length ``seq_len``.
+    """Item ``i``: one row ``{"tokens", "doc_ids", "image_ids", "images", "max_t", "index"}`` of length ``seq_len``.
 
     ``pairs[j]`` must return ``{"image": (3, H, W) in [-1, 1], "captions": [str, ...]}``; ``text`` is the
     (S,) BOS...EOS token stream (may be None or empty for image-caption rows only).
@@ -62,6 +63,8 @@ class TransfusionRows(Dataset):
         self.seq_len, self.num_rows, self.seed = seq_len, num_rows, seed
         self.p_caption_first, self.image_first_max_t, self.caption_dropout = p_caption_first, image_first_max_t, caption_dropout
         self.tok = layout.tokenizer
+        H = layout.image_size  # pairs give pixels (3, H, H) or cached latents (C, h, h): text rows match them
+        self.image_shape = tuple(pairs[0]["image"].shape) if len(pairs) else (3, H, H)
         self.p_text = 0.0
         if text_ratio > 0:
             self.p_text = 1.0 if len(pairs) == 0 else self._p_text_for(text_ratio)
@@ -81,17 +84,15 @@ class TransfusionRows(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index])
-        if rng.random() < self.p_text:
-            return self._text_row(rng)
-        return self._pair_row(rng)
+        row = self._text_row(rng) if rng.random() < self.p_text else self._pair_row(rng)
+        return {**row, "index": index}  # the model seeds this row's diffusion noise with it
 
     def _text_row(self, rng) -> dict:
         start = int(rng.integers(0, len(self.text) - self.seq_len))
         tokens = self.text[start:start + self.seq_len].clone()
         doc_ids = torch.cumsum((tokens == self.tok.bos_id).long(), 0)
-        H = self.layout.image_size
         return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": torch.full_like(tokens, -1),
-                "images": torch.zeros(0, 3, H, H), "max_t": torch.zeros(0, dtype=torch.long)}
+                "images": torch.zeros(0, *self.image_shape), "max_t": torch.zeros(0, dtype=torch.long)}
 
     def document(self, caption: list[int], image_first: bool) -> list[int]:
         """Token ids of one pair document; -1 marks the n patch positions."""
@@ -143,10 +144,13 @@ def collate_rows(rows: list[dict]) -> dict:
         ids[ids >= 0] += offset
         offset += row["images"].shape[0]
         image_ids.append(ids)
-    return {
+    batch = {
         "tokens": torch.stack([r["tokens"] for r in rows]),
         "doc_ids": torch.stack([r["doc_ids"] for r in rows]),
         "image_ids": torch.stack(image_ids),
         "images": torch.cat([r["images"] for r in rows]),
         "max_t": torch.cat([r["max_t"] for r in rows]),
     }
+    if all("index" in r for r in rows):
+        batch["row_index"] = torch.tensor([r["index"] for r in rows])
+    return batch

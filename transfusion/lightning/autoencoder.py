@@ -8,6 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from transfusion.lightning.checkpoint import check_config, flatten_config
+from transfusion.lightning.seeding import step_generator
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from transfusion.models.vq import VQAutoencoder
 
@@ -25,12 +27,19 @@ class AutoencoderModule(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        noise_seed: int = 0,
     ):
+        """``noise_seed``: posterior samples of a training step are drawn from a generator seeded by
+        (noise_seed, step, batch, rank), so a resumed run draws what an uninterrupted one would."""
         super().__init__()
+        for name, value in (("lr", lr), ("kl_weight", kl_weight), ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
+            if value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"model option {name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
         overrides = {k: v for k, v in dict(image_size=image_size, latent_channels=latent_channels).items() if v is not None}
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
         self.save_hyperparameters()
+        self.noise_seed = noise_seed  # not read from hparams: subclasses record their own arguments there
         self.autoencoder = self.build_autoencoder()
         # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
         self.register_buffer("latent_std", torch.ones(()))
@@ -38,6 +47,13 @@ class AutoencoderModule(L.LightningModule):
 
     def build_autoencoder(self):
         return KLAutoencoder(self.config)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["autoencoder_config"] = flatten_config(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "autoencoder_config" in checkpoint:
+            check_config(checkpoint["autoencoder_config"], self.config, "this autoencoder checkpoint")
 
     @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -58,10 +74,10 @@ class AutoencoderModule(L.LightningModule):
         else:
             self.latent_std.lerp_(std, 0.01)  # EMA with decay 0.99
 
-    def _common_step(self, batch, stage: str) -> torch.Tensor:
+    def _common_step(self, batch, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
         training = stage == "train"
-        recon, posterior = self.autoencoder(x, sample_posterior=training)  # deterministic validation metric
+        recon, posterior = self.autoencoder(x, sample_posterior=training, generator=generator)  # validation: the mode
         rec_loss = F.l1_loss(recon, x)
         kl = posterior.kl().mean()
         loss = rec_loss + self.hparams.kl_weight * kl
@@ -74,7 +90,7 @@ class AutoencoderModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._common_step(batch, "train")
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.noise_seed))
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "val")
@@ -116,6 +132,7 @@ class VQAutoencoderModule(AutoencoderModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        noise_seed: int = 0,
     ):
         """
         Args:
@@ -127,7 +144,8 @@ class VQAutoencoderModule(AutoencoderModule):
         if image_size is None:  # recorded resolved, as in AutoencoderModule
             image_size = AutoencoderConfig.from_name(preset).image_size
         super().__init__(preset=preset, image_size=image_size, latent_channels=latent_channels, kl_weight=0.0,
-                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps)
+                         lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         noise_seed=noise_seed)
         self._last_z: torch.Tensor | None = None
 
     def build_autoencoder(self) -> VQAutoencoder:
@@ -159,9 +177,9 @@ class VQAutoencoderModule(AutoencoderModule):
 
     decode_latents = encode_latents
 
-    def _common_step(self, batch, stage: str) -> torch.Tensor:
+    def _common_step(self, batch, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
-        recon, z_e, _, stats = self.autoencoder(x)
+        recon, z_e, _, stats = self.autoencoder(x)  # deterministic: the step generator is not needed
         rec_loss = F.l1_loss(recon, x)
         loss = rec_loss + self.hparams.vq_weight * stats["vq_loss"]
         if stage == "train":

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
+from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
 from transfusion.generation import Generator, SamplingOptions
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
 from transfusion.lightning.interface import GenerativeModule
+from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.optim import adamw_cosine
+from transfusion.lightning.parallel import fully_shard_blocks
+from transfusion.lightning.seeding import step_generator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -23,21 +28,53 @@ from transfusion.models.transformer import TransformerConfig
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
+# TransfusionConfig fields that define the weights; the others (lambda, masks, attention kernel) may change
+ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "patch_size", "patch_encoder",
+                "unet_channels", "num_timesteps")
+
+
+def check_options(hp) -> SamplingOptions:
+    """Raise a ValueError naming the first invalid optimisation or generation option; the sampling options."""
+    if hp.lr <= 0:
+        raise ValueError(f"model option lr must be > 0, got {hp.lr}")
+    if len(hp.betas) != 2 or not all(0.0 <= b < 1.0 for b in hp.betas):
+        raise ValueError(f"model option betas must be two numbers in [0, 1), got {list(hp.betas)}")
+    for name in ("eps", "weight_decay", "warmup_steps"):
+        if hp[name] < 0:
+            raise ValueError(f"model option {name} must be >= 0, got {hp[name]}")
+    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+        raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
+    if hp.diffusion_lambda < 0:  # also checked by TransfusionConfig, but only after the autoencoder is loaded
+        raise ValueError(f"model option diffusion_lambda must be >= 0, got {hp.diffusion_lambda}")
+    if hp.patch_size <= 0:
+        raise ValueError(f"model option patch_size must be positive, got {hp.patch_size}")
+    TransformerConfig.from_name(hp.preset, **(hp.transformer or {}))  # unknown preset, heads vs width, ...
+    try:
+        return SamplingOptions(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
+                               cfg_scale=hp.cfg_scale, num_steps=hp.num_inference_steps, sampler=hp.sampler,
+                               clip_x0=hp.clip_x0)
+    except ValueError as error:
+        raise ValueError(f"model option {str(error).replace('num_steps', 'num_inference_steps')}") from None
+
+
 class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
     image_sampling_fields = ("sampler", "num_steps", "clip_x0")  # reported by evaluations
 
-    def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", patch_size: int = 2,
+    def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
-                 generation_seed: int = 0):
+                 generation_seed: int = 0, noise_seed: int = 0, activation_checkpointing: bool = False,
+                 compile: bool = False):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
-            autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen.
+            autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
+                ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
+                ``transfusion.export.load_exported``.)
             preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B).
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
@@ -46,14 +83,26 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
             cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
                 for ``predict`` (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
+            noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
+                (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
+            activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
+            compile: ``torch.compile`` each transformer block (GPU; on CPU it compiles slowly and gains little).
+
+        The network is built in ``configure_model`` (on the meta device and sharded per block under
+        ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.
         """
         super().__init__()
         self.save_hyperparameters()
+        self.sampling = check_options(self.hparams)  # before any file is read
         self.tokenizer = Tokenizer(tokenizer)
-        if not Path(autoencoder).is_file():
+        if isinstance(autoencoder, dict):
+            self.autoencoder = AutoencoderModule(**autoencoder)
+        elif not Path(autoencoder).is_file():
             raise FileNotFoundError(f"autoencoder checkpoint {autoencoder!r} does not exist; train one with "
                                     "`transfusion fit --config lightning_configs/autoencoder_embedded.yaml`")
-        self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
+        else:
+            self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
+        self.autoencoder.requires_grad_(False).eval()
         ae_cfg = self.autoencoder.autoencoder.config
         self.config = TransfusionConfig(
             transformer=TransformerConfig.from_name(preset, **(transformer or {})),
@@ -62,31 +111,68 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             unet_channels=unet_channels, diffusion_lambda=diffusion_lambda,
             bidirectional_images=bidirectional_images, attention=attention,
         )
-        self.model = Transfusion(self.config)
-        self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
-                                        self.config.transformer.dim)  # N: body + patch layers
-        self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        cfg_scale=cfg_scale, num_steps=num_inference_steps, sampler=sampler,
-                                        clip_x0=clip_x0)
+        with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
+            params = flop_parameters(Transfusion(self.config))
+        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers, self.config.transformer.dim)
+        self.eval_lm_loss, self.eval_ddpm_loss = MeanMetric(), MeanMetric()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # FlopAccounting
+        checkpoint["transfusion_config"] = flatten_config(self.config)
+        checkpoint["autoencoder_config"] = flatten_config(self.autoencoder.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
+        if "transfusion_config" in checkpoint:
+            check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
+        if "autoencoder_config" in checkpoint:
+            check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
+    @property
+    def model(self) -> Transfusion:
+        """The network; built here (unsharded) if no Trainer has called ``configure_model`` yet."""
+        if "model" not in self._modules:
+            self.configure_model()
+        return self._modules["model"]
+
+    def configure_model(self) -> None:
+        if "model" in self._modules:  # called again by a later fit/validate, or after first use
+            return
+        if self._trainer is None:  # direct use, or load_from_checkpoint (whose weights replace these)
+            model = Transfusion(self.config)
+        else:  # under a Trainer: the same weights under every strategy (from seed_everything's seed)
+            mesh = self.device_mesh
+            with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
+                model = Transfusion(self.config)
+            if mesh is not None:
+                fully_shard_blocks(model, mesh)
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights(torch.initial_seed())
+        model.transformer.activation_checkpointing = self.hparams.activation_checkpointing
+        if self.hparams.compile:
+            for block in model.transformer.layers:
+                block.compile()  # in place: parameter names and checkpoints stay the same
+        self.model = model
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # FlopAccounting
-        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
-
     def sequence_layout(self) -> SequenceLayout:
-        return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size)
+        return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
+                              autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, H, W) in [-1, 1] -> unit-variance latents (N, C, h, w)."""
+        """Pixels (N, 3, H, W) in [-1, 1] -> unit-variance latents (N, C, h, w); cached latents pass through."""
+        c, s = self.config.latent_channels, self.config.latent_size
         if images.shape[0] == 0:
-            c, s = self.config.latent_channels, self.config.latent_size
             return images.new_zeros(0, c, s, s)
+        if tuple(images.shape[1:]) == (c, s, s):  # from `transfusion cache-latents` (h < H: never pixels)
+            return images
         return self.autoencoder.encode_latents(images)
 
     @torch.no_grad()
@@ -98,25 +184,78 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         hidden, _ = self.model(tokens, doc_ids, torch.full_like(tokens, -1))
         return self.model.lm_head(hidden[at])
 
+    def diffusion_draws(self, batch: dict, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (N,) and noise (N, C, h, w), image k of a row drawn from (noise_seed, step, row index, k): the
+        same draws however rows are split over processes or accumulated micro-batches."""
+        T = self.model.diffusion.num_timesteps
+        max_t = torch.where(batch["max_t"] > 0, batch["max_t"], T).tolist()
+        rows = batch["row_index"].tolist()
+        images_per_row = ((batch["image_ids"] >= 0).sum(1) // self.config.patches_per_image).tolist()
+        seed, t, noise = self.hparams.noise_seed, [], []
+        for row, count in zip(rows, images_per_row):
+            for k in range(count):
+                g = torch.Generator().manual_seed(hash((seed, step, row, k)) % 2**63)
+                t.append(torch.randint(1, max_t[len(t)] + 1, (1,), generator=g))
+                noise.append(torch.randn(latents.shape[1:], generator=g))
+        if not t:
+            return latents.new_zeros(0, dtype=torch.long), torch.zeros_like(latents)
+        return (torch.cat(t).to(latents.device),
+                torch.stack(noise).to(device=latents.device, dtype=latents.dtype))
+
     def _common_step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.encode_images(batch["images"])
         T = self.model.diffusion.num_timesteps
         max_t = torch.where(batch["max_t"] > 0, batch["max_t"], T)
+        t = noise = None
+        if "row_index" in batch:
+            t, noise = self.diffusion_draws(batch, latents, self.global_step if stage == "train" else -1)
         out = self.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t,
-                              pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator)
+                              pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator,
+                              t=t, noise=noise)
         B = batch["tokens"].shape[0]
-        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=stage != "train")
-        self.log(f"{stage}/lm_loss", out["lm_loss"], prog_bar=True, batch_size=B, sync_dist=stage != "train")
-        self.log(f"{stage}/ddpm_loss", out["ddpm_loss"], prog_bar=True, batch_size=B, sync_dist=stage != "train")
-        if stage != "train":
-            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
-        return out["loss"]
+        if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
+            self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])
+            self.eval_ddpm_loss.update(out["ddpm_loss"], out["images"])
+            return out["loss"]
+        padding = ((batch["tokens"] == self.tokenizer.pad_id) & (batch["image_ids"] < 0)).float().mean()
+        self.log("train/padding", padding, batch_size=B)  # share of row positions that packing left empty
+        for key in ("loss", "lm_loss", "ddpm_loss"):
+            self.log(f"train/{key}", out[key], prog_bar=True, batch_size=B)
+        return self._global_mean_loss(out)
+
+    def _global_mean_loss(self, out: dict) -> torch.Tensor:
+        """The loss whose gradient, averaged over processes by DDP/FSDP, is that of one process on the global
+        batch: L_LM per LM token and L_DDPM per image of all processes, not a mean of per-process means (a
+        process whose rows hold no image would halve the DDPM gradient of 2 processes)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return out["loss"]
+        local = torch.stack([out["text_tokens"], out["images"].to(out["text_tokens"].device)]).float()
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum").clamp_min(1)
+        lm_weight, ddpm_weight = (world * local / total).unbind()
+        return lm_weight * out["lm_loss"] + self.config.diffusion_lambda * ddpm_weight * out["ddpm_loss"]
+
+    def _log_eval(self, stage: str) -> None:
+        lm = self.eval_lm_loss.compute()
+        ddpm = torch.nan_to_num(self.eval_ddpm_loss.compute())  # no image in the data: no DDPM loss
+        self.log(f"{stage}/loss", lm + self.config.diffusion_lambda * ddpm, prog_bar=True)
+        self.log(f"{stage}/lm_loss", lm, prog_bar=True)
+        self.log(f"{stage}/ddpm_loss", ddpm, prog_bar=True)
+        self.log(f"{stage}/lm_ppl", lm.exp())  # text and captions
+        self.eval_lm_loss.reset()
+        self.eval_ddpm_loss.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         is_patch = batch["image_ids"] >= 0
         self.count_flops(batch["doc_ids"], batch["image_ids"], is_patch | (batch["tokens"] != self.tokenizer.pad_id),
                          self.config.bidirectional_images)
-        return self._common_step(batch, "train")
+        return self._common_step(batch, "train", step_generator(self, batch_idx, self.hparams.noise_seed))
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(batch_idx)  # same noise every validation

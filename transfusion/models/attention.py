@@ -65,11 +65,33 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+QUERY_CHUNK = 256  # dense-mask attention on CPU runs in query chunks of this size from 2 chunks on
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Attention over (B, H, L, Dh) tensors with a dense boolean mask or a BlockMask."""
+    if isinstance(mask, torch.Tensor) and q.device.type == "cpu" and q.shape[2] >= 2 * QUERY_CHUNK:
+        return chunked_attention(q, k, v, mask)
     if isinstance(mask, torch.Tensor) or mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return _compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+def chunked_attention(q, k, v, mask: torch.Tensor, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """Dense-mask SDPA one chunk of queries at a time, over only the span of keys that chunk may see.
+
+    The CPU kernel computes every (query, key) pair of a masked call; causal rows never see the keys after
+    their chunk (past its last image), nor packed rows the documents before, so skipping those spans gives
+    the same result (up to summation order) for ~40% fewer attention FLOPs at L = 1024, ~45% at 4096.
+    """
+    Lq, out = q.shape[2], []
+    for start in range(0, Lq, chunk):
+        rows = mask[:, :, start:start + chunk, :] if mask.shape[2] > 1 else mask
+        seen = rows.flatten(0, 2).any(0).nonzero()  # keys any query of the chunk attends
+        k0, k1 = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, k.shape[2])
+        out.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k[:, :, k0:k1], v[:, :, k0:k1],
+                                                  attn_mask=rows[..., k0:k1]))
+    return torch.cat(out, dim=2)
 
 
 def positions(doc_ids: torch.Tensor) -> torch.Tensor:

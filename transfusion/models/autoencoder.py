@@ -233,7 +233,8 @@ class KLAutoencoder(nn.Module):
         """Images (N, C, H, W) from latents (N, Z, h, w); not clamped."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
-        z = posterior.sample() if sample_posterior else posterior.mode()  # (N, Z, h, w)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (N, Z, h, w)
         return self.decode(z), posterior

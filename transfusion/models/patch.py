@@ -65,6 +65,8 @@ class LinearPatchEncoder(nn.Module):
 
 
 class LinearPatchDecoder(nn.Module):
+    zero_init = ("proj",)  # layers that start at zero (``Transfusion.init_weights`` keeps them so)
+
     def __init__(self, latent_channels: int, patch_size: int, dim: int):
         super().__init__()
         self.k = patch_size
@@ -129,6 +131,8 @@ class UNetPatchEncoder(nn.Module):
 
 class UNetPatchDecoder(nn.Module):
     """Up blocks: (N, n, D) and the encoder's skips -> (N, C, h, w)."""
+
+    zero_init = ("conv_out",)
 
     def __init__(self, latent_channels: int, patch_size: int, dim: int, channels: int = 64):
         super().__init__()

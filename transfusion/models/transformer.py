@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from transfusion.models.attention import attend
 
@@ -52,6 +53,9 @@ class TransformerConfig:
     def from_name(cls, name: str, **overrides) -> "TransformerConfig":
         if name not in TRANSFORMER_PRESETS:
             raise ValueError(f"unknown transformer preset {name!r}; choose one of {sorted(TRANSFORMER_PRESETS)}")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown transformer option(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
         if ("dim" in overrides or "ffn_multiple_of" in overrides) and "ffn_dim" not in overrides:
             overrides["ffn_dim"] = None  # re-derive from the new width
         return replace(TRANSFORMER_PRESETS[name], **overrides)
@@ -152,16 +156,26 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.reset_parameters()
 
+        self.activation_checkpointing = False  # recompute each block in backward instead of storing it
+
+    def init_std(self, name: str) -> float:
+        """Standard deviation of the normal init of matrix ``name``; residual-branch outputs are scaled
+        down with depth (GPT-2)."""
+        return 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():
-            if p.dim() == 2:  # residual-branch outputs scaled down with depth (GPT-2)
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                nn.init.normal_(p, std=std)
+            if p.dim() == 2:
+                nn.init.normal_(p, std=self.init_std(name))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask, caches=None) -> torch.Tensor:
         if pos.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
         rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if caches is None else caches[i])
+            if recompute:
+                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, None if caches is None else caches[i])
         return self.norm(x)

@@ -70,9 +70,42 @@ class Transfusion(nn.Module):
         self.patch_encoder, self.patch_decoder = build_patch_layers(
             cfg.patch_encoder, cfg.latent_channels, cfg.patch_size, D, cfg.unet_channels
         )
-        self.diffusion = Diffusion(cfg.num_timesteps)  # a schedule, no parameters
+        with torch.device("cpu"):  # a schedule, no parameters: real tensors even when the model is built on "meta"
+            self.diffusion = Diffusion(cfg.num_timesteps)
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter from ``seed`` alone, one full tensor at a time on the CPU.
+
+        A model built on the meta device and sharded (FSDP2: parameters are DTensors) gets exactly the
+        values of an unsharded one, so 1 process, DDP and FSDP2 start from the same weights. Matrices:
+        N(0, 0.02) (residual outputs scaled with depth) in the transformer, embedding and LM head,
+        PyTorch's default (Kaiming-uniform) in the patch layers; zeros for the patch decoder's output layer and
+        biases; ones for norm weights.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        zero = tuple(f"patch_decoder.{name}." for name in self.patch_decoder.zero_init)
+        for i, (name, p) in enumerate(self.named_parameters()):
+            full = torch.empty(p.shape, dtype=torch.float32)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            if name.startswith(zero) or name.endswith("bias"):
+                full.zero_()
+            elif p.dim() == 1:
+                full.fill_(1.0)
+            elif name.startswith("transformer."):
+                full.normal_(0.0, self.transformer.init_std(name), generator=generator)
+            elif name.startswith(("embedding.", "lm_head.")):
+                full.normal_(0.0, 0.02, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(full, a=5**0.5, generator=generator)
+            if isinstance(p, DTensor):  # keep this rank's shard; every rank drew the same full tensor
+                full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                p.to_local().copy_(full.to_local())
+            else:
+                p.copy_(full)
 
     def attention_mask(self, doc_ids: torch.Tensor, image_ids: torch.Tensor):
         """One mask per batch, shared by all layers."""
@@ -108,11 +141,15 @@ class Transfusion(nn.Module):
         return hidden, eps
 
     def loss(self, tokens, doc_ids, image_ids, latents, max_t=None, pad_id: int = -1, boi_id: int = -1,
-             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); noise is drawn here."""
+             generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); timesteps (N,) and noise are
+        drawn here unless given."""
         N = latents.shape[0]
-        t = self.diffusion.sample_timesteps(N, max_t, generator=generator, device=latents.device)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if t is None:
+            t = self.diffusion.sample_timesteps(N, max_t, generator=generator, device=latents.device)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         x_t = self.diffusion.add_noise(latents, noise, t)
         hidden, eps = self(tokens, doc_ids, image_ids, x_t, t)
 
@@ -129,7 +166,7 @@ class Transfusion(nn.Module):
         else:  # keep the patch layers in the graph so data-parallel gradients stay in step
             ddpm_loss = sum(p.sum() for p in self._patch_parameters()) * 0.0
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
-        return {"loss": loss, "lm_loss": lm_loss.detach(), "ddpm_loss": ddpm_loss.detach(),
+        return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
                 "text_tokens": lm_positions.sum().detach(), "images": torch.tensor(N)}
 
     def _patch_parameters(self):

@@ -1,0 +1,125 @@
+"""Latent caching: encode an image dataset once with the frozen autoencoder, so training skips the encoder.
+
+``transfusion cache-latents --config X.yaml [overrides] --output DIR`` builds the model and data module of
+a Transfusion config, encodes every usable image of the train and validation splits (after the same
+checks and preprocessing as on-the-fly training) and writes::
+
+    DIR/meta.json                  autoencoder fingerprint, image size, latent shape, counts
+    DIR/{train,validation}/latents.npy    (N, C, h, w) float32, unit-variance latents
+    DIR/{train,validation}/captions.jsonl one JSON list of captions per latent
+
+``ImageTextDataModule(latent_cache=DIR)`` then trains from it, after checking that the fingerprint (a hash
+of the autoencoder's weights and latent scale) equals the one of the model's autoencoder. The encoder is
+deterministic (posterior means), so cached and on-the-fly latents are the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FORMAT = 1
+
+
+def autoencoder_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of an autoencoder module's parameters and buffers (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentPairs:
+    """Item ``i``: ``{"image": (C, h, w) latent, "captions": [str, ...]}`` from one split of a cache."""
+
+    def __init__(self, root: str | Path, split: str, fingerprint: str | None, image_size: int):
+        root = Path(root)
+        meta = json.loads((root / "meta.json").read_text())
+        if fingerprint is not None and meta["autoencoder_fingerprint"] != fingerprint:
+            raise ValueError(
+                f"latent cache {str(root)!r} was made by another autoencoder (fingerprint "
+                f"{meta['autoencoder_fingerprint'][:12]}..., this model's is {fingerprint[:12]}...; checkpoint "
+                f"{meta.get('autoencoder_checkpoint')!r}); re-run `transfusion cache-latents` or drop latent_cache")
+        if meta["image_size"] != image_size:
+            raise ValueError(f"latent cache {str(root)!r} holds {meta['image_size']}px images, the model wants {image_size}px")
+        self.latents = np.load(root / split / "latents.npy", mmap_mode="r")
+        self.captions = [json.loads(line) for line in (root / split / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
+        if len(self.captions) != len(self.latents):
+            raise ValueError(f"latent cache {str(root / split)!r}: {len(self.latents)} latents but {len(self.captions)} captions")
+        self.name, self.skipped, self.converted = f"latent cache {split}", meta["skipped"].get(split, {}), {}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(np.array(self.latents[i])), "captions": self.captions[i]}
+
+    def summary(self) -> str:
+        return f"cached; skipped when cached: {self.skipped or 'none'}"
+
+
+@torch.no_grad()
+def write_cache(pairs_by_split: dict, autoencoder, output: str | Path, batch_size: int = 64,
+                checkpoint: str | None = None, num_workers: int = 0) -> dict:
+    """Encode ``{split: ImageCaptionPairs}`` with ``autoencoder`` (an ``AutoencoderModule``) into ``output``."""
+    output = Path(output)
+    autoencoder = autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    meta = {"format": FORMAT, "autoencoder_fingerprint": autoencoder_fingerprint(autoencoder),
+            "autoencoder_checkpoint": checkpoint, "image_size": autoencoder.config.image_size,
+            "latent_shape": None, "count": {}, "skipped": {}}
+    for split, pairs in pairs_by_split.items():
+        (output / split).mkdir(parents=True, exist_ok=True)
+        loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=lambda items: items)
+        latents, captions, written = None, [], 0
+        for items in tqdm(loader, desc=f"encoding {split}", disable=None):
+            z = autoencoder.encode_latents(torch.stack([it["image"] for it in items]).to(device)).float().cpu()
+            if latents is None:
+                meta["latent_shape"] = list(z.shape[1:])
+                latents = np.lib.format.open_memmap(output / split / "latents.npy.partial", mode="w+",
+                                                    dtype=np.float32, shape=(len(pairs), *z.shape[1:]))
+            latents[written:written + len(z)] = z.numpy()
+            written += len(z)
+            captions += [it["captions"] for it in items]
+        latents.flush()
+        del latents
+        (output / split / "latents.npy.partial").replace(output / split / "latents.npy")
+        (output / split / "captions.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions),
+                                                       encoding="utf-8")
+        meta["count"][split] = written
+        meta["skipped"][split] = dict(getattr(pairs, "skipped", {}))
+    (output / "meta.json").write_text(json.dumps(meta, indent=1))  # last: a cache without it is incomplete
+    return meta
+
+
+def cache_main(argv: list[str]) -> None:
+    from transfusion.cli import cli_main
+
+    parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=__doc__.split("\n\n")[0] +
+                                     " Other arguments are the config and overrides of `transfusion fit`.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="cache folder (then data.init_args.latent_cache)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--encode_workers", type=int, default=0, help="DataLoader workers decoding images")
+    args, rest = parser.parse_known_args(argv)
+    cli = cli_main(rest, run=False)
+    module, data = cli.model, cli.datamodule
+    if not hasattr(data, "uncached_pairs"):
+        raise ValueError(f"cache-latents needs an ImageTextDataModule config, got {type(data).__name__}")
+    data.layout = module.sequence_layout()
+    pairs = {split: data.uncached_pairs(split) for split in ("train", "validation")}
+    if torch.cuda.is_available():
+        module.autoencoder.cuda()
+    meta = write_cache(pairs, module.autoencoder, args.output, args.batch_size, module.hparams.autoencoder
+                       if isinstance(module.hparams.autoencoder, str) else None, args.encode_workers)
+    print(f"wrote {args.output}: {meta['count']} latents of shape {meta['latent_shape']} "
+          f"(autoencoder {meta['autoencoder_fingerprint'][:12]})")
