@@ -40,6 +40,9 @@ def test_parity_uses_the_running_best_and_reports_bounds():
     never = parity_flops(flops, fid, 10.0, higher_is_better=False)
     assert never.flops is None and never.best == 30.0 and never.best_flops == 1e12
     assert parity_ratio_text(never, 1e12) == "not reached (best 30 at 1.00e+12 FLOPs)"
+    clip = parity_flops(flops, [0.0, 0.0, 3.0, 5.0], 0.0, higher_is_better=True)  # any model reaches a CLIP score of 0
+    assert clip.status == "at_floor" and clip.flops is None and clip.best == 5.0
+    assert parity_ratio_text(clip, 1e12) == "n/a (Chameleon at 0, the metric's floor)"
     exact = parity_flops(flops, fid, 60.0, higher_is_better=False)  # reached exactly at an evaluation
     assert exact.flops == pytest.approx(1e10)
 

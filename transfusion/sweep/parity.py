@@ -6,7 +6,8 @@ Transfusion's curve is the running best of its evaluations sorted by FLOPs (the 
 at that compute), so it is monotone and the first crossing is well defined. Between the last evaluation
 that misses the target and the first that reaches it, the value is interpolated linearly in log FLOPs.
 If the very first evaluation already reaches it, the ratio is an upper bound (``<=``); if none does,
-there is no ratio and the table says so with the best value reached.
+there is no ratio and the table says so with the best value reached. The higher-is-better metrics (CLIP
+score, CIDEr-D) are never below 0, so a target of 0 is reached by any model: no ratio either (``at_floor``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def metric_info(key: str) -> tuple[str, bool]:
 @dataclass
 class Parity:
     flops: float | None  # FLOPs at which the target is reached (None: never)
-    status: str  # "interpolated", "at_first" (reached by the first evaluation: an upper bound), "not_reached"
+    status: str  # "interpolated", "at_first" (reached by the first evaluation: an upper bound), "not_reached",
+    # "at_floor" (a higher-is-better target <= 0, the metric's floor: reached by any model, no ratio)
     best: float  # best value the curve reached
     best_flops: float
 
@@ -54,6 +56,8 @@ def parity_flops(flops: list[float], values: list[float], target: float, higher_
     reached = [(y >= target) if higher_is_better else (y <= target) for y in ys]
     best_at = max(range(len(ys)), key=lambda i: ys[i] if higher_is_better else -ys[i])
     best, best_flops = ys[-1], xs[best_at]
+    if higher_is_better and target <= 0:
+        return Parity(None, "at_floor", best, best_flops)
     if not any(reached):
         return Parity(None, "not_reached", best, best_flops)
     i = reached.index(True)
@@ -66,6 +70,8 @@ def parity_flops(flops: list[float], values: list[float], target: float, higher_
 
 def parity_ratio_text(parity: Parity, chameleon_flops: float) -> str:
     """The table cell: ratio, ``<= ratio`` or why there is none."""
+    if parity.status == "at_floor":
+        return "n/a (Chameleon at 0, the metric's floor)"
     if parity.status == "not_reached":
         return f"not reached (best {parity.best:.4g} at {parity.best_flops:.2e} FLOPs)"
     ratio = parity.flops / chameleon_flops
