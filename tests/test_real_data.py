@@ -328,6 +328,57 @@ def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, to
     assert cli.trainer.global_step == 2 and isinstance(cli.datamodule.pairs["train"], LatentPairs)
 
 
+def test_vq_code_cache_matches_on_the_fly_and_trains_chameleon(tmp_path, tokenizer_path, vq_ckpt, one_thread):
+    """For a Chameleon config `transfusion cache-latents` writes VQ codes equal to on-the-fly encoding, the rows
+    carry them in place of pixels, Chameleon trains from them, and a Transfusion model refuses them."""
+    from pathlib import Path
+
+    from transfusion.cli import cli_main, main
+    from transfusion.data.sequences import collate_rows
+    from transfusion.lightning.chameleon import ChameleonModule
+
+    coco = make_coco(tmp_path / "coco")
+    (tmp_path / "news.txt").write_text("".join(f"news story number {i} about the weather.\n" for i in range(40)))
+    configs = Path(__file__).resolve().parents[1] / "lightning_configs"
+    args = ["--config", str(configs / "chameleon_real_cpu.yaml"),
+            "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", vq_ckpt,
+            "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
+            "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.25",
+            "--data.init_args.image_captions", "transfusion.data.sources.CocoSource",
+            "--data.init_args.image_captions.images", str(coco / "train2017"),
+            "--data.init_args.image_captions.annotations", str(coco / "annotations" / "captions_train2017.json"),
+            "--data.init_args.text.init_args.paths", str(tmp_path / "news.txt"),
+            "--data.init_args.text.init_args.val_paths", str(tmp_path / "news.txt"),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    main(["cache-latents", *args, "--output", str(tmp_path / "codes"), "--batch_size", "2"])
+    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
+    assert meta["kind"] == "codes" and meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [16]
+
+    module = ChameleonModule(tokenizer_path, vq_ckpt, preset="debug")
+    layout = module.sequence_layout()
+    source = CocoSource(images=str(coco / "train2017"), annotations=str(coco / "annotations" / "captions_train2017.json"))
+    kwargs = dict(text_ratio=0.0, seq_len=48, rows_per_epoch=8, val_fraction=0.25, layout=layout)
+    cached = ImageTextDataModule(source, None, latent_cache=str(tmp_path / "codes"), **kwargs)
+    fresh = ImageTextDataModule(source, None, **kwargs)
+    cached.setup("fit"), fresh.setup("fit")
+    for i in range(3):
+        a, b = cached.pairs["train"][i], fresh.pairs["train"][i]
+        assert a["captions"] == b["captions"] and a["image"].dtype == torch.long
+        assert torch.equal(a["image"], module.encode_images(b["image"][None])[0])
+    row_cached, row_fresh = cached.train_set[0], fresh.train_set[0]
+    assert torch.equal(module.batch_tokens(collate_rows([row_cached])), module.batch_tokens(collate_rows([row_fresh])))
+
+    cli = cli_main(["fit", *args, "--data.init_args.latent_cache", str(tmp_path / "codes"), "--trainer.max_steps", "2",
+                    "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2 and isinstance(cli.datamodule.pairs["train"], LatentPairs)
+    assert torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))
+
+    layout.autoencoder_fingerprint = "0" * 64  # e.g. a Transfusion model's KL-VAE
+    with pytest.raises(ValueError, match="made by another autoencoder"):
+        ImageTextDataModule(source, None, latent_cache=str(tmp_path / "codes"), **kwargs).setup("fit")
+
+
 def test_webdataset_tar_shards(tmp_path):
     import tarfile
 

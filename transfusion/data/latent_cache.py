@@ -1,16 +1,17 @@
 """Latent caching: encode an image dataset once with the frozen autoencoder, so training skips the encoder.
 
 ``transfusion cache-latents --config X.yaml [overrides] --output DIR`` builds the model and data module of
-a Transfusion config, encodes every usable image of the train and validation splits (after the same
-checks and preprocessing as on-the-fly training) and writes::
+a Transfusion or Chameleon config, encodes every usable image of the train and validation splits (after the
+same checks and preprocessing as on-the-fly training) and writes::
 
-    DIR/meta.json                  autoencoder fingerprint, image size, latent shape, counts
-    DIR/{train,validation}/latents.npy    (N, C, h, w) float32, unit-variance latents
-    DIR/{train,validation}/captions.jsonl one JSON list of captions per latent
+    DIR/meta.json                  kind, autoencoder fingerprint, image size, latent shape, counts
+    DIR/{train,validation}/latents.npy    Transfusion (KL-VAE): (N, C, h, w) float32, unit-variance latents
+    DIR/{train,validation}/codes.npy      Chameleon (VQ-VAE): (N, h * w) int32 codebook indices
+    DIR/{train,validation}/captions.jsonl one JSON list of captions per image
 
 ``ImageTextDataModule(latent_cache=DIR)`` then trains from it, after checking that the fingerprint (a hash
-of the autoencoder's weights and latent scale) equals the one of the model's autoencoder. The encoder is
-deterministic (posterior means), so cached and on-the-fly latents are the same numbers.
+of the autoencoder's weights and latent scale) equals the one of the model's autoencoder. Both encoders are
+deterministic (posterior means, nearest codes), so cached and on-the-fly values are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 FORMAT = 1
+FILES = {"latents": ("latents.npy", np.float32), "codes": ("codes.npy", np.int32)}  # kind -> file, dtype
 
 
 def autoencoder_fingerprint(module: torch.nn.Module) -> str:
@@ -38,7 +40,8 @@ def autoencoder_fingerprint(module: torch.nn.Module) -> str:
 
 
 class LatentPairs:
-    """Item ``i``: ``{"image": (C, h, w) latent, "captions": [str, ...]}`` from one split of a cache."""
+    """Item ``i``: ``{"image": (C, h, w) float latent or (n,) long codes, "captions": [str, ...]}`` from one
+    split of a cache."""
 
     def __init__(self, root: str | Path, split: str, fingerprint: str | None, image_size: int):
         root = Path(root)
@@ -50,7 +53,8 @@ class LatentPairs:
                 f"{meta.get('autoencoder_checkpoint')!r}); re-run `transfusion cache-latents` or drop latent_cache")
         if meta["image_size"] != image_size:
             raise ValueError(f"latent cache {str(root)!r} holds {meta['image_size']}px images, the model wants {image_size}px")
-        self.latents = np.load(root / split / "latents.npy", mmap_mode="r")
+        self.kind = meta.get("kind", "latents")
+        self.latents = np.load(root / split / FILES[self.kind][0], mmap_mode="r")
         self.captions = [json.loads(line) for line in (root / split / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
         if len(self.captions) != len(self.latents):
             raise ValueError(f"latent cache {str(root / split)!r}: {len(self.latents)} latents but {len(self.captions)} captions")
@@ -60,7 +64,8 @@ class LatentPairs:
         return len(self.captions)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": torch.from_numpy(np.array(self.latents[i])), "captions": self.captions[i]}
+        value = torch.from_numpy(np.array(self.latents[i]))
+        return {"image": value.long() if self.kind == "codes" else value, "captions": self.captions[i]}
 
     def summary(self) -> str:
         return f"cached; skipped when cached: {self.skipped or 'none'}"
@@ -69,11 +74,15 @@ class LatentPairs:
 @torch.no_grad()
 def write_cache(pairs_by_split: dict, autoencoder, output: str | Path, batch_size: int = 64,
                 checkpoint: str | None = None, num_workers: int = 0) -> dict:
-    """Encode ``{split: ImageCaptionPairs}`` with ``autoencoder`` (an ``AutoencoderModule``) into ``output``."""
+    """Encode ``{split: ImageCaptionPairs}`` into ``output`` with ``autoencoder``: an ``AutoencoderModule``
+    (latents) or a ``VQAutoencoderModule`` (codes)."""
     output = Path(output)
     autoencoder = autoencoder.eval()
     device = next(autoencoder.parameters()).device
-    meta = {"format": FORMAT, "autoencoder_fingerprint": autoencoder_fingerprint(autoencoder),
+    kind = "codes" if hasattr(autoencoder, "encode_codes") else "latents"
+    encode = autoencoder.encode_codes if kind == "codes" else autoencoder.encode_latents
+    name, dtype = FILES[kind]
+    meta = {"format": FORMAT, "kind": kind, "autoencoder_fingerprint": autoencoder_fingerprint(autoencoder),
             "autoencoder_checkpoint": checkpoint, "image_size": autoencoder.config.image_size,
             "latent_shape": None, "count": {}, "skipped": {}}
     for split, pairs in pairs_by_split.items():
@@ -82,17 +91,17 @@ def write_cache(pairs_by_split: dict, autoencoder, output: str | Path, batch_siz
                                              collate_fn=lambda items: items)
         latents, captions, written = None, [], 0
         for items in tqdm(loader, desc=f"encoding {split}", disable=None):
-            z = autoencoder.encode_latents(torch.stack([it["image"] for it in items]).to(device)).float().cpu()
+            z = encode(torch.stack([it["image"] for it in items]).to(device)).cpu()
             if latents is None:
                 meta["latent_shape"] = list(z.shape[1:])
-                latents = np.lib.format.open_memmap(output / split / "latents.npy.partial", mode="w+",
-                                                    dtype=np.float32, shape=(len(pairs), *z.shape[1:]))
-            latents[written:written + len(z)] = z.numpy()
+                latents = np.lib.format.open_memmap(output / split / f"{name}.partial", mode="w+",
+                                                    dtype=dtype, shape=(len(pairs), *z.shape[1:]))
+            latents[written:written + len(z)] = z.numpy().astype(dtype)
             written += len(z)
             captions += [it["captions"] for it in items]
         latents.flush()
         del latents
-        (output / split / "latents.npy.partial").replace(output / split / "latents.npy")
+        (output / split / f"{name}.partial").replace(output / split / name)
         (output / split / "captions.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions),
                                                        encoding="utf-8")
         meta["count"][split] = written
@@ -115,11 +124,13 @@ def cache_main(argv: list[str]) -> None:
     module, data = cli.model, cli.datamodule
     if not hasattr(data, "uncached_pairs"):
         raise ValueError(f"cache-latents needs an ImageTextDataModule config, got {type(data).__name__}")
+    if not hasattr(module, "autoencoder"):
+        raise ValueError(f"cache-latents needs a model with a frozen autoencoder, got {type(module).__name__}")
     data.layout = module.sequence_layout()
     pairs = {split: data.uncached_pairs(split) for split in ("train", "validation")}
     if torch.cuda.is_available():
         module.autoencoder.cuda()
     meta = write_cache(pairs, module.autoencoder, args.output, args.batch_size, module.hparams.autoencoder
                        if isinstance(module.hparams.autoencoder, str) else None, args.encode_workers)
-    print(f"wrote {args.output}: {meta['count']} latents of shape {meta['latent_shape']} "
+    print(f"wrote {args.output}: {meta['count']} {meta['kind']} of shape {meta['latent_shape']} "
           f"(autoencoder {meta['autoencoder_fingerprint'][:12]})")

@@ -64,7 +64,9 @@ class TransfusionRows(Dataset):
         self.p_caption_first, self.image_first_max_t, self.caption_dropout = p_caption_first, image_first_max_t, caption_dropout
         self.tok = layout.tokenizer
         H = layout.image_size  # pairs give pixels (3, H, H) or cached latents (C, h, h): text rows match them
+        # (cached VQ codes: (n,) long)
         self.image_shape = tuple(pairs[0]["image"].shape) if len(pairs) else (3, H, H)
+        self.image_dtype = pairs[0]["image"].dtype if len(pairs) else torch.float32
         self.p_text = 0.0
         if text_ratio > 0:
             self.p_text = 1.0 if len(pairs) == 0 else self._p_text_for(text_ratio)
@@ -92,7 +94,8 @@ class TransfusionRows(Dataset):
         tokens = self.text[start:start + self.seq_len].clone()
         doc_ids = torch.cumsum((tokens == self.tok.bos_id).long(), 0)
         return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": torch.full_like(tokens, -1),
-                "images": torch.zeros(0, *self.image_shape), "max_t": torch.zeros(0, dtype=torch.long)}
+                "images": torch.zeros(0, *self.image_shape, dtype=self.image_dtype),
+                "max_t": torch.zeros(0, dtype=torch.long)}
 
     def document(self, caption: list[int], image_first: bool) -> list[int]:
         """Token ids of one pair document; -1 marks the n patch positions."""

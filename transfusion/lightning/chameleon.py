@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from transfusion.chameleon_generation import ChameleonGenerator, ChameleonSamplingOptions
+from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
@@ -78,13 +79,19 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
 
     def sequence_layout(self) -> SequenceLayout:
         """Rows as for Transfusion, with n = the VQ latent's positions per image."""
-        return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size)
+        return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size,
+                              autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, H, W) in [-1, 1] -> codes (N, n)."""
+        """Pixels (N, 3, H, W) in [-1, 1] -> codes (N, n); codes (N, n) from `transfusion cache-latents` pass through."""
         if images.shape[0] == 0:
             return torch.zeros(0, self.config.image_tokens, dtype=torch.long, device=images.device)
+        if not images.is_floating_point():
+            if tuple(images.shape[1:]) != (self.config.image_tokens,):
+                raise ValueError(f"cached codes of shape {tuple(images.shape[1:])}, the VQ-VAE gives "
+                                 f"({self.config.image_tokens},): re-run `transfusion cache-latents`")
+            return images.long()
         return self.autoencoder.encode_codes(images.to(self.autoencoder.dtype))
 
     @torch.no_grad()
