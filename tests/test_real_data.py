@@ -275,28 +275,33 @@ def test_real_cpu_configs_train_on_prepared_output(tmp_path, tokenizer_path, aut
     assert cli.trainer.global_step == 2 and torch.isfinite(torch.tensor(cli.trainer.callback_metrics["val/loss"].item()))
 
 
-def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, tokenizer_path, autoencoder_ckpt,
-                                                                    one_thread):
-    """`transfusion cache-latents` writes latents equal to on-the-fly encoding; training uses them; another
-    autoencoder is refused."""
+def coco_fit_args(tmp_path, config: str, tokenizer: str, autoencoder: str):
+    """A small COCO folder and news file under ``tmp_path``; the `transfusion fit` arguments of ``config`` on them."""
     from pathlib import Path
-
-    from transfusion.cli import main
-    from transfusion.lightning.transfusion import TransfusionModule
 
     coco = make_coco(tmp_path / "coco")
     (tmp_path / "news.txt").write_text("".join(f"news story number {i} about the weather.\n" for i in range(40)))
     configs = Path(__file__).resolve().parents[1] / "lightning_configs"
-    args = ["--config", str(configs / "transfusion_real_cpu.yaml"),
-            "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
-            "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
-            "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.25",
-            "--data.init_args.image_captions", "transfusion.data.sources.CocoSource",
-            "--data.init_args.image_captions.images", str(coco / "train2017"),
-            "--data.init_args.image_captions.annotations", str(coco / "annotations" / "captions_train2017.json"),
-            "--data.init_args.text.init_args.paths", str(tmp_path / "news.txt"),
-            "--data.init_args.text.init_args.val_paths", str(tmp_path / "news.txt"),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    return coco, ["--config", str(configs / config),
+                  "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
+                  "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
+                  "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.25",
+                  "--data.init_args.image_captions", "transfusion.data.sources.CocoSource",
+                  "--data.init_args.image_captions.images", str(coco / "train2017"),
+                  "--data.init_args.image_captions.annotations", str(coco / "annotations" / "captions_train2017.json"),
+                  "--data.init_args.text.init_args.paths", str(tmp_path / "news.txt"),
+                  "--data.init_args.text.init_args.val_paths", str(tmp_path / "news.txt"),
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+
+
+def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, tokenizer_path, autoencoder_ckpt,
+                                                                    one_thread):
+    """`transfusion cache-latents` writes latents equal to on-the-fly encoding; training uses them; another
+    autoencoder is refused."""
+    from transfusion.cli import main
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    coco, args = coco_fit_args(tmp_path, "transfusion_real_cpu.yaml", tokenizer_path, autoencoder_ckpt)
     main(["cache-latents", *args, "--output", str(tmp_path / "latents"), "--batch_size", "2"])
     meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
     assert meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [4, 4, 4]
@@ -330,26 +335,12 @@ def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, to
 
 def test_vq_code_cache_matches_on_the_fly_and_trains_chameleon(tmp_path, tokenizer_path, vq_ckpt, one_thread):
     """For a Chameleon config `transfusion cache-latents` writes VQ codes equal to on-the-fly encoding, the rows
-    carry them in place of pixels, Chameleon trains from them, and a Transfusion model refuses them."""
-    from pathlib import Path
-
+    carry them in place of pixels, Chameleon trains from them, and another autoencoder's fingerprint is refused."""
     from transfusion.cli import cli_main, main
     from transfusion.data.sequences import collate_rows
     from transfusion.lightning.chameleon import ChameleonModule
 
-    coco = make_coco(tmp_path / "coco")
-    (tmp_path / "news.txt").write_text("".join(f"news story number {i} about the weather.\n" for i in range(40)))
-    configs = Path(__file__).resolve().parents[1] / "lightning_configs"
-    args = ["--config", str(configs / "chameleon_real_cpu.yaml"),
-            "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", vq_ckpt,
-            "--model.init_args.preset", "debug", "--data.init_args.seq_len", "48", "--data.init_args.batch_size", "4",
-            "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.25",
-            "--data.init_args.image_captions", "transfusion.data.sources.CocoSource",
-            "--data.init_args.image_captions.images", str(coco / "train2017"),
-            "--data.init_args.image_captions.annotations", str(coco / "annotations" / "captions_train2017.json"),
-            "--data.init_args.text.init_args.paths", str(tmp_path / "news.txt"),
-            "--data.init_args.text.init_args.val_paths", str(tmp_path / "news.txt"),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    coco, args = coco_fit_args(tmp_path, "chameleon_real_cpu.yaml", tokenizer_path, vq_ckpt)
     main(["cache-latents", *args, "--output", str(tmp_path / "codes"), "--batch_size", "2"])
     meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
     assert meta["kind"] == "codes" and meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [16]

@@ -25,6 +25,7 @@ with a one-line message naming it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -186,33 +187,24 @@ def consolidate_main(argv: list[str]) -> None:
     print(f"wrote {consolidate_checkpoint(args.checkpoint, output)}")
 
 
+# the subcommands besides LightningCLI's: name -> (module, function taking the remaining arguments), imported on use
+SUBCOMMANDS = {
+    "tokenizer": ("transfusion.cli", "tokenizer_main"),
+    "cache-latents": ("transfusion.data.latent_cache", "cache_main"),
+    "export": ("transfusion.export", "export_main"),
+    "quickstart": ("transfusion.quickstart", "quickstart_main"),
+    "fid-weights": ("transfusion.evaluation.fid", "main"),
+    "sweep": ("transfusion.sweep", "sweep_main"),
+    "consolidate": ("transfusion.cli", "consolidate_main"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "tokenizer":
-        tokenizer_main(argv[1:])
-    elif argv and argv[0] == "cache-latents":
-        from transfusion.data.latent_cache import cache_main
-
-        cache_main(argv[1:])
-    elif argv and argv[0] == "export":
-        from transfusion.export import export_main
-
-        export_main(argv[1:])
-    elif argv and argv[0] == "quickstart":
-        from transfusion.quickstart import quickstart_main
-
-        quickstart_main(argv[1:])
-    elif argv and argv[0] == "fid-weights":
-        from transfusion.evaluation.fid import main as fid_weights_main
-
-        fid_weights_main(argv[1:])
-    elif argv and argv[0] == "sweep":
-        from transfusion.sweep import sweep_main
-
-        sweep_main(argv[1:])
-    elif argv and argv[0] == "consolidate":
-        consolidate_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        module, function = SUBCOMMANDS[argv[0]]
+        getattr(importlib.import_module(module), function)(argv[1:])
     else:
         cli_main(None if command_line else argv)
 

@@ -17,7 +17,27 @@ from transfusion.data.shapes import ShapesDataset
 from transfusion.data.text import read_documents, split_documents, token_stream
 
 
-class TransfusionDataModule(ResumableDataModule):
+class RowsDataModule(ResumableDataModule):
+    """Loaders of ``TransfusionRows``: a subclass sets ``train_set`` and ``val_set`` in ``setup`` and has the
+    hyper-parameters ``batch_size``, ``num_workers`` and ``seed``."""
+
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
+                          num_workers=self.hparams.num_workers, collate_fn=collate_rows,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams  # a seeded per-epoch order, sharded over ranks, resumable mid-epoch
+        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.batch_size, hp.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+
+class TransfusionDataModule(RowsDataModule):
     def __init__(self, seq_len: int = 128, batch_size: int = 16, rows_per_epoch: int = 100_000, val_rows: int = 64,
                  num_examples: int = 10_000, text_path: str | None = None, text_ratio: float = 1.0,
                  p_caption_first: float = 0.8, image_first_max_t: int | None = 500, caption_dropout: float = 0.1,
@@ -56,7 +76,7 @@ class TransfusionDataModule(ResumableDataModule):
             ShapesDataset(hp.num_examples, size, seed=hp.seed), token_stream(train_docs, self.layout.tokenizer),
             num_rows=hp.rows_per_epoch, caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
         self.val_set = TransfusionRows(
-            ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), token_stream(val_docs, self.layout.tokenizer),
+            ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), self.heldout_text,
             num_rows=hp.val_rows, caption_dropout=0.0, seed=hp.seed + 1, **common)
 
     def evaluation_examples(self, num: int) -> list[dict]:
@@ -75,21 +95,6 @@ class TransfusionDataModule(ResumableDataModule):
         records = (read_prompts(hp.prompts) if hp.prompts
                    else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2))
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
-
-    def _loader(self, dataset, sampler=None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_rows,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.batch_size, hp.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
 
 
 def check_options(hp) -> None:

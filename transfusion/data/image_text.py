@@ -11,8 +11,9 @@ Sources (``transfusion.data.sources``) are chosen in YAML by ``class_path``::
 Images are checked (``scan``), decoded and resized + centre-cropped to the autoencoder's size; captions
 longer than a row allows are cut. Text is tokenized once (to ``cache_dir`` when given: memory-mapped,
 streamed sources need not fit in memory). Rows are built by ``TransfusionRows`` (a pure function of
-seed and index) in a seeded per-epoch order dealt to the ranks (``ResumableDataModule``): under DDP each
-rank gets a distinct set of rows, and a killed run resumes at the same row.
+seed and index) in a seeded per-epoch order dealt to the ranks (``RowsDataModule``, a
+``ResumableDataModule``): under DDP each rank gets a distinct set of rows, and a killed run resumes at the
+same row.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from transfusion.data.datamodule import RowsDataModule
 from transfusion.data.latent_cache import LatentPairs
 from transfusion.data.pairs import BadDataWarning, ImageCaptionPairs
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.resumable import ResumableDataModule
-from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
+from transfusion.data.sequences import SequenceLayout, TransfusionRows
 from transfusion.data.sources import ImageCaptionSource, TextSource
-from transfusion.data.text import TokenArray, tokenize_documents
+from transfusion.data.text import TokenArray, tokenize_documents, tokens_file
 from transfusion.generation import IMAGE
 
 log = logging.getLogger(__name__)
 
 
-class ImageTextDataModule(ResumableDataModule):
+class ImageTextDataModule(RowsDataModule):
     def __init__(self, image_captions: ImageCaptionSource | None = None, text: TextSource | None = None,
                  seq_len: int = 128, batch_size: int = 16, rows_per_epoch: int = 100_000, val_rows: int = 64,
                  text_ratio: float = 1.0, p_caption_first: float = 0.8, image_first_max_t: int | None = 500,
@@ -70,6 +71,7 @@ class ImageTextDataModule(ResumableDataModule):
         self.layout = layout
         self.train_set = self.val_set = self.heldout_text = None
         self.pairs: dict[str, ImageCaptionPairs] = {}
+        self.pixel_pairs: dict[str, ImageCaptionPairs] = {}  # for metrics and prompts when pairs are latents
         for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows", "min_image_size", "max_image_pixels"):
             if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
                 raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
@@ -100,8 +102,11 @@ class ImageTextDataModule(ResumableDataModule):
         return Path(self.hparams.cache_dir) / f"text-{split}-{key.hexdigest()[:16]}.tokens.bin"
 
     def _tokens(self, split: str) -> TokenArray:
-        cap = self.hparams.max_text_tokens if split == "train" else None
-        return tokenize_documents(self.text.documents(split), self._layout().tokenizer, path=self._text_path(split),
+        cap, path = self.hparams.max_text_tokens if split == "train" else None, self._text_path(split)
+        cached = tokens_file(path)
+        if cached is not None:  # tokenized by an earlier run: the corpus is not read again
+            return cached
+        return tokenize_documents(self.text.documents(split), self._layout().tokenizer, path=path,
                                   max_tokens=cap, desc=f"tokenizing {split} text")
 
     def _pairs(self, split: str) -> ImageCaptionPairs | LatentPairs | None:
@@ -175,22 +180,6 @@ class ImageTextDataModule(ResumableDataModule):
             counts[f"data/{split}_converted"] = sum(pairs.converted.values())
         return counts
 
-    # -- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset, sampler=None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_rows,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        hp = self.hparams  # a seeded per-epoch order, sharded over ranks, resumable mid-epoch
-        return self._loader(self.train_set, self.train_sampler(len(self.train_set), hp.batch_size, hp.seed))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams
         records = read_prompts(hp.prompts) if hp.prompts else self.heldout_prompts(hp.predict_examples)
@@ -210,7 +199,11 @@ class ImageTextDataModule(ResumableDataModule):
         if self.image_captions is None:
             raise ValueError("image metrics and predict prompts need an image-caption source (or a prompt file)")
         pairs = self.pairs.get(split)
-        return pairs if isinstance(pairs, ImageCaptionPairs) else self.uncached_pairs(split)  # pixels, not latents
+        if isinstance(pairs, ImageCaptionPairs):
+            return pairs
+        if split not in self.pixel_pairs:  # trained from a latent cache: the pixels, checked once
+            self.pixel_pairs[split] = self.uncached_pairs(split)
+        return self.pixel_pairs[split]
 
     def heldout_prompts(self, count: int) -> list[dict]:
         """The first ``count`` held-out pairs: caption -> image, and image -> caption (references: all its captions)."""

@@ -71,15 +71,23 @@ class TokenArray:
         return torch.from_numpy(np.asarray(self.array[index], dtype=np.int64))
 
 
+def tokens_file(path: str | os.PathLike | None) -> TokenArray | None:
+    """The complete token stream ``tokenize_documents`` wrote to ``path`` earlier, memory-mapped; None if none."""
+    if path is None or not Path(path).is_file():
+        return None
+    return TokenArray(np.memmap(path, dtype=np.int32, mode="r"))
+
+
 def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer, path: str | os.PathLike | None = None,
                        max_tokens: int | None = None, desc: str = "tokenizing") -> TokenArray:
     """Documents (an iterable, e.g. a streamed corpus) as one BOS ... EOS stream, at most ``max_tokens`` long.
 
     With ``path`` the stream is written there (raw int32) as it is made and memory-mapped (corpora larger than RAM); a
     complete file from an earlier run is reused (``path`` should name the source and tokenizer)."""
+    cached = tokens_file(path)
+    if cached is not None:
+        return cached
     path = Path(path) if path is not None else None
-    if path is not None and path.is_file():
-        return TokenArray(np.memmap(path, dtype=np.int32, mode="r"))
     chunks, total, count = [], 0, 0
     spill = path.with_name(path.name + ".partial") if path is not None else None
     if spill is not None:

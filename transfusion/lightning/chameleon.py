@@ -7,6 +7,7 @@ caption dropout for CFG); each image's n positions receive its VQ codes. The ima
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -77,10 +78,15 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
         super().on_load_checkpoint(checkpoint)  # FlopAccounting
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 
+    @functools.cached_property
+    def autoencoder_fingerprint(self) -> str:
+        """Hash of the frozen autoencoder's weights (checked against latent caches), computed once."""
+        return autoencoder_fingerprint(self.autoencoder)
+
     def sequence_layout(self) -> SequenceLayout:
         """Rows as for Transfusion, with n = the VQ latent's positions per image."""
         return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size,
-                              autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
+                              autoencoder_fingerprint=self.autoencoder_fingerprint)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

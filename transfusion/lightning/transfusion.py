@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -161,9 +162,14 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         self.autoencoder.eval()  # frozen: never in training mode
         return self
 
+    @functools.cached_property
+    def autoencoder_fingerprint(self) -> str:
+        """Hash of the frozen autoencoder's weights (checked against latent caches), computed once."""
+        return autoencoder_fingerprint(self.autoencoder)
+
     def sequence_layout(self) -> SequenceLayout:
         return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
-                              autoencoder_fingerprint=autoencoder_fingerprint(self.autoencoder))
+                              autoencoder_fingerprint=self.autoencoder_fingerprint)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
