@@ -303,3 +303,18 @@ def test_samples_go_to_tensorboard_when_it_is_the_logger(tmp_path):
     assert {"val/caption_to_image", "val/image_to_caption"} <= set(events.Tags()["images"])
     assert events.Images("val/caption_to_image")[0].step == 7
     assert any(tag.startswith("val/captions") for tag in events.Tags()["tensors"])
+
+
+def test_chameleon_export_and_import(chameleon_ckpt, tmp_path):
+    """`transfusion export` of a Chameleon checkpoint is self-contained (VQ-VAE settings in config.json) and reloads
+    the same weights."""
+    from transfusion.export import export, load_exported
+    from transfusion.lightning.chameleon import ChameleonModule
+
+    original = ChameleonModule.load_from_checkpoint(chameleon_ckpt, map_location="cpu").eval()
+    imported = load_exported(export(chameleon_ckpt, tmp_path / "chameleon"))
+    assert isinstance(imported, ChameleonModule) and imported.config == original.config
+    for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
+        assert torch.equal(a, b), name
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(imported.encode_images(images), original.encode_images(images))

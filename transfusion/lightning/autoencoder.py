@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -210,13 +212,22 @@ class VQAutoencoderModule(AutoencoderModule):
         return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
 
 
-def load_frozen(cls: type[AutoencoderModule], path: str) -> AutoencoderModule:
-    """A trained autoencoder from checkpoint ``path``, on the CPU, frozen and in eval mode.
+def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderModule:
+    """A trained autoencoder on the CPU, frozen and in eval mode: from checkpoint ``path``, or built from its
+    settings when ``path`` is a dict (an export's ``config.json``: the weights come with the model's).
 
-    Loaded in an empty context: while LightningCLI builds a module it hands that module's hyperparameters
+    Built in an empty context: while LightningCLI builds a module it hands that module's hyperparameters
     to every LightningModule constructed meanwhile (a context variable), which would replace the
-    checkpoint's own.
+    autoencoder's own.
     """
+    if isinstance(path, dict):  # as load_from_checkpoint: only the class's own arguments (hparams also hold its base's)
+        settings = {k: v for k, v in path.items() if k in inspect.signature(cls.__init__).parameters}
+        return contextvars.Context().run(cls, **settings).requires_grad_(False).eval()
+    if not Path(path).is_file():
+        name, config = (("VQ-VAE", "vqvae_embedded.yaml") if cls is VQAutoencoderModule
+                        else ("autoencoder", "autoencoder_embedded.yaml"))
+        raise FileNotFoundError(f"{name} checkpoint {path!r} does not exist; train one with "
+                                f"`transfusion fit --config lightning_configs/{config}`")
     try:
         module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
     except (TypeError, ValueError, KeyError, RuntimeError) as error:  # the weights or hyperparameters of another class

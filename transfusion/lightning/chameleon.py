@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -33,7 +32,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
     generator_class = ChameleonGenerator  # also used by transfusion.generation.generate_images / generate_captions
     image_sampling_fields = ("image_temperature", "image_top_p")  # reported by evaluations
 
-    def __init__(self, tokenizer: str, autoencoder: str, preset: str = "debug", transformer: dict | None = None,
+    def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", transformer: dict | None = None,
                  qk_norm: bool = True, norm_reorder: bool = True, z_loss_weight: float = 1e-5, attention: str = "auto",
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
@@ -42,7 +41,8 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer``).
-            autoencoder: path of a trained ``VQAutoencoderModule`` checkpoint; kept frozen.
+            autoencoder: path of a trained ``VQAutoencoderModule`` checkpoint; kept frozen (or its settings, as in
+                an export).
             preset, transformer: transformer size and overrides, as for ``TransfusionModule``.
             qk_norm, norm_reorder, z_loss_weight: Chameleon's stability changes (paper: on, on, 1e-5).
             lr: the paper's Chameleon learning rate is 1e-4; the rest of the optimisation as Transfusion's.
@@ -52,9 +52,6 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(tokenizer)
-        if not Path(autoencoder).is_file():
-            raise FileNotFoundError(f"VQ-VAE checkpoint {autoencoder!r} does not exist; train one with "
-                                    "`transfusion fit --config lightning_configs/vqvae_embedded.yaml`")
         self.autoencoder = load_frozen(VQAutoencoderModule, autoencoder)
         self.config = ChameleonConfig(
             transformer=TransformerConfig.from_name(preset, qk_norm=qk_norm, norm_reorder=norm_reorder,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -96,14 +95,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         self.save_hyperparameters()
         self.sampling = check_options(self.hparams)  # before any file is read
         self.tokenizer = Tokenizer(tokenizer)
-        if isinstance(autoencoder, dict):
-            self.autoencoder = AutoencoderModule(**autoencoder)
-        elif not Path(autoencoder).is_file():
-            raise FileNotFoundError(f"autoencoder checkpoint {autoencoder!r} does not exist; train one with "
-                                    "`transfusion fit --config lightning_configs/autoencoder_embedded.yaml`")
-        else:
-            self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
-        self.autoencoder.requires_grad_(False).eval()
+        self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
         ae_cfg = self.autoencoder.autoencoder.config
         self.config = TransfusionConfig(
             transformer=TransformerConfig.from_name(preset, **(transformer or {})),
