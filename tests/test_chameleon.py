@@ -53,7 +53,7 @@ def test_loss_is_next_token_cross_entropy_on_text_and_codes_within_documents():
     model = _model(z_loss_weight=0.0)
     tokens, doc_ids, image_ids = _row()
     out = model.loss(tokens, doc_ids, image_ids, pad_id=PAD)
-    logits = model.lm_head(model(tokens, doc_ids)[0])[0]  # (L, V)
+    logits = model.lm_head(model(tokens, doc_ids))[0]  # (L, V)
     # trained: every input whose target is in the same document and not padding
     trained = [i for i in range(tokens.shape[1] - 1) if doc_ids[0, i] == doc_ids[0, i + 1] and tokens[0, i + 1] != PAD]
     assert trained == list(range(9)) + list(range(10, 16))  # not EOS->BOS (new document), not into padding
@@ -67,7 +67,7 @@ def test_loss_is_next_token_cross_entropy_on_text_and_codes_within_documents():
     # padding and the next document cannot change the first document's loss terms
     other = tokens.clone()
     other[0, 10:] = torch.tensor([1, 30, BOI, 60, 61, 62, 63, 7, 7])
-    logits2 = model.lm_head(model(other, doc_ids)[0])[0]
+    logits2 = model.lm_head(model(other, doc_ids))[0]
     assert torch.allclose(logits2[:10], logits[:10])
 
 

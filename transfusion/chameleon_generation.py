@@ -66,7 +66,7 @@ class ChameleonGenerator(Generator):
         else:
             tokens, doc, pos = (torch.cat([getattr(st, k), block[k]], 1) for k in ("tokens", "doc", "pos"))
             mask, caches = dense_mask(doc, torch.full_like(doc, -1), bidirectional=False), None
-        hidden, _ = self.model(tokens, doc, mask=mask, pos=pos, caches=caches)
+        hidden = self.model(tokens, doc, mask=mask, pos=pos, caches=caches)
         if commit:
             st.append(block)
         return hidden[:, -Lq:], {}

@@ -11,13 +11,14 @@ scores; reports name the CLIP that computed them (``clip_score@<name>``).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
+
+from transfusion.lightning.optim import adamw_cosine
 
 NAME_FILE = "transfusion_clip.json"
 
@@ -140,20 +141,9 @@ class ClipModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        rest = [p for p in self.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                                lr=hp.lr, betas=(0.9, 0.98), eps=1e-6)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))))
-
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
-                                                   "interval": "step"}}
+        hp = self.hparams  # AdamW (CLIP's betas and eps), linear warm-up, cosine decay to 0
+        return adamw_cosine(self.parameters(), hp.lr, (0.9, 0.98), 1e-6, hp.weight_decay, hp.warmup_steps, 0.0,
+                            self.trainer.estimated_stepping_batches)
 
     def export(self, directory: str | os.PathLike) -> Path:
         """Write the Hugging Face directory that ``clip_score_metric`` (and CLIPScore) loads."""

@@ -110,7 +110,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
     def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Logits (P, text + codebook) at the ``at`` positions of text-only rows (B, L): perplexity is scored
         over the whole vocabulary, so probability the model puts on image codes counts against it."""
-        return self.model.lm_head(self.model(tokens, doc_ids)[0][at])
+        return self.model.lm_head(self.model(tokens, doc_ids)[at])
 
     def _common_step(self, batch: dict, stage: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.batch_tokens(batch) if tokens is None else tokens

@@ -78,17 +78,15 @@ class Chameleon(nn.Module):
         build = block_mask if use_flex else dense_mask
         return build(doc_ids, torch.full_like(doc_ids, -1), bidirectional=False)
 
-    def forward(self, tokens, doc_ids, image_ids=None, mask=None, pos=None, caches=None) -> tuple[torch.Tensor, None]:
-        """Hidden states (B, L, D), and None: the call and return of ``Transfusion.forward`` without images
-        (``image_ids`` is accepted for that and unused: codes are tokens, attention stays causal)."""
+    def forward(self, tokens, doc_ids, mask=None, pos=None, caches=None) -> torch.Tensor:
+        """Hidden states (B, L, D); ``pos``, ``mask`` and ``caches`` as in ``Transfusion.forward``."""
         if mask is None:
             mask = self.attention_mask(doc_ids)
-        pos = positions(doc_ids) if pos is None else pos
-        return self.transformer(self.embedding(tokens), pos, mask, caches), None
+        return self.transformer(self.embedding(tokens), positions(doc_ids) if pos is None else pos, mask, caches)
 
     def loss(self, tokens, doc_ids, image_ids, pad_id: int = -1) -> dict[str, torch.Tensor]:
         """Next-token loss on text and image tokens + z-loss; ``tokens`` (B, L) already hold the codes."""
-        hidden, _ = self(tokens, doc_ids)
+        hidden = self(tokens, doc_ids)
         tgt = tokens[:, 1:]
         trained = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (tgt != pad_id)  # (B, L-1)
         logits = self.lm_head(hidden[:, :-1][trained])  # (P, V)

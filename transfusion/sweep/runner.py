@@ -137,6 +137,10 @@ class Sweep:
         return runs
 
     # ------------------------------------------------------------------ prerequisites
+    @property
+    def needs_clip(self) -> bool:
+        return "clip" in self.evaluation.get("metrics", ["clip"])  # the Evaluation callback's default: all metrics
+
     def prepare(self) -> dict[str, str]:
         """Paths of the tokenizer, the autoencoders and the CLIP, trained here when not given."""
         from transfusion.cli import cli_main, tokenizer_main
@@ -150,7 +154,7 @@ class Sweep:
                 raise FileNotFoundError(f"sweep: tokenizer.path {tok!r} does not exist")
             tokenizer_main(["--output", tok, "--vocab_size", str(self.vocab_size)])
         prepared["tokenizer"] = tok
-        needed = ["autoencoder", "vqvae"] + (["clip"] if "clip" in self.evaluation.get("metrics", ["clip"]) else [])
+        needed = ["autoencoder", "vqvae"] + (["clip"] if self.needs_clip else [])
         for name in needed:
             spec = self.prerequisites[name]
             if spec.path:
@@ -205,7 +209,7 @@ class Sweep:
         autoencoder = prepared["autoencoder" if run.model == "transfusion" else "vqvae"]
         evaluation = {**self.evaluation, "every_n_train_steps": self.eval_every, "at_train_end": True,
                       "on_test": False, "on_validation": False, "output_dir": str(root / "evaluation")}
-        if "clip" in evaluation.get("metrics", ["clip"]):
+        if self.needs_clip:
             evaluation["clip_model"] = prepared["clip"]
         callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
         return ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
