@@ -71,7 +71,7 @@ class Evaluation(Callback):
         self.results: dict | None = None
         self.history: list[dict] = []  # every report of this run, in order (sweeps read it)
         self._last_step: int | None = None
-        self._fid = self._clip = None
+        self._fid = self._clip = None  # built once: CLIPScore by _check_weights, FID at the first evaluation
         self._check_weights()
 
     def _check_weights(self) -> None:
@@ -84,8 +84,9 @@ class Evaluation(Callback):
                 raise ValueError("the clip metric needs `clip_model`: a local Hugging Face CLIP directory "
                                  "(train one with `transfusion fit --config lightning_configs/clip_embedded.yaml`), "
                                  "or drop clip from `metrics`")
-            from transfusion.evaluation.clip import load_clip
-            load_clip(self.clip_model)  # raises with the path if it is not a CLIP directory
+            from transfusion.evaluation.clip import clip_name, clip_score_metric
+            # loaded here, kept for the evaluations; raises with the path if it is not a CLIP directory
+            self._clip, self._clip_name = clip_score_metric(self.clip_model), clip_name(self.clip_model)
 
     # ------------------------------------------------------------------ hooks
     def on_test_epoch_end(self, trainer, pl_module) -> None:
@@ -107,15 +108,12 @@ class Evaluation(Callback):
 
     # ------------------------------------------------------------------ evaluation
     def _metric_objects(self, device):
-        from transfusion.evaluation.clip import clip_name, clip_score_metric
         from transfusion.evaluation.fid import inception_fid
 
         if "fid" in self.metrics and self._fid is None:
             # the real images are the same N held-out examples at every evaluation: their statistics are kept
             self._fid = inception_fid(self.fid_weights, reset_real_features=False, features=self.fid_features)
             self._fid_has_real = False
-        if "clip" in self.metrics and self._clip is None:
-            self._clip, self._clip_name = clip_score_metric(self.clip_model), clip_name(self.clip_model)
         for m in (self._fid, self._clip):
             if m is not None:
                 m.reset()
