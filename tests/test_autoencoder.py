@@ -1,5 +1,7 @@
 """Tests for the KL autoencoder, its Lightning module and the image data module."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -131,6 +133,17 @@ def test_image_datamodule_batches_and_optimizer():
     assert config["optimizer"].param_groups[0]["lr"] == pytest.approx(module.hparams.lr / 10)
     images = module.log_images(batch)
     assert images["inputs"].shape == images["reconstructions"].shape == (8, 3, 16, 16)
+    # cosine decay over a run's steps down to lr * min_lr_ratio at the last one
+    module = AutoencoderModule(preset="debug", warmup_steps=0, min_lr_ratio=0.05, lr=1e-3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=100)
+    config = module.configure_optimizers()
+    lrs = []
+    for _ in range(101):
+        lrs.append(config["optimizer"].param_groups[0]["lr"])
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[50] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert lrs[100] == pytest.approx(5e-5) and all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def _debug_data() -> ImageDataModule:

