@@ -173,8 +173,9 @@ def trained_with_evaluation(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
     cli = cli_main(["fit", *_fit_args(root, tokenizer_path, autoencoder_ckpt, steps=6),
                     "--trainer.callbacks+=transfusion.lightning.evaluation.Evaluation",
                     "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.on_test=false",
-                    "--trainer.callbacks.metrics=[cider,ppl]", "--trainer.callbacks.num_samples=2",
+                    "--trainer.callbacks.metrics=[cider,ppl,follow]", "--trainer.callbacks.num_samples=2",
                     "--trainer.callbacks.max_text_windows=2", "--trainer.callbacks.max_caption_tokens=4",
+                    "--trainer.callbacks.sampling={sampler: ddim, num_steps: 2}",
                     "--trainer.callbacks.output_dir", str(root / "evaluation")])
     return cli.trainer
 
@@ -192,7 +193,18 @@ def test_evaluation_every_n_training_steps(trained_with_evaluation):
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert all(float(r["eval/ppl"]) > 1 for r in rows)
     report = json.loads((Path(trained_with_evaluation.default_root_dir) / "evaluation" / "evaluation.json").read_text())
-    assert report["training_steps"] == 6 and set(report["metrics"]) == {"cider_d", "ppl"}
+    follow = {"follow@shapes", "captions@shapes", *(f"follow@shapes/{k}" for k in
+                                                    ("size", "colour", "shape", "position", "one_object", "blank")),
+              *(f"captions@shapes/{k}" for k in ("size", "colour", "shape", "position"))}
+    assert report["training_steps"] == 6 and set(report["metrics"]) == {"cider_d", "ppl"} | follow
+    assert all(0.0 <= report["metrics"][k] <= 1.0 for k in follow)
+    # the callback's cheaper sampler during training, the module's own (DDPM, 4 steps) restored afterwards
+    assert report["sampler"]["sampler"] == "ddim" and report["sampler"]["num_steps"] == 2
+    module = trained_with_evaluation.lightning_module
+    assert (module.sampling.sampler, module.sampling.num_steps) == ("ddpm", 4)
+    history = [h for h in trained_with_evaluation.callbacks if isinstance(h, Evaluation)][0].history
+    seconds = [h["training_seconds"] for h in history]  # wall time of training, evaluations excluded
+    assert len(seconds) == 2 and 0 < seconds[0] < seconds[1]
 
 
 def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: str, clip: str) -> list[str]:
@@ -215,7 +227,7 @@ def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt
     args = [transfusion_ckpt, tokenizer_path, autoencoder_ckpt, fid_weights, clip_dir]
     cli = cli_main(_evaluate_args(one, *args))
     report = json.loads((one / "evaluation.json").read_text())
-    assert set(report["metrics"]) == {"fid", "clip_score@test-clip", "cider_d", "ppl"}
+    assert {"fid", "clip_score@test-clip", "cider_d", "ppl", "follow@shapes", "captions@shapes"} <= set(report["metrics"])
     assert report["num_samples"] == 6 and report["cfg_scale"] == 5.0 and report["training_steps"] == 6
     assert report["sampler"]["num_steps"] == 3  # the command line's, not the checkpoint's (4)
     assert all(math.isfinite(v) for v in report["metrics"].values()) and report["metrics"]["ppl"] > 1
@@ -265,7 +277,7 @@ def test_evaluation_command_on_chameleon(tmp_path, chameleon_ckpt, tokenizer_pat
                     "--trainer.callbacks.init_args.clip_model", clip_dir, "--trainer.callbacks.init_args.output_dir", str(tmp_path)])
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["model"] == "ChameleonModule" and report["training_steps"] == 4
-    assert set(report["metrics"]) == {"fid@64", "clip_score@test-clip", "cider_d", "ppl"}
+    assert {"fid@64", "clip_score@test-clip", "cider_d", "ppl", "follow@shapes", "captions@shapes"} <= set(report["metrics"])
     assert all(math.isfinite(v) for v in report["metrics"].values())
     assert report["sampler"]["image_temperature"] == 0.5  # the command line's, not the checkpoint's
     flops = checkpoint_flops(chameleon_ckpt)

@@ -50,6 +50,8 @@ def test_parity_uses_the_running_best_and_reports_bounds():
 def test_metric_directions():
     assert [metric_info(k)[1] for k in ("fid", "ppl", "cider_d", "clip_score@shapes-clip")] == [False, False, True, True]
     assert metric_info("clip_score@shapes-clip")[0] == "CLIP score (shapes-clip)"
+    assert metric_info("follow@shapes") == ("prompt following (shapes)", True)
+    assert metric_info("follow@shapes/one_object") == ("prompt following: one object (shapes)", True)
     with pytest.raises(KeyError, match="unknown metric"):
         metric_info("bleu")
 
@@ -73,7 +75,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
                   "S": {"model.init_args.preset": "debug"}},
         "budgets": [3],
         "eval_every_n_steps": 2,
-        "evaluation": {"num_samples": 4, "batch_size": 4, "metrics": ["fid", "clip", "cider", "ppl"],
+        "evaluation": {"num_samples": 4, "batch_size": 4, "metrics": ["fid", "clip", "cider", "ppl", "follow"],
                        "fid_weights": fid_weights, "fid_features": 64, "max_text_windows": 2, "max_caption_tokens": 4, "log_samples": 2},
         "tokenizer": {"path": tokenizer_path}, "autoencoder": {"path": autoencoder_ckpt},
         "vqvae": {"path": vq_ckpt}, "clip": {"path": clip_dir},
@@ -90,8 +92,10 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     out = sweep_dir / "sweep"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    metrics = ["ppl", "cider_d", "fid@64", "clip_score@test-clip"]
-    assert list(rows[0])[-4:] == metrics
+    metrics = ["ppl", "cider_d", "fid@64", "clip_score@test-clip", "follow@shapes", "captions@shapes"]
+    parts = [f"follow@shapes/{k}" for k in ("blank", "colour", "one_object", "position", "shape", "size")]
+    assert list(rows[0])[-len(metrics) - len(parts) - 4:] == metrics[:5] + parts + metrics[5:] + [
+        f"captions@shapes/{k}" for k in ("colour", "position", "shape", "size")]  # the CSV has every rate
     main_runs = {(r["model"], r["size"]) for r in rows if not r["ablation"]}
     assert main_runs == {(m, s) for m in ("transfusion", "chameleon") for s in ("XS", "S")}
     for run in {r["run"] for r in rows}:
@@ -109,8 +113,9 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     table = (out / "table3.md").read_text().splitlines()
     assert table[2] == "| metric | better | Transfusion | Chameleon | parity FLOP ratio |"
     body = [line.split(" | ") for line in table[4:]]
-    assert [b[0].strip("| ") for b in body] == ["perplexity", "CIDEr-D", "FID (64)", "CLIP score (test-clip)"]
-    assert [b[1] for b in body] == ["lower", "higher", "lower", "higher"]
+    assert [b[0].strip("| ") for b in body] == ["perplexity", "CIDEr-D", "FID (64)", "CLIP score (test-clip)",
+                                                "prompt following (shapes)", "caption attributes (shapes)"]
+    assert [b[1] for b in body] == ["lower", "higher", "lower", "higher", "higher", "higher"]
     result = json.loads((out / "results.json").read_text())
     t3 = result["table3"]
     assert t3["size"] == "S" and t3["budget"] == 3
@@ -132,7 +137,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert len(result["ablations"][0]["settings"]) == 2
 
     with Image.open(out / "scaling.png") as image:
-        assert image.format == "PNG" and image.width > 4 * image.height / 2  # four panels side by side
+        assert image.format == "PNG" and image.width > 6 * image.height / 2  # six panels side by side
 
 
 def test_sweep_resumes_without_training_again(sweep_dir, monkeypatch):

@@ -1,5 +1,6 @@
 """The paper's evaluation as a Lightning callback: FID and CLIP score of caption->image generations,
-CIDEr-D of image->caption generations, perplexity on held-out text.
+CIDEr-D of image->caption generations, perplexity on held-out text; and, on the embedded shapes, prompt
+following (``follow``: the attributes read back from the generated pictures and captions).
 
 Model-agnostic: it asks the LightningModule only for the ``GenerativeModule`` interface
 (``transfusion.lightning.interface``: ``generate_images``, ``generate_captions``, ``text_logits``,
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
 
-METRICS = ("fid", "clip", "cider", "ppl")
+METRICS = ("fid", "clip", "cider", "ppl", "follow")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -40,11 +43,13 @@ class Evaluation(Callback):
                  fid_weights: str | None = None, clip_model: str | None = None, max_text_windows: int | None = None,
                  every_n_train_steps: int | None = None, on_validation: bool = False, on_test: bool = True,
                  output_dir: str | None = None, log_samples: int = 16, max_caption_tokens: int = 32,
-                 at_train_end: bool = True, fid_features: int = 2048):
+                 at_train_end: bool = True, fid_features: int = 2048, sampling: dict | None = None):
         """
         Args:
             num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
-            metrics: any of fid, clip, cider, ppl.
+            metrics: any of fid, clip, cider, ppl, follow (the embedded shapes only: ``follow@shapes`` is the share of
+                caption -> image pictures with all four attributes right, ``follow@shapes/<attribute>``,
+                ``/one_object`` and ``/blank`` its parts; ``captions@shapes`` the same for image -> caption text).
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
             fid_features: 2048 (standard FID, key ``fid``) or 64/192/768 (earlier Inception layers, key ``fid@64``
                 ...: cheap, for tests; not comparable with FID).
@@ -54,6 +59,8 @@ class Evaluation(Callback):
             log_samples: how many generated images / captions go to the logger.
             at_train_end: with ``every_n_train_steps``, also evaluate the final weights when the last step is
                 not a multiple of it.
+            sampling: image-sampling settings for these evaluations in place of the module's, e.g.
+                ``{sampler: ddim, num_steps: 50}`` for cheap evaluations during training (reports name them).
         """
         unknown = set(metrics) - set(METRICS)
         if unknown:
@@ -66,11 +73,13 @@ class Evaluation(Callback):
         self.fid_weights, self.clip_model, self.max_text_windows = fid_weights, clip_model, max_text_windows
         self.every_n_train_steps, self.on_validation, self.on_test = every_n_train_steps, on_validation, on_test
         self.output_dir, self.log_samples, self.max_caption_tokens = output_dir, log_samples, max_caption_tokens
-        self.at_train_end, self.fid_features = at_train_end, fid_features
+        self.at_train_end, self.fid_features, self.sampling = at_train_end, fid_features, dict(sampling or {})
         self._fid_key = "fid" if fid_features == 2048 else f"fid@{fid_features}"
         self.results: dict | None = None
         self.history: list[dict] = []  # every report of this run, in order (sweeps read it)
         self._last_step: int | None = None
+        self._train_start: float | None = None  # wall clock at the start of fit, and time spent evaluating since
+        self._eval_seconds = 0.0
         self._fid = self._clip = None  # built once: CLIPScore by _check_weights, FID at the first evaluation
         self._check_weights()
 
@@ -102,6 +111,9 @@ class Evaluation(Callback):
         if n and trainer.global_step % n == 0 and trainer.global_step > 0 and trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module, "eval")
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._train_start, self._eval_seconds = time.perf_counter(), 0.0
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.every_n_train_steps and self.at_train_end and trainer.global_step not in (0, self._last_step):
             self.evaluate(trainer, pl_module, "eval")
@@ -121,8 +133,24 @@ class Evaluation(Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module, prefix: str) -> dict:
-        was_training = pl_module.training
+        """Generate, score, log and report; the module's mode and sampling settings are restored afterwards."""
+        started = time.perf_counter()
+        training_seconds = self._training_seconds(prefix)  # before this evaluation's own time
+        was_training, module_sampling = pl_module.training, pl_module.sampling
+        try:
+            pl_module.sampling = replace(module_sampling, **self.sampling)
+        except TypeError as error:
+            raise ValueError(f"Evaluation(sampling={self.sampling}): {error}; valid: "
+                             f"{sorted(vars(module_sampling))}") from None
         pl_module.eval()
+        try:
+            return self._evaluate(trainer, pl_module, prefix, training_seconds)
+        finally:
+            pl_module.train(was_training)
+            pl_module.sampling = module_sampling
+            self._eval_seconds += time.perf_counter() - started
+
+    def _evaluate(self, trainer, pl_module, prefix: str, training_seconds: float | None) -> dict:
         rank, world = trainer.global_rank, trainer.world_size
         datamodule = trainer.datamodule
         if getattr(datamodule, "layout", None) is None:
@@ -131,7 +159,7 @@ class Evaluation(Callback):
         self._metric_objects(device)
         results: dict = {}
         samples: list[dict] = []
-        if set(self.metrics) & {"fid", "clip", "cider"}:
+        if set(self.metrics) & {"fid", "clip", "cider", "follow"}:
             examples = datamodule.evaluation_examples(self.num_samples)
             mine = list(range(rank, len(examples), world))
             samples = self._generate(pl_module, examples, mine, rank)
@@ -152,6 +180,9 @@ class Evaluation(Callback):
             cider.update([s["generated_caption"] for s in samples], [s["references"] for s in samples],
                          index=[s["index"] for s in samples])
             results["cider_d"] = float(cider.compute())
+        if "follow" in self.metrics:
+            results.update(follow_metrics(_gather([(s["caption"], s["generated"], s["generated_caption"], s["references"][0])
+                                                   for s in samples])))
         if "ppl" in self.metrics:
             results["ppl"] = self._perplexity(pl_module, datamodule, rank, world, device)
         if prefix == "eval":  # during fit: straight to the logger, at this step only
@@ -161,10 +192,9 @@ class Evaluation(Callback):
             for key, value in results.items():  # already global: no sync
                 pl_module.log(f"{prefix}/{key}", value)
         self._log_samples(trainer, samples, prefix)
-        self.results = self._report(trainer, pl_module, results)
+        self.results = self._report(trainer, pl_module, results, training_seconds)
         self.history.append({"stage": prefix, **self.results})
         self._last_step = trainer.global_step if prefix == "eval" else self._last_step
-        pl_module.train(was_training)
         return results
 
     def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int) -> list[dict]:
@@ -223,7 +253,13 @@ class Evaluation(Callback):
             captions.save(folder / "image_to_caption.png")
             (folder / "captions.md").write_text(table)
 
-    def _report(self, trainer, pl_module, results: dict) -> dict:
+    def _training_seconds(self, prefix: str) -> float | None:
+        """Wall time of this fit so far, without the time spent evaluating (None outside fit)."""
+        if prefix != "eval" or self._train_start is None:
+            return None
+        return time.perf_counter() - self._train_start - self._eval_seconds
+
+    def _report(self, trainer, pl_module, results: dict, training_seconds: float | None = None) -> dict:
         sampling = pl_module.sampling_summary()
         flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
         report = {
@@ -240,6 +276,7 @@ class Evaluation(Callback):
             "training_flops_exact": flops.get("exact_flops"),  # + attention
             "training_tokens": flops.get("tokens"),
             "training_steps": _training_steps(trainer, pl_module),
+            "training_seconds": training_seconds,  # wall time of fit so far, evaluations excluded
             "world_size": trainer.world_size,
         }
         if trainer.is_global_zero:
@@ -249,6 +286,19 @@ class Evaluation(Callback):
             (folder / "evaluation.md").write_text(markdown_table(report))
             rank_zero_info(f"evaluation: {results} -> {folder / 'evaluation.json'}")
         return report
+
+
+def follow_metrics(samples: list[tuple]) -> dict[str, float]:
+    """Prompt-following rates from (caption, generated image, generated caption, reference caption) tuples."""
+    from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores
+
+    score = FollowScore()
+    score.update(torch.stack([s[1] for s in samples]), [s[0] for s in samples])
+    rates = score.compute()
+    captions = caption_scores([s[2] for s in samples], [s[3] for s in samples])
+    return {"follow@shapes": rates["all"],
+            **{f"follow@shapes/{k}": rates[k] for k in (*ATTRIBUTES, "one_object", "blank")},
+            "captions@shapes": captions["all"], **{f"captions@shapes/{k}": captions[k] for k in ATTRIBUTES}}
 
 
 def _training_steps(trainer, pl_module) -> int:

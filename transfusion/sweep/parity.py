@@ -7,7 +7,8 @@ at that compute), so it is monotone and the first crossing is well defined. Betw
 that misses the target and the first that reaches it, the value is interpolated linearly in log FLOPs.
 If the very first evaluation already reaches it, the ratio is an upper bound (``<=``); if none does,
 there is no ratio and the table says so with the best value reached. The higher-is-better metrics (CLIP
-score, CIDEr-D) are never below 0, so a target of 0 is reached by any model: no ratio either (``at_floor``).
+score, CIDEr-D, prompt following) are never below 0, so a target of 0 is reached by any model: no ratio either
+(``at_floor``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 # metric key prefix -> (name in tables, higher is better)
 METRIC_INFO = {"fid": ("FID", False), "clip_score": ("CLIP score", True), "cider_d": ("CIDEr-D", True),
-               "ppl": ("perplexity", False)}
+               "ppl": ("perplexity", False), "follow": ("prompt following", True),
+               "captions": ("caption attributes", True)}
 
 
 def metric_info(key: str) -> tuple[str, bool]:
@@ -26,6 +28,8 @@ def metric_info(key: str) -> tuple[str, bool]:
     if base not in METRIC_INFO:
         raise KeyError(f"unknown metric {key!r}; known: {sorted(METRIC_INFO)}")
     name, higher = METRIC_INFO[base]
+    tag, _, part = tag.partition("/")  # follow@shapes/colour: one attribute of prompt following
+    name = f"{name}: {part.replace('_', ' ')}" if part else name
     return (f"{name} ({tag})" if tag else name), higher
 
 

@@ -2,7 +2,7 @@
 
 ``rows`` are the sweep's evaluations, one dict each: run, model, size, budget, ablation, setting, step,
 params, tokens, flops (6ND), flops_exact (with attention) and the metrics (``fid``, ``clip_score@<clip>``,
-``cider_d``, ``ppl``).
+``cider_d``, ``ppl``, ``follow@shapes`` and its per-attribute rates).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_tex
 COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "params", "tokens", "flops", "flops_exact"]
 
 
-def metric_keys(rows: list[dict]) -> list[str]:
-    """Metric columns present in ``rows``, in the paper's order (text first)."""
-    order = ["ppl", "cider_d", "fid", "clip_score"]
-    keys = {k for r in rows for k in r if k not in COLUMNS}
+def metric_keys(rows: list[dict], parts: bool = False) -> list[str]:
+    """Metric columns present in ``rows``, in the paper's order (text first), then prompt following; ``parts``:
+    also the per-attribute rates (``follow@shapes/colour``, ...), which the tables and plots leave out."""
+    order = ["ppl", "cider_d", "fid", "clip_score", "follow", "captions"]
+    keys = {k for r in rows for k in r if k not in COLUMNS and (parts or "/" not in k)}
     return sorted(keys, key=lambda k: (order.index(k.split("@")[0]) if k.split("@")[0] in order else 99, k))
 
 
@@ -139,8 +140,8 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
     """Write results.csv, results.json, table3.md, ablations.md and scaling.png under ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     keys = metric_keys(rows)
-    with open(output / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + keys, extrasaction="ignore")
+    with open(output / "results.csv", "w", newline="") as f:  # every metric, per-attribute rates too
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + metric_keys(rows, parts=True), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
     t3 = table3(rows, reference_size, parity_curve)
