@@ -513,6 +513,30 @@ def test_loss_values_reproduce_by_hand():
     assert other["ddpm_loss"] != out["ddpm_loss"]
 
 
+def test_min_snr_weights_each_image_by_its_timestep():
+    model = small_model().double()
+    with torch.no_grad():
+        nn.init.normal_(model.patch_decoder.proj.weight, std=0.1)
+    tokens, doc_ids, image_ids, _ = loss_batch()
+    lat = torch.randn(3, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([50, 500, 900])  # SNR about 90, 0.9 and 0.02
+    noise = torch.randn(lat.shape, dtype=lat.dtype, generator=torch.Generator().manual_seed(1))
+    plain = model.loss(tokens, doc_ids, image_ids, lat, pad_id=PAD, boi_id=BOI, t=t, noise=noise)
+    model.cfg.min_snr_gamma = 5.0
+    weighted = model.loss(tokens, doc_ids, image_ids, lat, pad_id=PAD, boi_id=BOI, t=t, noise=noise)
+    ab = model.diffusion.alpha_bar[t]
+    snr = ab / (1 - ab)
+    assert snr[0] > 5 > snr[1] > snr[2]
+    weights = torch.tensor([5 / float(snr[0]), 1.0, 1.0], dtype=torch.float64)  # min(SNR, 5) / SNR by hand
+    torch.testing.assert_close(model.diffusion.min_snr_weights(t, 5.0).double(), weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(weighted["ddpm_loss"].double(), (plain["ddpm_per_image"] * weights).mean(),
+                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weighted["ddpm_per_image"], plain["ddpm_per_image"])  # logged unweighted
+    assert weighted["ddpm_loss"] < plain["ddpm_loss"]
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        TransfusionConfig(min_snr_gamma=0.0)
+
+
 def test_zero_decoder_gives_ddpm_loss_of_noise_power():
     model = small_model().double()
     tokens, doc_ids, image_ids, _ = loss_batch()
@@ -581,11 +605,11 @@ def test_overfits_one_fixed_batch():
         out = model.loss(tokens, doc_ids, image_ids, latents, pad_id=PAD, boi_id=BOI,
                          generator=torch.Generator().manual_seed(1234))
         if first is None:
-            first = {k: float(v.detach()) for k, v in out.items()}
+            first = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
-    last = {k: float(v.detach()) for k, v in out.items()}
+    last = {k: float(v.detach()) for k, v in out.items() if v.dim() == 0}
     assert first["lm_loss"] > 7.0 and 0.8 < first["ddpm_loss"] < 1.3  # ~ln(2048) and ~E[noise^2] at init
     # Every document opens with BOS at position 0 and sees nothing else (isolated documents, restarted
     # positions), so the token after BOS (100, BOI or 300: three documents) cannot be told apart: the LM loss

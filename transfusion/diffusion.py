@@ -161,6 +161,20 @@ class Diffusion:
         # At t = 0 the coefficients are exactly 1 and 0, so x0 comes back bit-for-bit.
         return self._coef("sqrt_ab", t, x0) * x0 + self._coef("sqrt_1m_ab", t, x0) * noise.to(x0.dtype)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t (N,) >= 1, float32."""
+        ab = self.alpha_bar.to(t.device)[t]
+        return (ab / (1 - ab)).float()
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, (N,).
+
+        1 at the noisy timesteps (SNR <= gamma), where the picture's layout is decided and the epsilon MSE is
+        small; below 1 at the clean ones, whose large epsilon MSE is about fine detail.
+        """
+        snr = self.snr(t)
+        return snr.clamp(max=gamma) / snr
+
     def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Invert add_noise given predicted noise: x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)."""
         if eps.shape != x_t.shape:

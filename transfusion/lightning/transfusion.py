@@ -28,6 +28,8 @@ from transfusion.models.transformer import TransformerConfig
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
+TIMESTEP_BUCKETS = 4  # the validation DDPM loss is also logged per quarter of the noise scale
+
 # TransfusionConfig fields that define the weights; the others (lambda, masks, attention kernel) may change
 ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "patch_size", "patch_encoder",
                 "unet_channels", "num_timesteps")
@@ -46,6 +48,8 @@ def check_options(hp) -> SamplingOptions:
         raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
     if hp.diffusion_lambda < 0:  # also checked by TransfusionConfig, but only after the autoencoder is loaded
         raise ValueError(f"model option diffusion_lambda must be >= 0, got {hp.diffusion_lambda}")
+    if hp.min_snr_gamma is not None and hp.min_snr_gamma <= 0:
+        raise ValueError(f"model option min_snr_gamma must be > 0 or null, got {hp.min_snr_gamma}")
     if hp.patch_size <= 0:
         raise ValueError(f"model option patch_size must be positive, got {hp.patch_size}")
     TransformerConfig.from_name(hp.preset, **(hp.transformer or {}))  # unknown preset, heads vs width, ...
@@ -62,7 +66,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
-                 bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
+                 min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
@@ -79,6 +83,9 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
             diffusion_lambda: weight of the DDPM loss (paper: 5).
+            min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
+                None: the paper's plain MSE. On the embedded data gamma = 5 learns to follow captions several
+                times faster (the plain MSE spends its gradient on fine detail at low noise).
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
             cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
@@ -101,13 +108,14 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             transformer=TransformerConfig.from_name(preset, **(transformer or {})),
             vocab_size=self.tokenizer.vocab_size, latent_channels=ae_cfg.latent_channels,
             latent_size=ae_cfg.latent_size, patch_size=patch_size, patch_encoder=patch_encoder,
-            unet_channels=unet_channels, diffusion_lambda=diffusion_lambda,
+            unet_channels=unet_channels, diffusion_lambda=diffusion_lambda, min_snr_gamma=min_snr_gamma,
             bidirectional_images=bidirectional_images, attention=attention,
         )
         with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
             params = flop_parameters(Transfusion(self.config))
         self.flop_counter = FlopCounter(params, self.config.transformer.n_layers, self.config.transformer.dim)
         self.eval_lm_loss, self.eval_ddpm_loss = MeanMetric(), MeanMetric()
+        self.eval_ddpm_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(TIMESTEP_BUCKETS))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # FlopAccounting
@@ -211,15 +219,27 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
                               pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator,
                               t=t, noise=noise)
         B = batch["tokens"].shape[0]
+        buckets = self._timestep_buckets(out["t"])
         if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
             self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])
             self.eval_ddpm_loss.update(out["ddpm_loss"], out["images"])
+            for k, metric in enumerate(self.eval_ddpm_buckets):
+                if (buckets == k).any():
+                    metric.update(out["ddpm_per_image"][buckets == k])
             return out["loss"]
         padding = ((batch["tokens"] == self.tokenizer.pad_id) & (batch["image_ids"] < 0)).float().mean()
         self.log("train/padding", padding, batch_size=B)  # share of row positions that packing left empty
         for key in ("loss", "lm_loss", "ddpm_loss"):
             self.log(f"train/{key}", out[key], prog_bar=True, batch_size=B)
         return self._global_mean_loss(out)
+
+    def _timestep_buckets(self, t: torch.Tensor) -> torch.Tensor:
+        """Bucket k of each timestep: t in (k T / K, (k + 1) T / K] for K = TIMESTEP_BUCKETS."""
+        return (t - 1) * TIMESTEP_BUCKETS // self.model.diffusion.num_timesteps
+
+    def _bucket_name(self, k: int) -> str:
+        T = self.model.diffusion.num_timesteps
+        return f"ddpm_loss_t{k * T // TIMESTEP_BUCKETS + 1}-{(k + 1) * T // TIMESTEP_BUCKETS}"
 
     def _global_mean_loss(self, out: dict) -> torch.Tensor:
         """The loss whose gradient, averaged over processes by DDP/FSDP, is that of one process on the global
@@ -240,6 +260,13 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         self.log(f"{stage}/lm_loss", lm, prog_bar=True)
         self.log(f"{stage}/ddpm_loss", ddpm, prog_bar=True)
         self.log(f"{stage}/lm_ppl", lm.exp())  # text and captions
+        for k, metric in enumerate(self.eval_ddpm_buckets):  # where along the noise scale the model fails
+            with warnings.catch_warnings():  # a bucket without images (tiny runs) computes NaN and says so
+                warnings.simplefilter("ignore")
+                value = metric.compute()  # on every process: it synchronises
+            if torch.isfinite(value):
+                self.log(f"{stage}/{self._bucket_name(k)}", value)
+            metric.reset()
         self.eval_lm_loss.reset()
         self.eval_ddpm_loss.reset()
 

@@ -3,7 +3,8 @@
 Text tokens enter through an embedding and leave through the LM head; the patches of each noisy
 image latent enter through a patch encoder (with its timestep) and leave through a patch decoder as
 predicted noise. Attention is causal over the sequence and bidirectional inside each image.
-Loss = L_LM + lambda * L_DDPM (paper eq. 4).
+Loss = L_LM + lambda * L_DDPM (paper eq. 4); ``min_snr_gamma`` optionally weighs each image's L_DDPM by its
+timestep (Min-SNR), which the paper does not.
 
 A batch is a set of rows with image patches in place: ``tokens`` (B, L) holds text ids (anything at
 patch positions), ``image_ids`` (B, L) marks patch positions with the index of their image in the
@@ -38,6 +39,7 @@ class TransfusionConfig:
     patch_encoder: str = "linear"  # "linear" or "unet"
     unet_channels: int = 64
     diffusion_lambda: float = 5.0
+    min_snr_gamma: float | None = None  # None: plain epsilon MSE (paper); else Min-SNR-gamma weights per image
     bidirectional_images: bool = True  # False: plain causal attention everywhere (Table 5 ablation)
     num_timesteps: int = 1000
     attention: str = "auto"  # "auto": FlexAttention on CUDA, dense-mask SDPA elsewhere; or "sdpa" / "flex"
@@ -51,6 +53,8 @@ class TransfusionConfig:
             raise ValueError(f"patch_encoder must be 'linear' or 'unet', got {self.patch_encoder!r}")
         if self.diffusion_lambda < 0:
             raise ValueError(f"diffusion_lambda must be >= 0, got {self.diffusion_lambda}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if self.attention not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
 
@@ -162,12 +166,18 @@ class Transfusion(nn.Module):
         lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
 
         if eps is not None:  # per-image epsilon MSE, averaged over images
-            ddpm_loss = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1).mean()
+            per_image = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)  # (N,)
+            if self.cfg.min_snr_gamma is not None:  # noisy timesteps weigh as much as clean ones (see Diffusion)
+                ddpm_loss = (per_image * self.diffusion.min_snr_weights(t, self.cfg.min_snr_gamma)).mean()
+            else:
+                ddpm_loss = per_image.mean()
         else:  # keep the patch layers in the graph so data-parallel gradients stay in step
+            per_image = latents.new_zeros(0)
             ddpm_loss = sum(p.sum() for p in self._patch_parameters()) * 0.0
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
         return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
-                "text_tokens": lm_positions.sum().detach(), "images": torch.tensor(N)}
+                "text_tokens": lm_positions.sum().detach(), "images": torch.tensor(N),
+                "ddpm_per_image": per_image.detach(), "t": t}
 
     def _patch_parameters(self):
         yield from self.patch_encoder.parameters()
