@@ -15,6 +15,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
 from transfusion.cli import cli_main, tokenizer_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
@@ -34,6 +37,17 @@ def _steps_overrides(steps: int | None) -> list[str]:
             "--trainer.log_every_n_steps", str(max(1, steps // 20))]
 
 
+def _curve_callback(config: str, steps: int | None, examples: int, output: Path) -> list[str]:
+    """An ``Evaluation`` of prompt following 4 times during training (DDIM, 50 steps: cheap), for the curve."""
+    if steps is None:
+        steps = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
+    evaluation = {"num_samples": examples, "batch_size": 64, "metrics": ["follow"],
+                  "every_n_train_steps": max(1, steps // 4), "on_test": False, "max_caption_tokens": 16,
+                  "sampling": {"sampler": "ddim", "num_steps": 50}, "output_dir": str(output)}
+    callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
+    return [f"--trainer.callbacks+={json.dumps(callback)}"]
+
+
 def _metrics(trainer) -> list[dict]:
     path = Path(trainer.logger.log_dir) / "metrics.csv"
     if not path.is_file():
@@ -46,28 +60,58 @@ def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")] or [(-1, float("nan"))]
 
 
-def _follow_rates(samples: Path) -> dict:
-    """Share of generated images whose colour/position match the prompt, and of captions matching the image."""
+def _follow(samples: Path) -> dict:
+    """How the predict outputs follow their prompts: pictures read back from their pixels, captions parsed."""
     from PIL import Image
 
-    from transfusion.data.shapes import describe, parse_caption, to_tensor
+    from transfusion.data.shapes import to_tensor
+    from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores, confusion_markdown
 
     records = [json.loads(line) for line in (samples / "generations.jsonl").read_text().splitlines()]
     images = [r for r in records if r["kind"] == "text-to-image"]
     captions = [r for r in records if r["kind"] == "image-to-text"]
-    colour = position = 0
-    for record in images:
-        wanted = parse_caption(record["reference"])
-        seen = describe(to_tensor(Image.open(samples / record["images"][0]))) or {}
-        colour += seen.get("colour") == wanted.get("colour")
-        position += seen.get("position") == wanted.get("position")
-    exact = sum(parse_caption(c["text"]) == parse_caption(c["reference"]) for c in captions)
-    per_attribute = {key: sum(parse_caption(c["text"]).get(key) == parse_caption(c["reference"])[key]
-                              for c in captions) / max(len(captions), 1) for key in ("size", "colour", "shape", "position")}
-    return {"images": len(images), "image_colour_match": colour / max(len(images), 1),
-            "image_position_match": position / max(len(images), 1), "captions": len(captions),
-            "caption_all_attributes_match": exact / max(len(captions), 1), "caption_attribute_match": per_attribute,
+    score = FollowScore()
+    if images:
+        score.update(torch.stack([to_tensor(Image.open(samples / r["images"][0])) for r in images]),
+                     [r["reference"] for r in images])
+    return {"images": len(images), "image_rates": score.compute(),
+            "confusion": {a: confusion_markdown(score, a) for a in ATTRIBUTES},
+            "captions": len(captions),
+            "caption_rates": caption_scores([c["text"] for c in captions], [c["reference"] for c in captions]),
             "examples": [{"reference": c["reference"], "generated": c["text"]} for c in captions[:8]]}
+
+
+def _curve(trainer) -> list[dict]:
+    """Prompt following at each evaluation during training: [{step, minutes, rates...}]."""
+    evaluation = next((c for c in trainer.callbacks if type(c).__name__ == "Evaluation"), None)
+    if evaluation is None:
+        return []
+    return [{"step": h["training_steps"], "minutes": h["training_seconds"] / 60, **h["metrics"]}
+            for h in evaluation.history if h["stage"] == "eval" and "follow@shapes" in h["metrics"]]
+
+
+def _plot_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    minutes = [c["minutes"] for c in curve]
+    for key, label in (("follow@shapes/colour", "colour"), ("follow@shapes/position", "position"),
+                       ("follow@shapes/size", "size"), ("follow@shapes/shape", "shape"),
+                       ("follow@shapes/one_object", "one object"), ("follow@shapes", "all four"),
+                       ("captions@shapes", "captions: all four")):
+        ax.plot(minutes, [c[key] for c in curve], marker="o", label=label, linestyle="--" if "captions" in key else "-")
+    ax.set_xlabel("training minutes (this machine, evaluations excluded)")
+    ax.set_ylabel("share of held-out prompts")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def quickstart_main(argv: list[str]) -> dict:
@@ -77,20 +121,23 @@ def quickstart_main(argv: list[str]) -> dict:
     parser.add_argument("--autoencoder_steps", type=int, default=None, help="override the YAML's max_steps")
     parser.add_argument("--steps", type=int, default=None, help="Transfusion training steps (default: the YAML's)")
     parser.add_argument("--preset", default=None, help="transformer preset (default: the YAML's)")
-    parser.add_argument("--predict_examples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training draws")
+    parser.add_argument("--predict_examples", type=int, default=64, help="held-out captions and images to generate for")
     parser.add_argument("--inference_steps", type=int, default=None, help="diffusion steps when generating")
+    parser.add_argument("--curve_examples", type=int, default=64,
+                        help="held-out captions for the prompt-following curve during training")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()  # absolute: checkpoints record the tokenizer and autoencoder paths
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
+    seed = ["--seed_everything", str(args.seed), "--model.init_args.noise_seed", str(args.seed)]
 
     start = time.time()
     tokenizer_main(["--output", str(out / "tokenizer.model")])
     timings["tokenizer_s"] = time.time() - start
 
     start = time.time()
-    ae_overrides = _steps_overrides(args.autoencoder_steps)
-    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder", ae_overrides)
+    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder", seed + _steps_overrides(args.autoencoder_steps))
     ae_ckpt = ae_trainer.checkpoint_callback.last_model_path
     timings["autoencoder_s"] = time.time() - start
 
@@ -100,8 +147,9 @@ def quickstart_main(argv: list[str]) -> dict:
         model_args += ["--model.init_args.preset", args.preset]
     if args.inference_steps:
         model_args += ["--model.init_args.num_inference_steps", str(args.inference_steps)]
-    fit_args = model_args + _steps_overrides(args.steps)
-    tf_trainer = _fit("transfusion_embedded.yaml", out / "transfusion", fit_args)
+    curve = _curve_callback("transfusion_embedded.yaml", args.steps, args.curve_examples, out / "transfusion" / "evaluation")
+    tf_trainer = _fit("transfusion_embedded.yaml", out / "transfusion",
+                      model_args + seed + _steps_overrides(args.steps) + curve)
     tf_ckpt = tf_trainer.checkpoint_callback.last_model_path
     timings["transfusion_s"] = time.time() - start
 
@@ -113,14 +161,18 @@ def quickstart_main(argv: list[str]) -> dict:
     timings["generation_s"] = time.time() - start
 
     ae_rows, tf_rows = _metrics(ae_trainer), _metrics(tf_trainer)
+    curve = _curve(tf_trainer)
+    if curve:
+        _plot_curve(curve, out / "follow_curve.png")
     report = {
-        "autoencoder_checkpoint": ae_ckpt, "transfusion_checkpoint": tf_ckpt, "timings": timings,
+        "seed": args.seed, "autoencoder_checkpoint": ae_ckpt, "transfusion_checkpoint": tf_ckpt, "timings": timings,
         "autoencoder": {"first_train_rec_loss": _series(ae_rows, "train/rec_loss")[0],
                         "last_val_rec_loss": _series(ae_rows, "val/rec_loss")[-1]},
         "transfusion": {key: {"first": _series(tf_rows, key)[0], "last": _series(tf_rows, key)[-1]}
                         for key in ("train/loss", "train/lm_loss", "train/ddpm_loss",
                                     "val/loss", "val/lm_loss", "val/ddpm_loss", "val/lm_ppl")},
-        "follow": _follow_rates(out / "samples"),
+        "follow": _follow(out / "samples"),
+        "curve": curve,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report, out))
@@ -129,8 +181,9 @@ def quickstart_main(argv: list[str]) -> dict:
 
 
 def _markdown(report: dict, out: Path) -> str:
-    lines = ["# Transfusion quickstart report", "", "| stage | seconds |", "|---|---|"]
+    lines = ["# Transfusion quickstart report", "", f"Seed {report['seed']}.", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k[:-2]} | {v:.0f} |" for k, v in report["timings"].items()]
+    lines.append(f"| total | {sum(report['timings'].values()):.0f} |")
     lines += ["", "## Losses (step, value)", "", "| metric | first | last |", "|---|---|---|"]
     ae = report["autoencoder"]
     lines.append(f"| autoencoder train/val L1 | {ae['first_train_rec_loss'][1]:.4f} (step {ae['first_train_rec_loss'][0]}) "
@@ -138,13 +191,29 @@ def _markdown(report: dict, out: Path) -> str:
     for key, v in report["transfusion"].items():
         lines.append(f"| {key} | {v['first'][1]:.4f} (step {v['first'][0]}) | {v['last'][1]:.4f} (step {v['last'][0]}) |")
     f = report["follow"]
+    images, captions = f["image_rates"], f["caption_rates"]
     lines += ["", "## Do the generations follow their prompts?", "",
-              f"- caption -> image ({f['images']} held-out captions): colour matches {f['image_colour_match']:.0%}, "
-              f"position matches {f['image_position_match']:.0%} (read back from the pixels)",
-              f"- image -> caption ({f['captions']} held-out images): all four attributes right "
-              f"{f['caption_all_attributes_match']:.0%}; per attribute "
-              + ", ".join(f"{k} {v:.0%}" for k, v in f["caption_attribute_match"].items()),
-              "", "| reference caption | generated caption |", "|---|---|"]
+              "Attributes read back from the pixels of each generated picture (`transfusion.evaluation.follow`) and "
+              "parsed from each generated caption.", "",
+              "| direction | prompts | size | colour | shape | position | all four | exactly one object | blank |",
+              "|---|---|---|---|---|---|---|---|---|",
+              f"| caption -> image | {f['images']} | " + " | ".join(f"{images[k]:.0%}" for k in
+                                                                   ("size", "colour", "shape", "position", "all", "one_object", "blank")) + " |",
+              f"| image -> caption | {f['captions']} | " + " | ".join(f"{captions[k]:.0%}" for k in
+                                                                     ("size", "colour", "shape", "position", "all")) + " | | |"]
+    if report["curve"]:
+        lines += ["", "### During training (held-out captions, `follow_curve.png`)", "",
+                  "| step | minutes | size | colour | shape | position | all four | one object | captions: all four |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['step']} | {c['minutes']:.1f} | " + " | ".join(
+            f"{c[k]:.0%}" for k in ("follow@shapes/size", "follow@shapes/colour", "follow@shapes/shape",
+                                    "follow@shapes/position", "follow@shapes", "follow@shapes/one_object",
+                                    "captions@shapes")) + " |" for c in report["curve"]]
+        lines += ["", "![prompt following against training minutes](follow_curve.png)"]
+    lines += ["", "### Caption -> image: asked (rows) against read (columns)", ""]
+    for attribute, table in f["confusion"].items():
+        lines += [f"**{attribute}**", "", table, ""]
+    lines += ["## Image -> caption examples", "", "| reference caption | generated caption |", "|---|---|"]
     lines += [f"| {e['reference']} | {e['generated']} |" for e in f["examples"]]
     lines += ["", f"Images: `{out / 'samples' / 'grid.png'}`; captions: `{out / 'samples' / 'captions.png'}`; "
               f"all generations: `{out / 'samples' / 'generations.jsonl'}`.", ""]
