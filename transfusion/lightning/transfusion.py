@@ -66,7 +66,8 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
-                 min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto", transformer: dict | None = None,
+                 min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto",
+                 transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
