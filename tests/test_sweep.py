@@ -81,6 +81,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
         "vqvae": {"path": vq_ckpt}, "clip": {"path": clip_dir},
         "ablations": [{"name": "intra-image attention", "size": "XS",
                        "settings": {"bidirectional": {}, "causal": {"model.init_args.bidirectional_images": False}}}],
+        "lr_grid": {"values": [1e-3, 3e-3], "metric": "ppl", "size": "XS", "budget": 2},
     }
     path = out / "sweep.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # sizes in order, small to large
@@ -100,9 +101,10 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert main_runs == {(m, s) for m in ("transfusion", "chameleon") for s in ("XS", "S")}
     for run in {r["run"] for r in rows}:
         mine = [r for r in rows if r["run"] == run and r["setting"] != "bidirectional"]
-        assert [int(r["step"]) for r in mine] == [2, 3], run  # every 2 steps, and at the last step
+        budget = int(mine[0]["budget"])
+        assert [int(r["step"]) for r in mine] == [2, 3][:budget - 1], run  # every 2 steps, and at the last step
         flops = [float(r["flops"]) for r in mine]
-        assert flops[1] > flops[0] > 0
+        assert flops[0] > 0 and all(b > a for a, b in zip(flops, flops[1:]))
         assert all(float(r["flops"]) == 6 * int(r["params"]) * int(r["tokens"]) for r in mine)
         assert all(float(r["flops_exact"]) > float(r["flops"]) for r in mine)  # attention on top
         assert all(math.isfinite(float(r[m])) for r in mine for m in metrics)
@@ -131,7 +133,20 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         cell = r"(<= )?[0-9.e+-]+|not reached \(best .* FLOPs\)|n/a \(Chameleon at 0, the metric's floor\)"
         assert re.fullmatch(cell, cells[4].rstrip(" |"))
 
+    # the learning-rate grid ran first; each model's other runs trained at its rate with the lowest final perplexity
+    chosen = t3["learning_rates"]["chosen"]
+    for model in ("transfusion", "chameleon"):
+        finals = {float(json.loads((out / "runs" / f"{model}-XS-2-lr_{lr:g}" / "evaluations.json").read_text())
+                        ["run"]["overrides"]["model.init_args.lr"]):
+                  [float(r["ppl"]) for r in rows if r["run"] == f"{model}-XS-2-lr_{lr:g}"][-1] for lr in (1e-3, 3e-3)}
+        assert chosen[model] == min(finals, key=finals.get)
+        for size in ("XS", "S"):
+            record = json.loads((out / "runs" / f"{model}-{size}-3" / "evaluations.json").read_text())
+            assert record["run"]["overrides"]["model.init_args.lr"] == chosen[model]
+    assert "Learning rates: each model's best final perplexity on the same grid (0.001, 0.003" in table[0]
+
     ablation = (out / "ablations.md").read_text()
+    assert "| learning rate (transfusion) | transfusion | XS | 2 | lr 0.001 |" in ablation
     assert "| intra-image attention | transfusion | XS | 3 | bidirectional |" in ablation
     assert "| intra-image attention | transfusion | XS | 3 | causal |" in ablation
     assert len(result["ablations"][0]["settings"]) == 2
@@ -160,8 +175,11 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
     from transfusion.cli import cli_main
     from transfusion.sweep import parse_sweep
 
-    sweep, _ = parse_sweep(["--config", str(CONFIGS / config)])
+    base = {"sweep_ablations.yaml": ["--config", str(CONFIGS / "sweep_micro.yaml")]}  # layered on the micro sweep
+    sweep, _ = parse_sweep(base.get(config, []) + ["--config", str(CONFIGS / config)])
     assert sweep.reference_size in sweep.sizes
+    if config == "sweep_ablations.yaml":
+        assert {a.name for a in sweep.ablations} >= {"intra-image attention", "patch encoder", "patch size"}
     prepared = {"tokenizer": "tokenizer.model", "autoencoder": "ae.ckpt", "vqvae": "vq.ckpt", "clip": "clip"}
     for run in {r.name: r for r in sweep.runs}.values():  # every training run's command line is valid
         with pytest.raises(SystemExit) as exit_info:

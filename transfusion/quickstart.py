@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def _curve_callback(config: str, steps: int | None, examples: int, output: Path)
     if steps is None:
         steps = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
     evaluation = {"num_samples": examples, "batch_size": 64, "metrics": ["follow"],
-                  "every_n_train_steps": max(1, steps // 4), "on_test": False, "max_caption_tokens": 16,
+                  "every_n_train_steps": max(1, math.ceil(steps / 4)), "on_test": False, "max_caption_tokens": 16,
                   "sampling": {"sampler": "ddim", "num_steps": 50}, "output_dir": str(output)}
     callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
     return [f"--trainer.callbacks+={json.dumps(callback)}"]

@@ -33,7 +33,8 @@ def sweep_main(argv: list[str]) -> dict:
 
     sweep, config = parse_sweep(argv)
     rows = sweep.run()
-    report = write_report(rows, sweep.output, sweep.reference_size, sweep.parity_curve, config=config)
+    report = write_report(rows, sweep.output, sweep.reference_size, sweep.parity_curve, config=config,
+                          learning_rates=sweep.lr_choice())
     print((sweep.output / "table3.md").read_text())
     if report["ablations"]:
         print(ablations_markdown(report["ablations"], metric_keys(rows)))

@@ -67,8 +67,14 @@ def table3_markdown(t: dict) -> str:
            f"{t['chameleon_params']:,} parameters, {t['chameleon_tokens']:,} tokens, {t['chameleon_flops']:.3e} FLOPs "
            f"(6ND). Parity FLOP ratio = FLOPs at which Transfusion ({curve}, running best, interpolated in "
            f"log FLOPs) first reaches Chameleon's final value / Chameleon's FLOPs; `<=`: already reached at the "
-           "first evaluation.", "",
-           "| metric | better | Transfusion | Chameleon | parity FLOP ratio |", "|---|---|---|---|---|"]
+           "first evaluation."]
+    lrs = t.get("learning_rates")
+    if lrs:
+        name, _ = metric_info(lrs["metric"])
+        out[0] += (f" Learning rates: each model's best final {name} on the same grid "
+                   f"({', '.join(f'{v:g}' for v in lrs['values'])}; size {lrs['size']}, {lrs['budget']} steps; "
+                   "`ablations.md`): " + ", ".join(f"{m} {lr:g}" for m, lr in lrs["chosen"].items()) + ".")
+    out += ["", "| metric | better | Transfusion | Chameleon | parity FLOP ratio |", "|---|---|---|---|---|"]
     for r in t["rows"]:
         out.append(f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {r['transfusion']:.4g} | "
                    f"{r['chameleon']:.4g} | {r['parity_text']} |")
@@ -136,8 +142,9 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
 
 
 def write_report(rows: list[dict], output: Path, reference_size: str, parity_curve: str = "all_sizes",
-                 config: dict | None = None) -> dict:
-    """Write results.csv, results.json, table3.md, ablations.md and scaling.png under ``output``."""
+                 config: dict | None = None, learning_rates: dict | None = None) -> dict:
+    """Write results.csv, results.json, table3.md, ablations.md and scaling.png under ``output``;
+    ``learning_rates``: how each model's rate was chosen on the sweep's grid (``Sweep.lr_choice``), if it has one."""
     output.mkdir(parents=True, exist_ok=True)
     keys = metric_keys(rows)
     with open(output / "results.csv", "w", newline="") as f:  # every metric, per-attribute rates too
@@ -145,6 +152,7 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
     t3 = table3(rows, reference_size, parity_curve)
+    t3["learning_rates"] = dict(learning_rates or {})
     abl = ablation_tables(rows)
     (output / "table3.md").write_text(table3_markdown(t3))
     (output / "ablations.md").write_text(ablations_markdown(abl, keys))

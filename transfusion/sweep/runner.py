@@ -52,6 +52,17 @@ class Ablation:
 
 
 @dataclass
+class LearningRateGrid:
+    """Learning rates tried for both models at one size and budget; each model's main runs and ablations then
+    train at the rate whose final ``metric`` is best (the same grid and rule for both models)."""
+
+    values: list[float]
+    metric: str = "fid"  # a metric key of the evaluations (direction from transfusion.sweep.parity)
+    size: str | None = None  # None: the first size
+    budget: int | None = None  # None: the first budget
+
+
+@dataclass
 class Run:
     name: str
     model: str
@@ -79,7 +90,8 @@ class Sweep:
                  tokenizer: Prerequisite | None = None, tokenizer_vocab_size: int = 2048,
                  autoencoder: Prerequisite | None = None, vqvae: Prerequisite | None = None,
                  clip: Prerequisite | None = None, ablations: list[Ablation] | None = None,
-                 reference_size: str | None = None, parity_curve: str = "all_sizes"):
+                 lr_grid: LearningRateGrid | None = None, reference_size: str | None = None,
+                 parity_curve: str = "all_sizes"):
         """
         Args:
             transfusion, chameleon: each model's training YAML and overrides for all its runs.
@@ -90,6 +102,7 @@ class Sweep:
             evaluation: ``transfusion.lightning.evaluation.Evaluation`` arguments (num_samples, metrics, ...).
             tokenizer, autoencoder, vqvae, clip: existing paths, or YAMLs to train them with (under ``output``).
             ablations: switches to run on/off, printed as a table.
+            lr_grid: learning rates to try first; every other run then uses each model's best (``model.init_args.lr``).
             reference_size: the size whose largest-budget runs Table 3 compares (default: the last size).
             parity_curve: Transfusion evaluations that make the parity curve: ``all_sizes`` (any size reaching
                 Chameleon's value counts) or ``same_size`` (only the reference size).
@@ -110,6 +123,10 @@ class Sweep:
         self.prerequisites = {"autoencoder": _as(Prerequisite, autoencoder), "vqvae": _as(Prerequisite, vqvae),
                               "clip": _as(Prerequisite, clip)}
         self.ablations = [_as(Ablation, a) for a in ablations or []]
+        self.lr_grid = None if lr_grid is None else _as(LearningRateGrid, lr_grid)
+        if self.lr_grid is not None and not self.lr_grid.values:
+            raise ValueError("sweep: lr_grid.values must not be empty")
+        self.learning_rates: dict[str, float] = {}  # each model's choice from the grid, once it has run
         self.reference_size = reference_size or list(sizes)[-1]
         self.parity_curve = parity_curve
         self.runs = self._plan()
@@ -118,6 +135,7 @@ class Sweep:
     def _plan(self) -> list[Run]:
         runs = [Run(f"{model}-{size}-{budget}", model, size, budget, {})
                 for size in self.sizes for budget in self.budgets for model in MODELS]
+        runs += self._grid_runs()
         known = {r.key(): r for r in runs}
         for ab in self.ablations:
             if ab.model not in MODELS:
@@ -135,6 +153,43 @@ class Sweep:
                 runs.append(run)
                 known.setdefault(run.key(), run)
         return runs
+
+    def _grid_runs(self) -> list[Run]:
+        grid = self.lr_grid
+        if grid is None:
+            return []
+        size, budget = grid.size or list(self.sizes)[0], grid.budget or self.budgets[0]
+        if size not in self.sizes:
+            raise ValueError(f"sweep: lr_grid names size {size!r}, not one of {list(self.sizes)}")
+        return [Run(f"{model}-{size}-{budget}-lr_{lr:g}", model, size, budget, {"model.init_args.lr": lr},
+                    f"learning rate ({model})", f"lr {lr:g}")
+                for model in MODELS for lr in grid.values]
+
+    def lr_choice(self) -> dict:
+        """How the learning rates were chosen, for reports: ``{}`` without a grid."""
+        if self.lr_grid is None or not self.learning_rates:
+            return {}
+        grid = self.lr_grid
+        return {"values": list(grid.values), "metric": grid.metric, "size": grid.size or list(self.sizes)[0],
+                "budget": grid.budget or self.budgets[0], "chosen": dict(self.learning_rates)}
+
+    def choose_learning_rates(self, done: dict[str, list[dict]]) -> dict[str, float]:
+        """Each model's grid rate with the best final ``lr_grid.metric``."""
+        from transfusion.sweep.parity import metric_info
+
+        _, higher = metric_info(self.lr_grid.metric)
+        chosen = {}
+        for model in MODELS:
+            finals = {}
+            for run in self._grid_runs():
+                if run.model == model:
+                    last = max(done[run.name], key=lambda e: e["step"])
+                    if self.lr_grid.metric not in last:
+                        raise ValueError(f"sweep: lr_grid.metric {self.lr_grid.metric!r} is not among the evaluated "
+                                         f"metrics {sorted(k for k in last if k not in ('step', 'params', 'tokens'))}")
+                    finals[run.overrides["model.init_args.lr"]] = last[self.lr_grid.metric]
+            chosen[model] = (max if higher else min)(finals, key=finals.get)
+        return chosen
 
     # ------------------------------------------------------------------ prerequisites
     @property
@@ -182,25 +237,37 @@ class Sweep:
         prepared = self.prepare()
         done: dict[str, list[dict]] = {}
         unique = list({r.name: r for r in self.runs}.values())
-        for i, run in enumerate(unique):
-            path = self.output / "runs" / run.name / "evaluations.json"
-            if path.is_file():
-                done[run.name] = json.loads(path.read_text())["evaluations"]
-                rank_zero_info(f"sweep: run {i + 1}/{len(unique)} {run.name}: done before, reusing {path}")
-                continue
-            rank_zero_info(f"sweep: run {i + 1}/{len(unique)} {run.name} ({run.budget} steps)")
-            start = time.perf_counter()
-            evaluations = self._train(run, prepared)
-            wall = time.perf_counter() - start
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"run": asdict(run), "wall_s": wall, "evaluations": evaluations}, indent=2) + "\n")
-            done[run.name] = evaluations
+        grid = [r for r in unique if r.name in {g.name for g in self._grid_runs()}]
+        for i, run in enumerate(grid + [r for r in unique if r not in grid]):
+            if run not in grid and self.lr_grid is not None and not self.learning_rates:
+                self.learning_rates = self.choose_learning_rates(done)
+                rank_zero_info(f"sweep: learning rates from the grid: {self.learning_rates}")
+            if run not in grid and run.model in self.learning_rates:  # the grid's choice, unless the run sets its own
+                run.overrides = {"model.init_args.lr": self.learning_rates[run.model], **run.overrides}
+            done[run.name] = self._run_once(run, prepared, f"{i + 1}/{len(unique)}")
         rows = []
         for run in self.runs:
             for ev in done[run.name]:
                 rows.append({"run": run.name, "model": run.model, "size": run.size, "budget": run.budget,
                              "ablation": run.ablation or "", "setting": run.setting or "", **ev})
         return rows
+
+    def _run_once(self, run: Run, prepared: dict, counter: str) -> list[dict]:
+        """The run's evaluations: trained now, or read back when a run of the same settings finished before."""
+        path = self.output / "runs" / run.name / "evaluations.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record["run"]["overrides"] == run.overrides:
+                rank_zero_info(f"sweep: run {counter} {run.name}: done before, reusing {path}")
+                return record["evaluations"]
+            rank_zero_info(f"sweep: run {counter} {run.name}: settings changed since {path}, training again")
+        rank_zero_info(f"sweep: run {counter} {run.name} ({run.budget} steps)")
+        start = time.perf_counter()
+        evaluations = self._train(run, prepared)
+        wall = time.perf_counter() - start
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run": asdict(run), "wall_s": wall, "evaluations": evaluations}, indent=2) + "\n")
+        return evaluations
 
     def fit_args(self, run: Run, prepared: dict) -> list[str]:
         """The ``transfusion fit`` command line of ``run``: model YAML, overrides, budget, Evaluation callback."""
