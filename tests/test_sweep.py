@@ -81,7 +81,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
         "vqvae": {"path": vq_ckpt}, "clip": {"path": clip_dir},
         "ablations": [{"name": "intra-image attention", "size": "XS",
                        "settings": {"bidirectional": {}, "causal": {"model.init_args.bidirectional_images": False}}}],
-        "lr_grid": {"values": [1e-3, 3e-3], "metric": "ppl", "size": "XS", "budget": 2},
+        "lr_grid": {"values": [1e-3, 3e-3], "metrics": ["ppl", "cider_d"], "size": "XS", "budget": 2},
     }
     path = out / "sweep.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # sizes in order, small to large
@@ -133,7 +133,8 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         cell = r"(<= )?[0-9.e+-]+|not reached \(best .* FLOPs\)|n/a \(Chameleon at 0, the metric's floor\)"
         assert re.fullmatch(cell, cells[4].rstrip(" |"))
 
-    # the learning-rate grid ran first; each model's other runs trained at its rate with the lowest final perplexity
+    # the learning-rate grid ran first; each model's other runs trained at its rate with the best mean rank of final
+    # perplexity and CIDEr-D: of two rates, the one with the lower perplexity (agreeing metrics, or a tie broken by it)
     chosen = t3["learning_rates"]["chosen"]
     for model in ("transfusion", "chameleon"):
         finals = {float(json.loads((out / "runs" / f"{model}-XS-2-lr_{lr:g}" / "evaluations.json").read_text())
@@ -143,7 +144,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         for size in ("XS", "S"):
             record = json.loads((out / "runs" / f"{model}-{size}-3" / "evaluations.json").read_text())
             assert record["run"]["overrides"]["model.init_args.lr"] == chosen[model]
-    assert "Learning rates: each model's best final perplexity on the same grid (0.001, 0.003" in table[0]
+    assert "Learning rates: each model's best mean rank of final perplexity, CIDEr-D on the same grid (0.001, 0.003" in table[0]
 
     ablation = (out / "ablations.md").read_text()
     assert "| learning rate (transfusion) | transfusion | XS | 2 | lr 0.001 |" in ablation

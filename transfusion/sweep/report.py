@@ -70,8 +70,8 @@ def table3_markdown(t: dict) -> str:
            "first evaluation."]
     lrs = t.get("learning_rates")
     if lrs:
-        name, _ = metric_info(lrs["metric"])
-        out[0] += (f" Learning rates: each model's best final {name} on the same grid "
+        names = ", ".join(metric_info(m)[0] for m in lrs["metrics"])
+        out[0] += (f" Learning rates: each model's best mean rank of final {names} on the same grid "
                    f"({', '.join(f'{v:g}' for v in lrs['values'])}; size {lrs['size']}, {lrs['budget']} steps; "
                    "`ablations.md`): " + ", ".join(f"{m} {lr:g}" for m, lr in lrs["chosen"].items()) + ".")
     out += ["", "| metric | better | Transfusion | Chameleon | parity FLOP ratio |", "|---|---|---|---|---|"]

@@ -54,10 +54,11 @@ class Ablation:
 @dataclass
 class LearningRateGrid:
     """Learning rates tried for both models at one size and budget; each model's main runs and ablations then
-    train at the rate whose final ``metric`` is best (the same grid and rule for both models)."""
+    train at the rate with the best mean rank over the final ``metrics`` (the same grid and rule for both
+    models; ties go to the better first metric). Several metrics: one noisy metric does not decide alone."""
 
     values: list[float]
-    metric: str = "fid"  # a metric key of the evaluations (direction from transfusion.sweep.parity)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # metric keys, or prefixes: "clip_score"
     size: str | None = None  # None: the first size
     budget: int | None = None  # None: the first budget
 
@@ -170,25 +171,31 @@ class Sweep:
         if self.lr_grid is None or not self.learning_rates:
             return {}
         grid = self.lr_grid
-        return {"values": list(grid.values), "metric": grid.metric, "size": grid.size or list(self.sizes)[0],
+        return {"values": list(grid.values), "metrics": list(grid.metrics), "size": grid.size or list(self.sizes)[0],
                 "budget": grid.budget or self.budgets[0], "chosen": dict(self.learning_rates)}
 
     def choose_learning_rates(self, done: dict[str, list[dict]]) -> dict[str, float]:
-        """Each model's grid rate with the best final ``lr_grid.metric``."""
+        """Each model's grid rate with the best mean rank over the final ``lr_grid.metrics``."""
         from transfusion.sweep.parity import metric_info
 
-        _, higher = metric_info(self.lr_grid.metric)
         chosen = {}
         for model in MODELS:
-            finals = {}
-            for run in self._grid_runs():
-                if run.model == model:
-                    last = max(done[run.name], key=lambda e: e["step"])
-                    if self.lr_grid.metric not in last:
-                        raise ValueError(f"sweep: lr_grid.metric {self.lr_grid.metric!r} is not among the evaluated "
-                                         f"metrics {sorted(k for k in last if k not in ('step', 'params', 'tokens'))}")
-                    finals[run.overrides["model.init_args.lr"]] = last[self.lr_grid.metric]
-            chosen[model] = (max if higher else min)(finals, key=finals.get)
+            finals = {run.overrides["model.init_args.lr"]: max(done[run.name], key=lambda e: e["step"])
+                      for run in self._grid_runs() if run.model == model}
+            rates, ranks, first = list(finals), {lr: 0.0 for lr in finals}, {}
+            for i, metric in enumerate(self.lr_grid.metrics):
+                last = next(iter(finals.values()))
+                key = next((k for k in last if k == metric or k.startswith(metric + "@")), None)
+                if key is None:
+                    raise ValueError(f"sweep: lr_grid metric {metric!r} is not among the evaluated metrics "
+                                     f"{sorted(k for k in last if k not in ('step', 'params', 'tokens'))}")
+                _, higher = metric_info(key)
+                score = {lr: (-1 if higher else 1) * finals[lr][key] for lr in rates}  # lower is better
+                for lr in rates:  # rank 1 = best; equal values share their mean rank
+                    ranks[lr] += sum(score[o] < score[lr] for o in rates) + (sum(score[o] == score[lr] for o in rates) + 1) / 2
+                if i == 0:
+                    first = score
+            chosen[model] = min(rates, key=lambda lr: (ranks[lr], first[lr]))
         return chosen
 
     # ------------------------------------------------------------------ prerequisites
