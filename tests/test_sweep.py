@@ -193,3 +193,34 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
         assert evaluation["init_args"]["every_n_train_steps"] == sweep.eval_every
         assert printed["model"]["class_path"].endswith("TransfusionModule" if run.model == "transfusion"
                                                        else "ChameleonModule")
+
+
+def test_learning_rate_choice_by_mean_rank():
+    from transfusion.sweep.runner import best_by_mean_rank
+
+    finals = {3e-4: {"fid": 180.0, "clip_score@c": 40.0, "ppl": 450.0},
+              1e-3: {"fid": 140.0, "clip_score@c": 80.0, "ppl": 280.0},
+              3e-3: {"fid": 155.0, "clip_score@c": 72.0, "ppl": 190.0}}
+    # ranks: fid 3/1/2, CLIP (higher is better) 3/1/2, ppl 3/2/1 -> means 3, 4/3, 5/3
+    assert best_by_mean_rank(finals, ["fid", "clip_score", "ppl"]) == 1e-3
+    assert best_by_mean_rank(finals, ["ppl"]) == 3e-3
+    assert best_by_mean_rank(finals, ["clip_score@c"]) == 1e-3
+    # a tie in mean rank goes to the better first metric
+    assert best_by_mean_rank(finals, ["fid", "ppl"]) == 1e-3
+    assert best_by_mean_rank(finals, ["ppl", "fid"]) == 3e-3
+    # a diverged run ranks last whatever the direction, and equal values share their rank
+    finals[1e-2] = {"fid": float("nan"), "clip_score@c": float("nan"), "ppl": float("inf")}
+    assert best_by_mean_rank(finals, ["fid", "clip_score", "ppl"]) == 1e-3
+    assert best_by_mean_rank({1: {"ppl": 5.0}, 2: {"ppl": 5.0}}, ["ppl"]) == 1
+    with pytest.raises(ValueError, match="lr_grid metric 'cider_d' names no evaluated metric"):
+        best_by_mean_rank(finals, ["cider_d"])
+
+
+def test_learning_rate_grid_is_checked_before_training():
+    runs = {"config": "x.yaml"}
+    with pytest.raises(ValueError, match="lr_grid needs values and metrics"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, lr_grid={"values": [], "metrics": ["fid"]})
+    with pytest.raises(ValueError, match="lr_grid metric 'cider_d' needs 'cider' in evaluation.metrics"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, evaluation={"metrics": ["fid"]}, lr_grid={"values": [1e-3], "metrics": ["cider_d"]})
+    with pytest.raises(KeyError, match="unknown metric 'bleu'"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, lr_grid={"values": [1e-3], "metrics": ["bleu"]})

@@ -163,8 +163,10 @@ class Diffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t (N,) >= 1, float32."""
-        ab = self.alpha_bar.to(t.device)[t]
-        return (ab / (1 - ab)).float()
+        if int(t.min()) < 1:
+            raise ValueError(f"SNR is infinite at t = 0: got timesteps down to {int(t.min())}")
+        ab = self.alpha_bar[t.cpu()]  # float64 on the CPU (MPS has no float64), float32 on t's device
+        return (ab / (1 - ab)).float().to(t.device)
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, (N,).

@@ -203,7 +203,7 @@ def _markdown(report: dict, out: Path) -> str:
               f"| image -> caption | {f['captions']} | " + " | ".join(f"{captions[k]:.0%}" for k in
                                                                      ("size", "colour", "shape", "position", "all")) + " | | |"]
     if report["curve"]:
-        lines += ["", "### During training (held-out captions, `follow_curve.png`)", "",
+        lines += ["", "### During training (`follow_curve.png`: other held-out captions, DDIM 50 steps)", "",
                   "| step | minutes | size | colour | shape | position | all four | one object | captions: all four |",
                   "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['step']} | {c['minutes']:.1f} | " + " | ".join(

@@ -136,8 +136,9 @@ def caption_scores(generated: list[str], references: list[str]) -> dict[str, flo
     if len(generated) != len(references):
         raise ValueError(f"caption_scores: {len(generated)} generated captions for {len(references)} references")
     n, pairs = max(len(generated), 1), [(parse_caption(g), parse_caption(r)) for g, r in zip(generated, references)]
-    rates = {a: sum(g.get(a) == r.get(a) for g, r in pairs) / n for a in ATTRIBUTES}
-    rates["all"] = sum(all(g.get(a) == r.get(a) for a in ATTRIBUTES) for g, r in pairs) / n
+    right = [{a: r.get(a) is not None and g.get(a) == r.get(a) for a in ATTRIBUTES} for g, r in pairs]
+    rates = {a: sum(x[a] for x in right) / n for a in ATTRIBUTES}  # a reference without the attribute: never right
+    rates["all"] = sum(all(x.values()) for x in right) / n
     return rates
 
 

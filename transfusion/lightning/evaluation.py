@@ -32,6 +32,7 @@ from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
 
 METRICS = ("fid", "clip", "cider", "ppl", "follow")
+DEFAULT_METRICS = ("fid", "clip", "cider", "ppl")  # follow reads the embedded shapes only: opt in
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluation(Callback):
-    def __init__(self, num_samples: int = 1000, batch_size: int = 16, metrics: list[str] = list(METRICS),
+    def __init__(self, num_samples: int = 1000, batch_size: int = 16, metrics: list[str] = list(DEFAULT_METRICS),
                  fid_weights: str | None = None, clip_model: str | None = None, max_text_windows: int | None = None,
                  every_n_train_steps: int | None = None, on_validation: bool = False, on_test: bool = True,
                  output_dir: str | None = None, log_samples: int = 16, max_caption_tokens: int = 32,
@@ -47,7 +48,7 @@ class Evaluation(Callback):
         """
         Args:
             num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
-            metrics: any of fid, clip, cider, ppl, follow (the embedded shapes only: ``follow@shapes`` is the share of
+            metrics: any of fid, clip, cider, ppl (default: these four), follow (the embedded shapes only: ``follow@shapes`` is the share of
                 caption -> image pictures with all four attributes right, ``follow@shapes/<attribute>``,
                 ``/one_object`` and ``/blank`` its parts; ``captions@shapes`` the same for image -> caption text).
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
@@ -292,6 +293,8 @@ def follow_metrics(samples: list[tuple]) -> dict[str, float]:
     """Prompt-following rates from (caption, generated image, generated caption, reference caption) tuples."""
     from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores
 
+    if not samples:
+        raise ValueError("evaluation: follow needs at least one sample (num_samples > 0)")
     score = FollowScore()
     score.update(torch.stack([s[1] for s in samples]), [s[0] for s in samples])
     rates = score.compute()

@@ -86,7 +86,8 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             diffusion_lambda: weight of the DDPM loss (paper: 5).
             min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
                 None: the paper's plain MSE. On the embedded data gamma = 5 learns to follow captions several
-                times faster (the plain MSE spends its gradient on fine detail at low noise).
+                times faster (the plain MSE spends its gradient on fine detail at low noise). The logged
+                ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
             cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings

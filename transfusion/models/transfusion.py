@@ -167,7 +167,7 @@ class Transfusion(nn.Module):
 
         if eps is not None:  # per-image epsilon MSE, averaged over images
             per_image = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)  # (N,)
-            if self.cfg.min_snr_gamma is not None:  # noisy timesteps weigh as much as clean ones (see Diffusion)
+            if self.cfg.min_snr_gamma is not None:  # clean timesteps weigh gamma / SNR_t < 1 (see Diffusion)
                 ddpm_loss = (per_image * self.diffusion.min_snr_weights(t, self.cfg.min_snr_gamma)).mean()
             else:
                 ddpm_loss = per_image.mean()

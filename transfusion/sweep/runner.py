@@ -14,6 +14,7 @@ run reuses it. ``transfusion.sweep.report`` turns the evaluations into Table 3, 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,36 @@ def cli_args(overrides: dict) -> list[str]:
     return out
 
 
+def _metric_key(metric: str, evaluation: dict) -> str:
+    """The evaluation key ``metric`` names: itself, or the one key ``metric@<tag>`` (``clip_score``)."""
+    if metric in evaluation:
+        return metric
+    keys = [k for k in evaluation if k.startswith(metric + "@") and "/" not in k]
+    if len(keys) != 1:
+        raise ValueError(f"sweep: lr_grid metric {metric!r} names {'no' if not keys else 'more than one'} evaluated "
+                         f"metric of {sorted(k for k in evaluation if k not in ('step', 'params', 'tokens'))}")
+    return keys[0]
+
+
+def best_by_mean_rank(finals: dict[float, dict], metrics: list[str]) -> float:
+    """The key of ``finals`` (learning rate -> final evaluation) with the best mean rank over ``metrics`` (rank 1:
+    best; equal values share their mean rank; a non-finite value, a diverged run, ranks last); ties go to the
+    better value of the first metric."""
+    from transfusion.sweep.parity import metric_info
+
+    rates, ranks, first = list(finals), dict.fromkeys(finals, 0.0), {}
+    for i, metric in enumerate(metrics):
+        score = {}
+        for lr in rates:
+            key = _metric_key(metric, finals[lr])
+            value, higher = float(finals[lr][key]), metric_info(key)[1]
+            score[lr] = (-value if higher else value) if math.isfinite(value) else math.inf  # lower is better
+        for lr in rates:
+            ranks[lr] += sum(score[o] < score[lr] for o in rates) + (sum(score[o] == score[lr] for o in rates) + 1) / 2
+        first = first or score
+    return min(rates, key=lambda lr: (ranks[lr], first[lr]))
+
+
 class Sweep:
     def __init__(self, transfusion: ModelRuns, chameleon: ModelRuns, sizes: dict[str, dict], budgets: list[int],
                  eval_every_n_steps: int, output: str = "outputs/sweep", evaluation: dict | None = None,
@@ -125,8 +156,8 @@ class Sweep:
                               "clip": _as(Prerequisite, clip)}
         self.ablations = [_as(Ablation, a) for a in ablations or []]
         self.lr_grid = None if lr_grid is None else _as(LearningRateGrid, lr_grid)
-        if self.lr_grid is not None and not self.lr_grid.values:
-            raise ValueError("sweep: lr_grid.values must not be empty")
+        if self.lr_grid is not None:
+            self._check_lr_grid()
         self.learning_rates: dict[str, float] = {}  # each model's choice from the grid, once it has run
         self.reference_size = reference_size or list(sizes)[-1]
         self.parity_curve = parity_curve
@@ -174,28 +205,29 @@ class Sweep:
         return {"values": list(grid.values), "metrics": list(grid.metrics), "size": grid.size or list(self.sizes)[0],
                 "budget": grid.budget or self.budgets[0], "chosen": dict(self.learning_rates)}
 
-    def choose_learning_rates(self, done: dict[str, list[dict]]) -> dict[str, float]:
-        """Each model's grid rate with the best mean rank over the final ``lr_grid.metrics``."""
+    def _check_lr_grid(self) -> None:
+        """Fail before training when the grid cannot choose: no values, no metrics, or a metric not evaluated."""
+        from transfusion.lightning.evaluation import DEFAULT_METRICS
         from transfusion.sweep.parity import metric_info
 
+        grid, evaluated = self.lr_grid, self.evaluation.get("metrics", list(DEFAULT_METRICS))
+        if not grid.values or not grid.metrics:
+            raise ValueError("sweep: lr_grid needs values and metrics")
+        needs = {"fid": "fid", "clip_score": "clip", "cider_d": "cider", "ppl": "ppl", "follow": "follow",
+                 "captions": "follow"}
+        for metric in grid.metrics:
+            metric_info(metric)  # an unknown metric raises, naming the known ones
+            if needs[metric.partition("@")[0]] not in evaluated:
+                raise ValueError(f"sweep: lr_grid metric {metric!r} needs {needs[metric.partition('@')[0]]!r} in "
+                                 f"evaluation.metrics {evaluated}")
+
+    def choose_learning_rates(self, done: dict[str, list[dict]]) -> dict[str, float]:
+        """Each model's grid rate with the best mean rank over the final ``lr_grid.metrics``."""
         chosen = {}
         for model in MODELS:
             finals = {run.overrides["model.init_args.lr"]: max(done[run.name], key=lambda e: e["step"])
                       for run in self._grid_runs() if run.model == model}
-            rates, ranks, first = list(finals), {lr: 0.0 for lr in finals}, {}
-            for i, metric in enumerate(self.lr_grid.metrics):
-                last = next(iter(finals.values()))
-                key = next((k for k in last if k == metric or k.startswith(metric + "@")), None)
-                if key is None:
-                    raise ValueError(f"sweep: lr_grid metric {metric!r} is not among the evaluated metrics "
-                                     f"{sorted(k for k in last if k not in ('step', 'params', 'tokens'))}")
-                _, higher = metric_info(key)
-                score = {lr: (-1 if higher else 1) * finals[lr][key] for lr in rates}  # lower is better
-                for lr in rates:  # rank 1 = best; equal values share their mean rank
-                    ranks[lr] += sum(score[o] < score[lr] for o in rates) + (sum(score[o] == score[lr] for o in rates) + 1) / 2
-                if i == 0:
-                    first = score
-            chosen[model] = min(rates, key=lambda lr: (ranks[lr], first[lr]))
+            chosen[model] = best_by_mean_rank(finals, self.lr_grid.metrics)
         return chosen
 
     # ------------------------------------------------------------------ prerequisites
@@ -261,10 +293,11 @@ class Sweep:
 
     def _run_once(self, run: Run, prepared: dict, counter: str) -> list[dict]:
         """The run's evaluations: trained now, or read back when a run of the same settings finished before."""
-        path = self.output / "runs" / run.name / "evaluations.json"
+        path, args = self.output / "runs" / run.name / "evaluations.json", self.fit_args(run, prepared)
         if path.is_file():
             record = json.loads(path.read_text())
-            if record["run"]["overrides"] == run.overrides:
+            # the same training command (records without one: the same overrides)
+            if record.get("args", args) == args and record["run"]["overrides"] == run.overrides:
                 rank_zero_info(f"sweep: run {counter} {run.name}: done before, reusing {path}")
                 return record["evaluations"]
             rank_zero_info(f"sweep: run {counter} {run.name}: settings changed since {path}, training again")
@@ -273,7 +306,8 @@ class Sweep:
         evaluations = self._train(run, prepared)
         wall = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run": asdict(run), "wall_s": wall, "evaluations": evaluations}, indent=2) + "\n")
+        path.write_text(json.dumps({"run": asdict(run), "args": args, "wall_s": wall, "evaluations": evaluations},
+                                   indent=2) + "\n")
         return evaluations
 
     def fit_args(self, run: Run, prepared: dict) -> list[str]:
