@@ -161,21 +161,18 @@ class Diffusion:
         # At t = 0 the coefficients are exactly 1 and 0, so x0 comes back bit-for-bit.
         return self._coef("sqrt_ab", t, x0) * x0 + self._coef("sqrt_1m_ab", t, x0) * noise.to(x0.dtype)
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer timesteps t (N,) >= 1, float32."""
-        if int(t.min()) < 1:
-            raise ValueError(f"SNR is infinite at t = 0: got timesteps down to {int(t.min())}")
-        ab = self.alpha_bar[t.cpu()]  # float64 on the CPU (MPS has no float64), float32 on t's device
-        return (ab / (1 - ab)).float().to(t.device)
-
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
-        """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, (N,).
+        """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, (N,)
+        float32 on t's device, with SNR_t = alpha_bar / (1 - alpha_bar).
 
         1 at the noisy timesteps (SNR <= gamma), where the picture's layout is decided and the epsilon MSE is
-        small; below 1 at the clean ones, whose large epsilon MSE is about fine detail.
+        small; below 1 at the clean ones, whose large epsilon MSE is about fine detail; 0 at t = 0 (SNR infinite).
         """
-        snr = self.snr(t)
-        return snr.clamp(max=gamma) / snr
+        name = f"min_snr_{gamma!r}"
+        if name not in self._tables:  # one float64 table per gamma, gathered like the other coefficients
+            snr = self.alpha_bar / (1 - self.alpha_bar)
+            self._tables[name] = snr.clamp(max=gamma) / snr
+        return self._coef(name, t, torch.empty(0, device=t.device))
 
     def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Invert add_noise given predicted noise: x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)."""

@@ -84,7 +84,9 @@ def _follow(samples: Path) -> dict:
 
 def _curve(trainer) -> list[dict]:
     """Prompt following at each evaluation during training: [{step, minutes, rates...}]."""
-    evaluation = next((c for c in trainer.callbacks if type(c).__name__ == "Evaluation"), None)
+    from transfusion.lightning.evaluation import Evaluation
+
+    evaluation = next((c for c in trainer.callbacks if isinstance(c, Evaluation)), None)
     if evaluation is None:
         return []
     return [{"step": h["training_steps"], "minutes": h["training_seconds"] / 60, **h["metrics"]}

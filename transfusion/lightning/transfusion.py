@@ -221,10 +221,10 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
                               pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator,
                               t=t, noise=noise)
         B = batch["tokens"].shape[0]
-        buckets = self._timestep_buckets(out["t"])
         if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
             self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])
             self.eval_ddpm_loss.update(out["ddpm_loss"], out["images"])
+            buckets = self._timestep_buckets(out["t"])
             for k, metric in enumerate(self.eval_ddpm_buckets):
                 if (buckets == k).any():
                     metric.update(out["ddpm_per_image"][buckets == k])

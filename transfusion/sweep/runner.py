@@ -190,7 +190,7 @@ class Sweep:
         grid = self.lr_grid
         if grid is None:
             return []
-        size, budget = grid.size or list(self.sizes)[0], grid.budget or self.budgets[0]
+        size, budget = self._grid_at()
         if size not in self.sizes:
             raise ValueError(f"sweep: lr_grid names size {size!r}, not one of {list(self.sizes)}")
         return [Run(f"{model}-{size}-{budget}-lr_{lr:g}", model, size, budget, {"model.init_args.lr": lr},
@@ -201,9 +201,13 @@ class Sweep:
         """How the learning rates were chosen, for reports: ``{}`` without a grid."""
         if self.lr_grid is None or not self.learning_rates:
             return {}
-        grid = self.lr_grid
-        return {"values": list(grid.values), "metrics": list(grid.metrics), "size": grid.size or list(self.sizes)[0],
-                "budget": grid.budget or self.budgets[0], "chosen": dict(self.learning_rates)}
+        size, budget = self._grid_at()
+        return {"values": list(self.lr_grid.values), "metrics": list(self.lr_grid.metrics), "size": size,
+                "budget": budget, "chosen": dict(self.learning_rates)}
+
+    def _grid_at(self) -> tuple[str, int]:
+        """The size and budget of the learning-rate grid (default: the first of each)."""
+        return self.lr_grid.size or list(self.sizes)[0], self.lr_grid.budget or self.budgets[0]
 
     def _check_lr_grid(self) -> None:
         """Fail before training when the grid cannot choose: no values, no metrics, or a metric not evaluated."""
@@ -276,7 +280,8 @@ class Sweep:
         prepared = self.prepare()
         done: dict[str, list[dict]] = {}
         unique = list({r.name: r for r in self.runs}.values())
-        grid = [r for r in unique if r.name in {g.name for g in self._grid_runs()}]
+        grid_names = {g.name for g in self._grid_runs()}
+        grid = [r for r in unique if r.name in grid_names]
         for i, run in enumerate(grid + [r for r in unique if r not in grid]):
             if run not in grid and self.lr_grid is not None and not self.learning_rates:
                 self.learning_rates = self.choose_learning_rates(done)
@@ -303,7 +308,7 @@ class Sweep:
             rank_zero_info(f"sweep: run {counter} {run.name}: settings changed since {path}, training again")
         rank_zero_info(f"sweep: run {counter} {run.name} ({run.budget} steps)")
         start = time.perf_counter()
-        evaluations = self._train(run, prepared)
+        evaluations = self._train(args)
         wall = time.perf_counter() - start
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"run": asdict(run), "args": args, "wall_s": wall, "evaluations": evaluations},
@@ -327,11 +332,11 @@ class Sweep:
                 "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
                 f"--trainer.callbacks+={json.dumps(callback)}"]
 
-    def _train(self, run: Run, prepared: dict) -> list[dict]:
+    def _train(self, args: list[str]) -> list[dict]:
+        """Run one ``transfusion fit`` command line; its Evaluation callback's reports."""
         from transfusion.cli import cli_main
         from transfusion.lightning.evaluation import Evaluation
 
-        args = self.fit_args(run, prepared)
         cli = cli_main(args)
         callbacks = [c for c in cli.trainer.callbacks if isinstance(c, Evaluation)]
         evaluations = []
