@@ -155,12 +155,13 @@ def call_timer(module, calls: list[tuple[int, float]]):
 
 def run(module, prompts, options, seeds, decode=False) -> dict:
     """One generation: wall time, the time of each denoising step and of each model call, the outputs."""
-    from transfusion.generation import Generator
+    from transfusion.generation import TransfusionGenerator
 
     steps, calls = [], []
+    generator = TransfusionGenerator(module.model, module.autoencoder.model, module.tokenizer, options)
     with step_timer(module, steps), call_timer(module, calls):
         start = time.perf_counter()
-        out = Generator(module, options).generate(prompts, seeds=seeds, decode=decode)
+        out = generator.generate(prompts, seeds=seeds, decode=decode)
         total = time.perf_counter() - start
     return {"total": total, "steps": steps, "calls": calls, "out": out}
 

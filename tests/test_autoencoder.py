@@ -90,7 +90,7 @@ def test_debug_overfits_one_batch():
 
     def rec_loss():
         with torch.no_grad():
-            recon, _ = module.autoencoder(batch["image"], sample_posterior=False)
+            recon, _ = module.model(batch["image"], sample_posterior=False)
             return torch.nn.functional.l1_loss(recon, batch["image"]).item()
 
     before = rec_loss()
@@ -105,16 +105,16 @@ def test_latent_std_buffer_updates_and_is_saved():
     module = AutoencoderModule(preset="debug")
     batch = next(iter(_debug_data().train_dataloader()))
     module._common_step(batch, "train")
-    first = module.latent_std.item()
-    expected = module.autoencoder.encode(batch["image"]).mean.std().item()
+    first = module.model.latent_std.item()
+    expected = module.model.encode(batch["image"]).mean.std().item()
     assert first == pytest.approx(expected, rel=1e-4) and first != 1.0
     module._common_step({"image": batch["image"] * 0.5}, "train")
-    assert module.latent_std.item() != first  # EMA moves
+    assert module.model.latent_std.item() != first  # EMA moves
     state = module.state_dict()
-    assert "latent_std" in state and state["latent_std"].item() == module.latent_std.item()
+    assert "model.latent_std" in state and state["model.latent_std"].item() == module.model.latent_std.item()
     restored = AutoencoderModule(preset="debug")
     restored.load_state_dict(state)
-    assert restored.latent_std.item() == module.latent_std.item()
+    assert restored.model.latent_std.item() == module.model.latent_std.item()
     latents = restored.encode_latents(batch["image"])
     assert latents.shape == (8, 4, 4, 4)
     images = restored.decode_latents(latents)

@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfusion.chameleon_generation import ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.cli import cli_main
-from transfusion.generation import IMAGE, generate_captions, generate_images
+from transfusion.generation import IMAGE, ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.models.chameleon import Chameleon, ChameleonConfig, insert_codes, z_loss
 from transfusion.models.transformer import TransformerConfig
 
@@ -119,18 +118,27 @@ def logit_bias(module, bias: dict[int, float]):
 
 
 def _generate(module, prompts, **options):
-    gen = ChameleonGenerator(module, ChameleonSamplingOptions(**options))
-    return gen, gen.generate(prompts, decode=False)
+    """The call's state (``Run``: its stream and caches) and the outputs."""
+    gen, runs = _generator(module, options), []
+    start = gen._start
+    gen._start = lambda *args: runs.append(start(*args)) or runs[-1]
+    outputs = gen.generate(prompts, decode=False)
+    return runs[-1], outputs
+
+
+def _generator(module, options):
+    return ChameleonGenerator(module.model, module.autoencoder.model, module.tokenizer,
+                              ChameleonSamplingOptions(**options))
 
 
 def test_images_are_exactly_n_codes_even_when_text_is_far_likelier(module):
     tok, V = module.tokenizer, module.config.text_vocab_size
     n = module.config.image_tokens
     with logit_bias(module, {tok.eos_id: 50.0, EOI: 50.0, 7: 40.0}):
-        gen, outputs = _generate(module, [["a red circle", IMAGE]], max_new_tokens=0, cfg_scale=3.0)
+        run, outputs = _generate(module, [["a red circle", IMAGE]], max_new_tokens=0, cfg_scale=3.0)
     (codes,) = outputs[0]
     assert codes.shape == (n,) and codes.min() >= 0 and codes.max() < module.config.codebook_size
-    row = gen.stream.tokens[0].tolist()
+    row = run.stream.tokens[0].tolist()
     start = row.index(tok.boi_id)
     assert all(t >= V for t in row[start + 1:start + 1 + n]) and row[start + 1 + n] == tok.eoi_id
     assert sum(t >= V for t in row) == n
@@ -141,9 +149,9 @@ def test_text_mode_never_samples_image_codes(module):
     tok = module.tokenizer
     bias = {V + c: 50.0 for c in range(module.config.codebook_size)} | {tok.boi_id: -100.0, tok.eos_id: -100.0}
     with logit_bias(module, bias):
-        gen, outputs = _generate(module, ["a"], max_new_tokens=5, cfg_scale=1.0, temperature=1.0)
+        run, outputs = _generate(module, ["a"], max_new_tokens=5, cfg_scale=1.0, temperature=1.0)
     assert [type(s) for s in outputs[0]] == [str]
-    assert (gen.stream.tokens[0] < V).all()
+    assert (run.stream.tokens[0] < V).all()
 
 
 def test_cache_equals_recomputation_and_batch_equals_alone(module, images_16):
@@ -160,8 +168,7 @@ def test_cache_equals_recomputation_and_batch_equals_alone(module, images_16):
 
 
 def _generate_one(module, prompt, index, opts):
-    gen = ChameleonGenerator(module, ChameleonSamplingOptions(**opts))
-    return gen.generate([prompt], seeds=[index], decode=False)[0]
+    return _generator(module, opts).generate([prompt], seeds=[index], decode=False)[0]
 
 
 def test_cfg_guides_with_the_caption_dropped_stream(module):
@@ -174,10 +181,11 @@ def test_cfg_guides_with_the_caption_dropped_stream(module):
     assert not torch.equal(cond[0][0], uncond[0][0])
 
 
-def test_helpers_dispatch_to_the_chameleon_generator(module, images_16):
-    pixels = generate_images(module, ["a red circle"], cfg_scale=2.0, num_steps=1)
+def test_module_shortcuts_use_the_chameleon_generator(module, images_16):
+    assert isinstance(module.generator(), ChameleonGenerator)
+    pixels = module.generator(cfg_scale=2.0).generate_images(["a red circle"])
     assert pixels.shape == (1, 3, 16, 16) and pixels.abs().max() <= 1
-    captions = generate_captions(module, torch.stack(images_16[:2]), max_new_tokens=3)
+    captions = module.generate_captions(torch.stack(images_16[:2]), max_new_tokens=3)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
 

@@ -34,11 +34,21 @@ def test_shipped_config_parses(config, capsys):
         TransformerConfig.from_name(model["init_args"]["preset"])  # a real preset
 
 
+@pytest.mark.parametrize("preset", ["0.16B", "0.37B", "0.76B", "1.4B", "7B"])
+@pytest.mark.parametrize("config", ["transfusion_paper.yaml", "chameleon_paper.yaml"])
+def test_paper_sizes_are_one_config_with_a_preset(config, preset, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(CONFIGS / config), "--model.init_args.preset", preset, "--print_config"])
+    assert exit_info.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["preset"] == preset
+    TransformerConfig.from_name(preset)
+
+
 def _fit_args(root: Path, tokenizer: str, autoencoder: str, steps: int) -> list[str]:
     return ["--config", str(CONFIGS / "transfusion_embedded.yaml"),
             "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
             "--model.init_args.preset", "debug", "--model.init_args.lr", "3e-3",
-            "--model.init_args.warmup_steps", "5", "--model.init_args.num_inference_steps", "4",
+            "--model.init_args.warmup_steps", "5", "--model.init_args.num_steps", "4",
             "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
             "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "1",
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",
@@ -80,7 +90,8 @@ def test_fit_loss_falls_and_predict_writes_samples(tmp_path, tokenizer_path, aut
 def test_predict_on_a_prompt_file(tmp_path, tokenizer_path, autoencoder_ckpt):
     cli = cli_main(["fit", *_fit_args(tmp_path, tokenizer_path, autoencoder_ckpt, steps=2)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path
-    from transfusion.data.shapes import ShapesDataset, to_pil
+    from transfusion.data.shapes import ShapesDataset
+    from transfusion.images import to_pil
 
     to_pil(ShapesDataset(1, 16, seed=9)[0]["image"]).save(tmp_path / "shape.png")
     prompts = tmp_path / "prompts.jsonl"

@@ -211,7 +211,7 @@ def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: 
     return ["test", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
             "--config", str(CONFIGS / "evaluate_embedded.yaml"), "--ckpt_path", ckpt,
             "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
-            "--model.init_args.preset", "debug", "--model.init_args.num_inference_steps", "3",
+            "--model.init_args.preset", "debug", "--model.init_args.num_steps", "3",
             "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4",
             "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
@@ -320,11 +320,11 @@ def test_samples_go_to_tensorboard_when_it_is_the_logger(tmp_path):
 def test_chameleon_export_and_import(chameleon_ckpt, tmp_path):
     """`transfusion export` of a Chameleon checkpoint is self-contained (VQ-VAE settings in config.json) and reloads
     the same weights."""
-    from transfusion.export import export, load_exported
+    from transfusion.export import export
     from transfusion.lightning.chameleon import ChameleonModule
 
     original = ChameleonModule.load_from_checkpoint(chameleon_ckpt, map_location="cpu").eval()
-    imported = load_exported(export(chameleon_ckpt, tmp_path / "chameleon"))
+    imported = ChameleonModule.from_pretrained(export(chameleon_ckpt, tmp_path / "chameleon"))
     assert isinstance(imported, ChameleonModule) and imported.config == original.config
     for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
         assert torch.equal(a, b), name

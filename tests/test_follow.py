@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from transfusion.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes, ShapesDataset, draw, to_tensor
+from transfusion.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes, ShapesDataset, draw
+from transfusion.images import to_tensor
 from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores, confusion_markdown, read_shapes
 
 

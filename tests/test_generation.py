@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from transfusion.data.shapes import ShapesDataset, to_pil
-from transfusion.generation import IMAGE, Generator, SamplingOptions, generate_captions, generate_images
+from transfusion.data.shapes import ShapesDataset
+from transfusion.images import to_pil
+from transfusion.generation import IMAGE, SamplingOptions, TransfusionGenerator
 from transfusion.models.attention import dense_mask
 from transfusion.models.kv_cache import make_caches
 
@@ -88,7 +89,8 @@ def assert_same_outputs(a: list, b: list, rtol: float = RTOL) -> None:
 
 def generate(module, prompts, seeds=None, **options):
     options.setdefault("num_steps", 4)
-    return Generator(module, SamplingOptions(**options)).generate(prompts, seeds=seeds, decode=False)
+    generator = TransfusionGenerator(module.model, module.autoencoder.model, module.tokenizer, SamplingOptions(**options))
+    return generator.generate(prompts, seeds=seeds, decode=False)
 
 
 # ---------------------------------------------------------------- cache == full recomputation
@@ -201,14 +203,17 @@ def test_seeds_matter_for_sampling(module):
 
 # ---------------------------------------------------------------- the cache holds committed, clean states only
 
-def test_cache_never_stores_noisy_states(module):
+def test_cache_never_stores_noisy_states(module, monkeypatch):
     num_steps = 4
-    gen = Generator(module, SamplingOptions(max_new_tokens=3, cfg_scale=3.0, num_steps=num_steps, use_cache=True))
-    calls = []
+    gen = module.generator(max_new_tokens=3, cfg_scale=3.0, num_steps=num_steps, use_cache=True)
+    calls, runs = [], []
+    start = gen._start
+    monkeypatch.setattr(gen, "_start", lambda *args: runs.append(start(*args)) or runs[-1])  # the call's state
 
     def record(_, args, kwargs):  # before every model call: the cache holds exactly the committed positions
         t = kwargs.get("t", args[4] if len(args) > 4 else None)
-        calls.append(([len(c) for c in gen.caches], gen.stream.tokens.shape[1], t, kwargs["pos"].clone()))
+        run = runs[-1]
+        calls.append(([len(c) for c in run.caches], run.stream.tokens.shape[1], t, kwargs["pos"].clone()))
 
     handle = module.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -225,7 +230,7 @@ def test_cache_never_stores_noisy_states(module):
     for *_, pos in noisy:
         assert torch.equal(pos, commit[3][:, : gen.n])
 
-    st, caches = gen.stream, gen.caches
+    st, caches = runs[-1].stream, runs[-1].caches
     S = st.tokens.shape[1]
     assert all(len(c) == S for c in caches)
     # recompute every committed position from scratch: clean latents at t = 0
@@ -272,17 +277,17 @@ def test_invalid_options(kwargs, name):
         SamplingOptions(**kwargs)
 
 
-def test_invalid_options_through_helpers(module):
+def test_invalid_options_through_the_module(module):
     with pytest.raises(ValueError, match="cfg_scale"):
-        generate_images(module, ["a"], cfg_scale=-2.0)
+        module.generator(cfg_scale=-2.0)
     with pytest.raises(ValueError, match="sampler"):
-        generate_images(module, ["a"], sampler="foo")
+        module.generator(sampler="foo")
     with pytest.raises(ValueError, match="num_steps"):
-        generate_images(module, ["a"], num_steps=0)
+        module.generator(num_steps=0)
 
 
 def test_invalid_prompts(module, images):
-    gen = Generator(module, SamplingOptions(max_new_tokens=2, cfg_scale=1.0, num_steps=2))
+    gen = module.generator(max_new_tokens=2, cfg_scale=1.0, num_steps=2)
     assert module.config.transformer.max_seq_len == 256
     with pytest.raises(ValueError, match="max_seq_len"):
         gen.generate([" ".join(["red"] * 300)])
@@ -311,20 +316,20 @@ def test_invalid_prompts(module, images):
 
 def test_generate_images(module):
     captions = ["a red circle", "a large blue square in the top left", "green"]
-    out = generate_images(module, captions, cfg_scale=3.0, num_steps=3, seed=4)
+    out = module.generator(cfg_scale=3.0, num_steps=3).generate_images(captions, seeds=[4, 5, 6])
     assert out.shape == (3, 3, 16, 16)
     assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
-    again = generate_images(module, captions, cfg_scale=3.0, num_steps=3, seed=4, use_cache=False)
+    again = module.generator(cfg_scale=3.0, num_steps=3, use_cache=False).generate_images(captions, seeds=[4, 5, 6])
     assert rel_err(out, again) <= 1e-6  # decoded pixels (clamped) of the same latents
 
 
 def test_generate_captions_and_eos(module, images):
     batch = torch.stack(images[:3])
-    captions = generate_captions(module, batch, max_new_tokens=6)
+    captions = module.generate_captions(batch, max_new_tokens=6)
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
-    assert captions == generate_captions(module, list(batch), max_new_tokens=6, use_cache=False)
+    assert captions == module.generator(use_cache=False).generate_captions(list(batch), max_new_tokens=6)
     with logit_bias(module, {module.tokenizer.eos_id: 1e4}):  # EOS first: nothing is generated
-        assert generate_captions(module, batch, max_new_tokens=6) == ["", "", ""]
+        assert module.generate_captions(batch, max_new_tokens=6) == ["", "", ""]
         out = generate(module, ["a red circle", ["a", IMAGE]], max_new_tokens=6, cfg_scale=3.0)
         assert kinds(out[0]) == [] and kinds(out[1]) == ["image"]
 

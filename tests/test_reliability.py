@@ -245,18 +245,18 @@ def test_safetensors_export_and_import(trained, tmp_path, capsys):
     from safetensors import safe_open
 
     from transfusion.cli import main
-    from transfusion.export import load_exported
     from transfusion.lightning.transfusion import TransfusionModule
 
     main(["export", "--ckpt_path", trained, "--output", str(tmp_path / "export")])
     assert "model.safetensors" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                                      "tokenizer.model"]
     with safe_open(tmp_path / "export" / "model.safetensors", "pt") as f:
-        assert "autoencoder.latent_std" in f.keys() and "model.lm_head.weight" in f.keys()
+        assert "autoencoder.model.latent_std" in f.keys() and "model.lm_head.weight" in f.keys()
 
     original = TransfusionModule.load_from_checkpoint(trained, map_location="cpu").eval()
-    imported = load_exported(tmp_path / "export")
-    assert imported.config == original.config
+    imported = TransfusionModule.from_pretrained(tmp_path / "export")
+    assert imported.config == original.config and not imported.training
     for (name, a), (_, b) in zip(original.state_dict().items(), imported.state_dict().items()):
         assert torch.equal(a, b), name
     assert imported.tokenizer.encode("a red circle") == original.tokenizer.encode("a red circle")
@@ -267,11 +267,11 @@ def test_safetensors_export_and_import(trained, tmp_path, capsys):
 
 
 def test_autoencoder_export_and_import(autoencoder_ckpt, tmp_path):
-    from transfusion.export import export, load_exported
+    from transfusion.export import export
     from transfusion.lightning.autoencoder import AutoencoderModule
 
     original = AutoencoderModule.load_from_checkpoint(autoencoder_ckpt, map_location="cpu").eval()
-    imported = load_exported(export(autoencoder_ckpt, tmp_path / "ae"))
+    imported = AutoencoderModule.from_pretrained(export(autoencoder_ckpt, tmp_path / "ae"))
     assert isinstance(imported, AutoencoderModule) and imported.config == original.config
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(imported.encode_latents(images), original.encode_latents(images))  # latent_std included
@@ -342,7 +342,7 @@ BAD_OPTIONS = [
     (["--model.init_args.transformer", "{n_layer: 3}"], r"unknown transformer option\(s\) \['n_layer'\]"),
     (["--model.init_args.preset", "huge"], "unknown transformer preset 'huge'"),
     (["--model.init_args.lr", "0"], "lr must be > 0"),
-    (["--model.init_args.num_inference_steps", "0"], "num_inference_steps must be >= 1"),
+    (["--model.init_args.num_steps", "0"], "num_steps must be >= 1"),
     (["--model.init_args.autoencoder", "missing.ckpt"], "autoencoder checkpoint 'missing.ckpt' does not exist"),
     (["--data.init_args.caption_dropout", "1.5"], r"caption_dropout must be in \[0, 1\)"),
     (["--data.init_args.batch_size", "0"], "batch_size must be a positive integer"),

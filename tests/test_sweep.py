@@ -69,7 +69,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
     config = {
         "output": str(out / "sweep"),
         "transfusion": {"config": "lightning_configs/transfusion_embedded.yaml",
-                        "overrides": {**_common(64), "model.init_args.num_inference_steps": 3}},
+                        "overrides": {**_common(64), "model.init_args.num_steps": 3}},
         "chameleon": {"config": "lightning_configs/chameleon_embedded.yaml", "overrides": _common(48)},
         "sizes": {"XS": {"model.init_args.preset": "debug", "model.init_args.transformer": {"dim": 32, "n_heads": 2}},
                   "S": {"model.init_args.preset": "debug"}},

@@ -99,8 +99,8 @@ def test_fit_logs_codebook_statistics_and_checkpoint_loads(vq_ckpt):
     assert 1 < float(train[-1]["train/codebook_perplexity"]) <= 64
     assert [r for r in rows if r.get("val/codebook_usage")]
     module = load_frozen(VQAutoencoderModule, vq_ckpt)
-    assert module.codebook_size == 64 and module.latent_positions == 16 and not module.training
-    assert module.autoencoder.quantizer.codes_reset.item() == float(train[-1]["train/dead_codes_reset_total"])
+    assert module.model.codebook_size == 64 and module.model.tokens_per_image == 16 and not module.training
+    assert module.model.quantizer.codes_reset.item() == float(train[-1]["train/dead_codes_reset_total"])
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     codes = module.encode_codes(images)
     assert codes.shape == (3, 16) and codes.dtype == torch.long

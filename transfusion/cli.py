@@ -45,7 +45,7 @@ class ConfigError(SystemExit):
 # settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
 # config / command line
-GENERATION_SETTINGS = ("cfg_scale", "num_inference_steps", "sampler", "max_new_tokens", "temperature", "top_p",
+GENERATION_SETTINGS = ("cfg_scale", "num_steps", "sampler", "max_new_tokens", "temperature", "top_p",
                        "clip_x0", "generation_seed", "image_temperature", "image_top_p")
 
 
@@ -187,10 +187,38 @@ def consolidate_main(argv: list[str]) -> None:
     print(f"wrote {consolidate_checkpoint(args.checkpoint, output)}")
 
 
+def cache_latents_main(argv: list[str]) -> None:
+    import torch
+
+    from transfusion.data import latent_cache
+
+    parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=latent_cache.__doc__.split("\n\n")[0] +
+                                     " Other arguments are the config and overrides of `transfusion fit`.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True, help="cache folder (then data.init_args.latent_cache)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--encode_workers", type=int, default=0, help="DataLoader workers decoding images")
+    args, rest = parser.parse_known_args(argv)
+    cli = cli_main(rest, run=False)
+    module, data = cli.model, cli.datamodule
+    if not hasattr(data, "uncached_pairs"):
+        raise ValueError(f"cache-latents needs an ImageTextDataModule config, got {type(data).__name__}")
+    if not hasattr(module, "autoencoder"):
+        raise ValueError(f"cache-latents needs a model with a frozen autoencoder, got {type(module).__name__}")
+    data.layout = module.sequence_layout()
+    pairs = {split: data.uncached_pairs(split) for split in ("train", "validation")}
+    if torch.cuda.is_available():
+        module.autoencoder.cuda()
+    meta = latent_cache.write_cache(pairs, module.autoencoder, args.output, args.batch_size, module.hparams.autoencoder
+                       if isinstance(module.hparams.autoencoder, str) else None, args.encode_workers)
+    print(f"wrote {args.output}: {meta['count']} {meta['kind']} of shape {meta['latent_shape']} "
+          f"(autoencoder {meta['autoencoder_fingerprint'][:12]})")
+
+
 # the subcommands besides LightningCLI's: name -> (module, function taking the remaining arguments), imported on use
 SUBCOMMANDS = {
     "tokenizer": ("transfusion.cli", "tokenizer_main"),
-    "cache-latents": ("transfusion.data.latent_cache", "cache_main"),
+    "cache-latents": ("transfusion.cli", "cache_latents_main"),
     "export": ("transfusion.export", "export_main"),
     "quickstart": ("transfusion.quickstart", "quickstart_main"),
     "fid-weights": ("transfusion.evaluation.fid", "main"),

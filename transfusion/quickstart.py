@@ -65,7 +65,7 @@ def _follow(samples: Path) -> dict:
     """How the predict outputs follow their prompts: pictures read back from their pixels, captions parsed."""
     from PIL import Image
 
-    from transfusion.data.shapes import to_tensor
+    from transfusion.images import to_tensor
     from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores, confusion_markdown
 
     records = [json.loads(line) for line in (samples / "generations.jsonl").read_text().splitlines()]
@@ -149,7 +149,7 @@ def quickstart_main(argv: list[str]) -> dict:
     if args.preset:
         model_args += ["--model.init_args.preset", args.preset]
     if args.inference_steps:
-        model_args += ["--model.init_args.num_inference_steps", str(args.inference_steps)]
+        model_args += ["--model.init_args.num_steps", str(args.inference_steps)]
     curve = _curve_callback("transfusion_embedded.yaml", args.steps, args.curve_examples, out / "transfusion" / "evaluation")
     tf_trainer = _fit("transfusion_embedded.yaml", out / "transfusion",
                       model_args + seed + _steps_overrides(args.steps) + curve)

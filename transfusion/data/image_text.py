@@ -32,7 +32,7 @@ from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompt
 from transfusion.data.sequences import SequenceLayout, TransfusionRows
 from transfusion.data.sources import ImageCaptionSource, TextSource
 from transfusion.data.text import TokenArray, tokenize_documents, tokens_file
-from transfusion.generation import IMAGE
+from transfusion.images import IMAGE
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ deterministic (posterior means, nearest codes), so cached and on-the-fly values 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -108,29 +107,3 @@ def write_cache(pairs_by_split: dict, autoencoder, output: str | Path, batch_siz
         meta["skipped"][split] = dict(getattr(pairs, "skipped", {}))
     (output / "meta.json").write_text(json.dumps(meta, indent=1))  # last: a cache without it is incomplete
     return meta
-
-
-def cache_main(argv: list[str]) -> None:
-    from transfusion.cli import cli_main
-
-    parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=__doc__.split("\n\n")[0] +
-                                     " Other arguments are the config and overrides of `transfusion fit`.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="cache folder (then data.init_args.latent_cache)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--encode_workers", type=int, default=0, help="DataLoader workers decoding images")
-    args, rest = parser.parse_known_args(argv)
-    cli = cli_main(rest, run=False)
-    module, data = cli.model, cli.datamodule
-    if not hasattr(data, "uncached_pairs"):
-        raise ValueError(f"cache-latents needs an ImageTextDataModule config, got {type(data).__name__}")
-    if not hasattr(module, "autoencoder"):
-        raise ValueError(f"cache-latents needs a model with a frozen autoencoder, got {type(module).__name__}")
-    data.layout = module.sequence_layout()
-    pairs = {split: data.uncached_pairs(split) for split in ("train", "validation")}
-    if torch.cuda.is_available():
-        module.autoencoder.cuda()
-    meta = write_cache(pairs, module.autoencoder, args.output, args.batch_size, module.hparams.autoencoder
-                       if isinstance(module.hparams.autoencoder, str) else None, args.encode_workers)
-    print(f"wrote {args.output}: {meta['count']} {meta['kind']} of shape {meta['latent_shape']} "
-          f"(autoencoder {meta['autoencoder_fingerprint'][:12]})")

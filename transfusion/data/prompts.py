@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transfusion.data.shapes import ShapesDataset
-from transfusion.generation import IMAGE
+from transfusion.images import IMAGE
 
 IMAGE_MARKER = "<image>"
 

@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from transfusion.images import to_tensor
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (220, 40, 40),
@@ -79,18 +81,6 @@ def draw(attrs: ShapeAttributes, image_size: int, jitter: tuple[float, float] = 
     else:
         pen.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
     return image.resize((image_size, image_size), Image.LANCZOS)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """Float tensor (3, H, W) in [-1, 1] -> PIL RGB image."""
-    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB")
 
 
 class ShapesDataset(Dataset):

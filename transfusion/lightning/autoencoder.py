@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from transfusion.lightning.checkpoint import check_config, flatten_config
-from transfusion.lightning.optim import adamw_cosine
+from transfusion.lightning.hub import HubMixin
+from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
 from transfusion.models.vq import VQAutoencoder
 
 
-class AutoencoderModule(L.LightningModule):
-    """Trains the KL-VAE and keeps a running latent std so ``encode_latents`` gives roughly unit-variance latents."""
+class AutoencoderModule(HubMixin, L.LightningModule):
+    """Trains the KL-VAE (``self.model``), whose running latent std makes ``encode_latents`` about unit-variance."""
 
     def __init__(
         self,
@@ -45,20 +46,15 @@ class AutoencoderModule(L.LightningModule):
                 step, batch, rank), so a resumed run draws what an uninterrupted one would.
         """
         super().__init__()
-        for name, value in (("lr", lr), ("kl_weight", kl_weight), ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
-            if value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"model option {name} must be {'> 0' if name == 'lr' else '>= 0'}, got {value}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.optim = OptimizerConfig(lr, tuple(betas), 1e-8, weight_decay, warmup_steps, min_lr_ratio)
+        if kl_weight < 0:
+            raise ValueError(f"model option kl_weight must be >= 0, got {kl_weight}")
         overrides = {k: v for k, v in dict(image_size=image_size, latent_channels=latent_channels).items() if v is not None}
         self.config = AutoencoderConfig.from_name(preset, **overrides)
         image_size = self.config.image_size  # recorded resolved: Lightning checks the data module's image_size agrees
         self.save_hyperparameters()
         self.noise_seed = noise_seed  # not read from hparams: subclasses record their own arguments there
-        self.autoencoder = self.build_autoencoder()
-        # Std of posterior means (EMA); checkpointed so latents are scaled the same way at generation time.
-        self.register_buffer("latent_std", torch.ones(()))
-        self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+        self.model = self.build_autoencoder()
 
     def build_autoencoder(self):
         return KLAutoencoder(self.config)
@@ -69,37 +65,27 @@ class AutoencoderModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "autoencoder_config" in checkpoint:
             check_config(checkpoint["autoencoder_config"], self.config, "this autoencoder checkpoint")
+        rename_legacy_keys(checkpoint.get("state_dict", {}), "")
 
-    @torch.no_grad()
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] -> scaled posterior means (N, Z, h, w)."""
-        return self.autoencoder.encode(images).mode() / self.latent_std
+        """Images (N, 3, H, W) in [-1, 1] -> scaled posterior means (N, Z, h, w), about unit variance."""
+        return self.model.encode_latents(images)
 
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, Z, h, w) -> images (N, 3, H, W) clamped to [-1, 1]."""
-        return self.autoencoder.decode(latents * self.latent_std).clamp(-1, 1)
-
-    @torch.no_grad()
-    def _update_latent_std(self, means: torch.Tensor):
-        std = means.detach().float().std()
-        if not self.latent_std_initialised:
-            self.latent_std.copy_(std)
-            self.latent_std_initialised.fill_(True)
-        else:
-            self.latent_std.lerp_(std, 0.01)  # EMA with decay 0.99
+        return self.model.decode_latents(latents)
 
     def _common_step(self, batch, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
         training = stage == "train"
-        recon, posterior = self.autoencoder(x, sample_posterior=training, generator=generator)  # validation: the mode
+        recon, posterior = self.model(x, sample_posterior=training, generator=generator)  # validation: the mode
         rec_loss = F.l1_loss(recon, x)
         mse = F.mse_loss(recon, x)
         kl = posterior.kl().mean()
         loss = rec_loss + self.hparams.get("mse_weight", 0.0) * mse + self.hparams.kl_weight * kl
         if training:
-            self._update_latent_std(posterior.mean)
-            self.log("latent_std", self.latent_std)
+            self.model.update_latent_std(posterior.mean)
+            self.log("latent_std", self.model.latent_std)
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/rec_loss", rec_loss)  # L1
         self.log(f"{stage}/mse", mse)
@@ -113,16 +99,14 @@ class AutoencoderModule(L.LightningModule):
         return self._common_step(batch, "val")
 
     def configure_optimizers(self):
-        hp = self.hparams  # older checkpoints have no min_lr_ratio: constant after the warm-up
-        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else hp.warmup_steps
-        return adamw_cosine(self.parameters(), hp.lr, hp.betas, 1e-8, hp.weight_decay, hp.warmup_steps,
-                            hp.get("min_lr_ratio", 1.0), steps)
+        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else self.optim.warmup_steps
+        return self.optim.configure(self.parameters(), steps)
 
     @torch.no_grad()
     def log_images(self, batch) -> dict[str, torch.Tensor]:
         """Inputs and deterministic reconstructions, both (N, 3, H, W) in [-1, 1], for image-logging callbacks."""
         x = (batch["image"] if isinstance(batch, dict) else batch).to(self.device)
-        recon, _ = self.autoencoder(x, sample_posterior=False)
+        recon, _ = self.model(x, sample_posterior=False)
         return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
 
 
@@ -169,25 +153,13 @@ class VQAutoencoderModule(AutoencoderModule):
         hp = self.hparams
         return VQAutoencoder(self.config, hp.codebook_size, hp.beta, hp.usage_decay, hp.dead_code_threshold)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.autoencoder.codebook_size
-
-    @property
-    def latent_positions(self) -> int:
-        """Codes per image (h * w): the image tokens of a Chameleon sequence."""
-        return self.config.latent_size ** 2
-
-    @torch.no_grad()
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] -> codes (N, h * w) in raster order."""
-        return self.autoencoder.encode_codes(images).flatten(1)
+        return self.model.encode_tokens(images)
 
-    @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (N, h * w) -> images (N, 3, H, W) clamped to [-1, 1]."""
-        s = self.config.latent_size
-        return self.autoencoder.decode_codes(codes.view(-1, s, s)).clamp(-1, 1)
+        return self.model.decode_tokens(codes)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         raise TypeError("a VQ-VAE gives discrete codes: use encode_codes / decode_codes")
@@ -196,13 +168,13 @@ class VQAutoencoderModule(AutoencoderModule):
 
     def _common_step(self, batch, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         x = batch["image"] if isinstance(batch, dict) else batch  # (N, 3, H, W)
-        recon, z_e, _, stats = self.autoencoder(x)  # deterministic: the step generator is not needed
+        recon, z_e, _, stats = self.model(x)  # deterministic: the step generator is not needed
         rec_loss = F.l1_loss(recon, x)
         mse = F.mse_loss(recon, x)
         loss = rec_loss + self.hparams.get("mse_weight", 0.0) * mse + self.hparams.vq_weight * stats["vq_loss"]
         if stage == "train":
             self._last_z = z_e.detach()
-            alive = (self.autoencoder.quantizer.usage >= self.hparams.dead_code_threshold).float().mean()
+            alive = (self.model.quantizer.usage >= self.hparams.dead_code_threshold).float().mean()
             self.log("train/codebook_alive", alive)
         self.log(f"{stage}/loss", loss, prog_bar=True)
         self.log(f"{stage}/rec_loss", rec_loss)  # L1
@@ -217,16 +189,27 @@ class VQAutoencoderModule(AutoencoderModule):
         """After the optimizer step: re-initialise dead entries from this batch's encoder outputs."""
         if self._last_z is None:
             return
-        reset = self.autoencoder.quantizer.reset_dead_codes(self._last_z)
+        reset = self.model.quantizer.reset_dead_codes(self._last_z)
         self._last_z = None
         self.log("train/dead_codes_reset", float(reset))
-        self.log("train/dead_codes_reset_total", self.autoencoder.quantizer.codes_reset.float())
+        self.log("train/dead_codes_reset_total", self.model.quantizer.codes_reset.float())
 
     @torch.no_grad()
     def log_images(self, batch) -> dict[str, torch.Tensor]:
         x = (batch["image"] if isinstance(batch, dict) else batch).to(self.device)
-        recon, _, _, _ = self.autoencoder(x)
+        recon, _, _, _ = self.model(x)
         return {"inputs": x, "reconstructions": recon.clamp(-1, 1)}
+
+
+def rename_legacy_keys(state: dict, prefix: str) -> None:
+    """Checkpoints written before the autoencoder network moved to ``.model`` (with its latent scale): rename
+    ``{prefix}autoencoder.*`` and ``{prefix}latent_std*`` in place."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest.startswith("autoencoder."):
+            state[prefix + "model." + rest[len("autoencoder."):]] = state.pop(key)
+        elif rest.startswith("latent_std"):
+            state[prefix + "model." + rest] = state.pop(key)
 
 
 def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderModule:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from transfusion.data.prompts import prompt_text
-from transfusion.data.shapes import to_pil
+from transfusion.images import image_grid, to_pil
 
 
 class LastStepCheckpoint(ModelCheckpoint):
@@ -65,33 +65,5 @@ class GenerationWriter(BasePredictionWriter):
                                       "text": text, "images": files}) + "\n")
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        _labelled_grid(self._generated, self.scale).save(self.output_dir / "grid.png")
-        _labelled_grid(self._captioned, self.scale).save(self.output_dir / "captions.png")
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line]
-
-
-def _labelled_grid(tiles: list[tuple[Image.Image, str]], scale: int, columns: int = 4) -> Image.Image:
-    """Images enlarged ``scale`` times (at most 256 px), each above its text, ``columns`` to a row."""
-    if not tiles:
-        return Image.new("RGB", (1, 1), "white")
-    side = min(256, tiles[0][0].width * scale)
-    cell_w, text_h = max(side, 200), 40
-    rows = (len(tiles) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * cell_w, rows * (side + text_h)), "white")
-    pen = ImageDraw.Draw(grid)
-    for i, (image, text) in enumerate(tiles):
-        x, y = (i % columns) * cell_w, (i // columns) * (side + text_h)
-        grid.paste(image.convert("RGB").resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y))
-        for j, line in enumerate(_wrap(text, cell_w // 6)[:3]):
-            pen.text((x + 4, y + side + 1 + 12 * j), line, fill="black")
-    return grid
+        image_grid(self._generated, self.scale).save(self.output_dir / "grid.png")
+        image_grid(self._captioned, self.scale).save(self.output_dir / "captions.png")

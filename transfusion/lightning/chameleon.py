@@ -7,29 +7,22 @@ caption dropout for CFG); each image's n positions receive its VQ codes. The ima
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
-import lightning as L
 import torch
 
-from transfusion.chameleon_generation import ChameleonGenerator, ChameleonSamplingOptions
-from transfusion.data.latent_cache import autoencoder_fingerprint
-from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
-from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
+from transfusion.flops import FlopCounter, flop_parameters
+from transfusion.generation import ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
-from transfusion.lightning.interface import GenerativeModule
-from transfusion.lightning.optim import adamw_cosine
+from transfusion.lightning.generative import GenerativeModule
+from transfusion.lightning.optim import OptimizerConfig
 from transfusion.models.chameleon import Chameleon, ChameleonConfig, insert_codes
 from transfusion.models.transformer import TransformerConfig
 
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen VQ-VAE
 
-
-class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
-    generator_class = ChameleonGenerator  # also used by transfusion.generation.generate_images / generate_captions
+class ChameleonModule(GenerativeModule):
+    generator_class = ChameleonGenerator
     image_sampling_fields = ("image_temperature", "image_top_p")  # reported by evaluations
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", transformer: dict | None = None,
@@ -51,39 +44,29 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # options first, files after: a bad option is reported before anything is read
+        self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio)
+        self.sampling = ChameleonSamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                 top_p=top_p, cfg_scale=cfg_scale,
+                                                 image_temperature=image_temperature, image_top_p=image_top_p)
+        transformer_config = TransformerConfig.from_name(preset, qk_norm=qk_norm, norm_reorder=norm_reorder,
+                                                         **(transformer or {}))
         self.tokenizer = Tokenizer(tokenizer)
         self.autoencoder = load_frozen(VQAutoencoderModule, autoencoder)
+        vq = self.autoencoder.model
         self.config = ChameleonConfig(
-            transformer=TransformerConfig.from_name(preset, qk_norm=qk_norm, norm_reorder=norm_reorder,
-                                                    **(transformer or {})),
-            text_vocab_size=self.tokenizer.vocab_size, codebook_size=self.autoencoder.codebook_size,
-            image_tokens=self.autoencoder.latent_positions, z_loss_weight=z_loss_weight, attention=attention,
+            transformer=transformer_config, text_vocab_size=self.tokenizer.vocab_size,
+            codebook_size=vq.codebook_size, image_tokens=vq.tokens_per_image, z_loss_weight=z_loss_weight,
+            attention=attention,
         )
         self.model = Chameleon(self.config)
         self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
                                         self.config.transformer.dim)  # N: the transformer body
-        self.sampling = ChameleonSamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 top_p=top_p, cfg_scale=cfg_scale,
-                                                 image_temperature=image_temperature, image_top_p=image_top_p)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.autoencoder.eval()  # frozen: never in training mode
-        return self
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # FlopAccounting
-        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
-
-    @functools.cached_property
-    def autoencoder_fingerprint(self) -> str:
-        """Hash of the frozen autoencoder's weights (checked against latent caches), computed once."""
-        return autoencoder_fingerprint(self.autoencoder)
-
-    def sequence_layout(self) -> SequenceLayout:
-        """Rows as for Transfusion, with n = the VQ latent's positions per image."""
-        return SequenceLayout(self.tokenizer, self.config.image_tokens, self.autoencoder.config.image_size,
-                              autoencoder_fingerprint=self.autoencoder_fingerprint)
+    @property
+    def positions_per_image(self) -> int:
+        """Rows as for Transfusion, with n = the VQ latent's codes per image."""
+        return self.config.image_tokens
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,12 +78,7 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
                 raise ValueError(f"cached codes of shape {tuple(images.shape[1:])}, the VQ-VAE gives "
                                  f"({self.config.image_tokens},): re-run `transfusion cache-latents`")
             return images.long()
-        return self.autoencoder.encode_codes(images.to(self.autoencoder.dtype))
-
-    @torch.no_grad()
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (N, n) -> pixels (N, 3, H, W) in [-1, 1]."""
-        return self.autoencoder.decode_codes(codes)
+        return self.autoencoder.encode_codes(images)
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         """The batch's tokens (B, L) with image codes in place."""
@@ -135,16 +113,3 @@ class ChameleonModule(FlopAccounting, GenerativeModule, L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._common_step(batch, "test")
-
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
-        hp = self.hparams
-        outputs = ChameleonGenerator(self, self.sampling).generate(
-            [r["prompt"] for r in batch], seeds=[hp.generation_seed + r["index"] for r in batch],
-            max_new_tokens=[r.get("max_new_tokens") for r in batch])
-        return [{**record, "output": output} for record, output in zip(batch, outputs)]
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_cosine(self.model.parameters(), hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
-                            hp.min_lr_ratio, self.trainer.estimated_stepping_batches)

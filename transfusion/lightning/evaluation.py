@@ -2,9 +2,9 @@
 CIDEr-D of image->caption generations, perplexity on held-out text; and, on the embedded shapes, prompt
 following (``follow``: the attributes read back from the generated pictures and captions).
 
-Model-agnostic: it asks the LightningModule only for the ``GenerativeModule`` interface
-(``transfusion.lightning.interface``: ``generate_images``, ``generate_captions``, ``text_logits``,
-``training_flops``, ``sampling_summary``), so Transfusion and Chameleon are evaluated by the same code.
+Model-agnostic: it asks the LightningModule only for what ``GenerativeModule`` (``transfusion.lightning.generative``)
+provides: ``generate_images``, ``generate_captions``, ``text_logits``, ``training_flops``, ``sampling_summary``;
+so Transfusion and Chameleon are evaluated by the same code.
 
 Runs at the end of ``validate``/``test`` (and every ``every_n_train_steps`` of ``fit`` if set) on every
 process: each rank generates its share of the N samples (sample i on rank i % world, seeded
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
+from transfusion.images import image_grid
 
 METRICS = ("fid", "clip", "cider", "ppl", "follow")
 DEFAULT_METRICS = ("fid", "clip", "cider", "ppl")  # follow reads the embedded shapes only: opt in
@@ -229,15 +230,12 @@ class Evaluation(Callback):
 
     # ------------------------------------------------------------------ outputs
     def _log_samples(self, trainer, samples: list[dict], prefix: str) -> None:
-        from transfusion.lightning.callbacks import _labelled_grid
-        from transfusion.data.shapes import to_pil
-
         gathered = _gather(samples[: self.log_samples])
         if not trainer.is_global_zero or not gathered or trainer.logger is None:
             return
         gathered = sorted(gathered, key=lambda s: s["index"])[: self.log_samples]
-        grid = _labelled_grid([(to_pil(s["generated"]), s["caption"]) for s in gathered], scale=4)
-        captions = _labelled_grid([(to_pil(s["real"]), s["generated_caption"]) for s in gathered], scale=4)
+        grid = image_grid([(s["generated"], s["caption"]) for s in gathered])
+        captions = image_grid([(s["real"], s["generated_caption"]) for s in gathered])
         table = "| # | reference | generated caption |\n|---|---|---|\n" + "".join(
             f"| {s['index']} | {s['references'][0]} | {s['generated_caption']} |\n" for s in gathered)
         step, logger = trainer.global_step, trainer.logger

@@ -7,8 +7,37 @@ Weight decay applies to matrices only (not norms or biases); the learning rate d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its schedule, checked once when a module is built (errors name the model option)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.05
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"model option lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"model option betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("eps", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model option {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def configure(self, params, total_steps: int) -> dict:
+        """``configure_optimizers`` output for ``params`` over ``total_steps``."""
+        return adamw_cosine(params, self.lr, self.betas, self.eps, self.weight_decay, self.warmup_steps,
+                            self.min_lr_ratio, total_steps)
 
 
 def adamw_cosine(params, lr: float, betas, eps: float, weight_decay: float, warmup_steps: int,

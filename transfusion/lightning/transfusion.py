@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from transfusion.data.latent_cache import autoencoder_fingerprint
-from transfusion.data.sequences import SequenceLayout
 from transfusion.data.tokenizer import Tokenizer
-from transfusion.flops import FlopAccounting, FlopCounter, flop_parameters
-from transfusion.generation import Generator, SamplingOptions
+from transfusion.flops import FlopCounter, flop_parameters
+from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
-from transfusion.lightning.interface import GenerativeModule
 from transfusion.lightning.checkpoint import check_config, flatten_config
-from transfusion.lightning.optim import adamw_cosine
+from transfusion.lightning.generative import GenerativeModule
+from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.parallel import fully_shard_blocks
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
-
-
-# the frozen autoencoder stays in eval mode on purpose
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
 
 TIMESTEP_BUCKETS = 4  # the validation DDPM loss is also logged per quarter of the noise scale
 
@@ -35,33 +26,8 @@ ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "
                 "unet_channels", "num_timesteps")
 
 
-def check_options(hp) -> SamplingOptions:
-    """Raise a ValueError naming the first invalid optimisation or generation option; the sampling options."""
-    if hp.lr <= 0:
-        raise ValueError(f"model option lr must be > 0, got {hp.lr}")
-    if len(hp.betas) != 2 or not all(0.0 <= b < 1.0 for b in hp.betas):
-        raise ValueError(f"model option betas must be two numbers in [0, 1), got {list(hp.betas)}")
-    for name in ("eps", "weight_decay", "warmup_steps"):
-        if hp[name] < 0:
-            raise ValueError(f"model option {name} must be >= 0, got {hp[name]}")
-    if not 0.0 <= hp.min_lr_ratio <= 1.0:
-        raise ValueError(f"model option min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
-    if hp.diffusion_lambda < 0:  # also checked by TransfusionConfig, but only after the autoencoder is loaded
-        raise ValueError(f"model option diffusion_lambda must be >= 0, got {hp.diffusion_lambda}")
-    if hp.min_snr_gamma is not None and hp.min_snr_gamma <= 0:
-        raise ValueError(f"model option min_snr_gamma must be > 0 or null, got {hp.min_snr_gamma}")
-    if hp.patch_size <= 0:
-        raise ValueError(f"model option patch_size must be positive, got {hp.patch_size}")
-    TransformerConfig.from_name(hp.preset, **(hp.transformer or {}))  # unknown preset, heads vs width, ...
-    try:
-        return SamplingOptions(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p,
-                               cfg_scale=hp.cfg_scale, num_steps=hp.num_inference_steps, sampler=hp.sampler,
-                               clip_x0=hp.clip_x0)
-    except ValueError as error:
-        raise ValueError(f"model option {str(error).replace('num_steps', 'num_inference_steps')}") from None
-
-
-class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
+class TransfusionModule(GenerativeModule):
+    generator_class = TransfusionGenerator
     image_sampling_fields = ("sampler", "num_steps", "clip_x0")  # reported by evaluations
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
@@ -70,7 +36,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
                  transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
-                 cfg_scale: float = 5.0, num_inference_steps: int = 250, sampler: str = "ddpm",
+                 cfg_scale: float = 5.0, num_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
                  generation_seed: int = 0, noise_seed: int = 0, activation_checkpointing: bool = False,
                  compile: bool = False):
@@ -79,7 +45,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
             autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
                 ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
-                ``transfusion.export.load_exported``.)
+                ``from_pretrained``.)
             preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B).
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
@@ -90,8 +56,8 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
                 ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
-            cfg_scale, num_inference_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
-                for ``predict`` (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
+            cfg_scale, num_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
+                (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
             noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
                 (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
             activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
@@ -102,12 +68,16 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.sampling = check_options(self.hparams)  # before any file is read
+        # options first, files after: a bad option is reported before anything is read
+        self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio)
+        self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler, clip_x0=clip_x0)
+        transformer_config = TransformerConfig.from_name(preset, **(transformer or {}))
         self.tokenizer = Tokenizer(tokenizer)
         self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
-        ae_cfg = self.autoencoder.autoencoder.config
+        ae_cfg = self.autoencoder.config
         self.config = TransfusionConfig(
-            transformer=TransformerConfig.from_name(preset, **(transformer or {})),
+            transformer=transformer_config,
             vocab_size=self.tokenizer.vocab_size, latent_channels=ae_cfg.latent_channels,
             latent_size=ae_cfg.latent_size, patch_size=patch_size, patch_encoder=patch_encoder,
             unet_channels=unet_channels, diffusion_lambda=diffusion_lambda, min_snr_gamma=min_snr_gamma,
@@ -130,8 +100,7 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
             check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
         if "autoencoder_config" in checkpoint:
             check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
-        super().on_load_checkpoint(checkpoint)  # FlopAccounting
-        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+        super().on_load_checkpoint(checkpoint)
 
     @property
     def model(self) -> Transfusion:
@@ -159,19 +128,9 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
                 block.compile()  # in place: parameter names and checkpoints stay the same
         self.model = model
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.autoencoder.eval()  # frozen: never in training mode
-        return self
-
-    @functools.cached_property
-    def autoencoder_fingerprint(self) -> str:
-        """Hash of the frozen autoencoder's weights (checked against latent caches), computed once."""
-        return autoencoder_fingerprint(self.autoencoder)
-
-    def sequence_layout(self) -> SequenceLayout:
-        return SequenceLayout(self.tokenizer, self.config.patches_per_image, self.autoencoder.autoencoder.config.image_size,
-                              autoencoder_fingerprint=self.autoencoder_fingerprint)
+    @property
+    def positions_per_image(self) -> int:
+        return self.config.patches_per_image
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -182,10 +141,6 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
         if tuple(images.shape[1:]) == (c, s, s):  # from `transfusion cache-latents` (h < H: never pixels)
             return images
         return self.autoencoder.encode_latents(images)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode_latents(latents)
 
     def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Logits (P, V) at the ``at`` positions of text-only rows (B, L) (perplexity)."""
@@ -291,16 +246,3 @@ class TransfusionModule(FlopAccounting, GenerativeModule, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         return self._common_step(batch, "test", generator)
-
-    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
-        hp = self.hparams
-        outputs = Generator(self, self.sampling).generate(
-            [r["prompt"] for r in batch], seeds=[hp.generation_seed + r["index"] for r in batch],
-            max_new_tokens=[r.get("max_new_tokens") for r in batch])
-        return [{**record, "output": output} for record, output in zip(batch, outputs)]
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_cosine(self.model.parameters(), hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps,
-                            hp.min_lr_ratio, self.trainer.estimated_stepping_batches)

@@ -216,13 +216,39 @@ def check_images(config: AutoencoderConfig, x: torch.Tensor) -> None:
 
 
 class KLAutoencoder(nn.Module):
-    """Encoder -> diagonal Gaussian posterior -> decoder."""
+    """Encoder -> diagonal Gaussian posterior -> decoder.
+
+    ``latent_std`` (a running std of posterior means, kept by training) scales latents to about unit variance:
+    ``encode_latents`` / ``decode_latents`` are what the diffusion model sees and what it hands back.
+    """
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.register_buffer("latent_std", torch.ones(()))
+        self.register_buffer("latent_std_initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update_latent_std(self, means: torch.Tensor, decay: float = 0.99) -> None:
+        """Move ``latent_std`` towards the std of a batch of posterior means (EMA; the first batch sets it)."""
+        std = means.detach().float().std()
+        if not self.latent_std_initialised:
+            self.latent_std.copy_(std)
+            self.latent_std_initialised.fill_(True)
+        else:
+            self.latent_std.lerp_(std, 1 - decay)
+
+    @torch.no_grad()
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> scaled posterior means (N, Z, h, w), about unit variance."""
+        return self.encode(x.to(self.latent_std.dtype)).mode() / self.latent_std
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, Z, h, w) -> images (N, C, H, W) clamped to [-1, 1]."""
+        return self.decode(latents * self.latent_std).clamp(-1, 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Posterior over latents (N, Z, h, w) for images x (N, C, H, W) in [-1, 1]."""

@@ -1,0 +1,93 @@
+"""Chameleon's images: after BOI, n image codes are sampled token by token, then EOI (the baseline's inference).
+
+Each code is sampled with logits restricted to the codebook and committed like a text token; text
+sampling never emits a code. Classifier-free guidance mixes the logits of the prompt's row and of its
+caption-dropped row (``BOS BOI <codes so far>``, as trained with caption dropout): l = l_u + s (l_c - l_u);
+both rows receive the sampled code. Input images are encoded to codes by the frozen VQ-VAE and enter as
+tokens.
+
+Legend: R rows, Lq new positions, I rows generating an image, n codes per image, K codebook size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transfusion.generation.base import MixedModalGenerator, Run
+from transfusion.generation.options import ChameleonSamplingOptions, sample_tokens
+from transfusion.models.attention import dense_mask
+from transfusion.models.kv_cache import set_commit
+
+
+class ChameleonGenerator(MixedModalGenerator):
+    """Generates from a ``Chameleon`` model, a ``VQAutoencoder`` and a ``Tokenizer``."""
+
+    options_class = ChameleonSamplingOptions
+
+    def __init__(self, model, autoencoder, tokenizer, options: ChameleonSamplingOptions | None = None, seed: int = 0):
+        super().__init__(model, autoencoder, tokenizer, options, seed)
+        self.n = model.cfg.image_tokens
+        self.text_vocab = model.cfg.text_vocab_size
+        codes = torch.arange(self.text_vocab, model.cfg.vocab_size, device=self.device)
+        self.banned = torch.cat([self.banned, codes])  # LM mode samples text only
+
+    def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.encode_tokens(pixels[None])[0]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode_tokens(codes)
+
+    def _encode_prompt(self, prompt, index: int):
+        """Token ids with each input image's codes in place of its n positions (nothing else to carry)."""
+        ids, codes, force = super()._encode_prompt(prompt, index)
+        ids = torch.tensor(ids)
+        if codes:
+            ids[ids == -1] = torch.cat(codes).cpu() + self.text_vocab
+        return ids.tolist(), [], force
+
+    def _forward(self, run: Run, block: dict, images: dict, commit: bool):
+        """Hidden states (R, Lq, D) of the new positions; every position is a token."""
+        st, Lq = run.stream, block["tokens"].shape[1]
+        if self.options.use_cache:
+            tokens, doc, pos = block["tokens"], block["doc"], block["pos"]
+            full_doc = torch.cat([st.doc, doc], 1)
+            mask = dense_mask(full_doc, torch.full_like(full_doc, -1), bidirectional=False, num_queries=Lq)
+            set_commit(run.caches, commit)
+            caches = run.caches
+        else:
+            tokens, doc, pos = (torch.cat([getattr(st, k), block[k]], 1) for k in ("tokens", "doc", "pos"))
+            mask, caches = dense_mask(doc, torch.full_like(doc, -1), bidirectional=False), None
+        hidden = self.model(tokens, doc, mask=mask, pos=pos, caches=caches)
+        if commit:
+            st.append(block)
+        return hidden[:, -Lq:], {}
+
+    def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
+        """Sample n codes for each prompt row in ``image_rows``, committing each, then commit EOI."""
+        uncond = [r + run.B for r in image_rows] if run.guided else []
+        rows = image_rows + uncond
+        active = torch.zeros(run.R, dtype=torch.bool)
+        active[rows] = True
+        o, V = self.options, self.text_vocab
+        generators = [run.generators[r] for r in image_rows]
+        codes = []
+        for _ in range(self.n):
+            logits = run.logits[image_rows, V:].float()  # (I, K): image codes only
+            if run.guided:
+                logits_u = run.logits[uncond, V:].float()
+                logits = logits_u + o.cfg_scale * (logits - logits_u)
+            code = sample_tokens(logits, o.image_temperature, o.image_top_p, generators)  # (I,)
+            codes.append(code)
+            step = [[self.tok.pad_id]] * run.R
+            for k, r in enumerate(image_rows):
+                step[r] = [V + int(code[k])]
+                if run.guided:
+                    step[r + run.B] = step[r]
+            hidden, _ = self._forward(run, self._block(run, step, active), {}, commit=True)
+            run.logits[rows] = self.model.lm_head(hidden[rows, -1]).to(run.logits.dtype)
+        hidden, _ = self._forward(run, self._block(run, [[self.tok.eoi_id]] * run.R, active), {}, commit=True)
+        run.logits[image_rows] = self.model.lm_head(hidden[image_rows, -1]).to(run.logits.dtype)
+        if run.guided:
+            self._retire_unconditional(run, uncond)
+        codes = torch.stack(codes, 1)  # (I, n)
+        return {r: codes[k] for k, r in enumerate(image_rows)}

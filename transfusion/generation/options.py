@@ -1,0 +1,64 @@
+"""Sampling settings and token sampling shared by both generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingOptions:
+    """How ``TransfusionGenerator`` samples text and images (``ChameleonSamplingOptions`` adds image codes)."""
+
+    max_new_tokens: int = 64  # text tokens per prompt
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    cfg_scale: float = 5.0  # 1: no guidance (no unconditional rows)
+    num_steps: int = 250  # denoising steps (respaced from the training schedule's T)
+    sampler: str = "ddpm"  # or "ddim"
+    clip_x0: float | None = 5.0  # bound on predicted clean latents (unit variance); see TransfusionGenerator
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.clip_x0 is not None and self.clip_x0 <= 0:
+            raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0}")
+
+
+@dataclass
+class ChameleonSamplingOptions(SamplingOptions):
+    """``SamplingOptions`` (its diffusion fields unused) plus the sampling of image codes."""
+
+    image_temperature: float = 1.0  # 0: greedy codes
+    image_top_p: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.image_temperature < 0:
+            raise ValueError(f"image_temperature must be >= 0, got {self.image_temperature}")
+        if not 0.0 < self.image_top_p <= 1.0:
+            raise ValueError(f"image_top_p must be in (0, 1], got {self.image_top_p}")
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators) -> torch.Tensor:
+    """Token ids (R,) from logits (R, V): greedy at temperature 0, else nucleus sampling with row r's generator."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).squeeze(-1)

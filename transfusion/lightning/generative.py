@@ -1,0 +1,104 @@
+"""What Transfusion's and Chameleon's LightningModules share: a tokenizer, a frozen autoencoder, the network
+(``model``), FLOP accounting, the optimiser, and generation with the module's own settings.
+
+A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder LightningModule), ``optim`` (an
+``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``) and ``flop_counter`` in ``__init__``, names its
+``generator_class`` and the ``image_sampling_fields`` that say how images are sampled, and provides
+``positions_per_image`` and ``text_logits``. It gets:
+
+* ``generator(**overrides)``: the model's generator with the module's sampling settings (``transfusion.generation``);
+* ``generate_images(captions, seeds)`` / ``generate_captions(images, seeds, max_new_tokens)``: shortcuts;
+* ``predict_step`` for ``transfusion predict`` prompt records, ``configure_optimizers``;
+* ``training_flops()`` and ``sampling_summary()`` for reports, ``trained_steps`` after loading a checkpoint;
+* ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``).
+
+Legend: B rows, L length, N images, P selected positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import replace
+
+import lightning as L
+import torch
+
+from transfusion.data.latent_cache import autoencoder_fingerprint
+from transfusion.data.sequences import SequenceLayout
+from transfusion.lightning.autoencoder import rename_legacy_keys
+from transfusion.lightning.flops import FlopAccounting
+from transfusion.lightning.hub import HubMixin
+
+# the frozen autoencoder stays in eval mode on purpose
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
+    generator_class: type
+    image_sampling_fields: tuple[str, ...] = ()
+
+    @property
+    def positions_per_image(self) -> int:
+        """n: the sequence positions one image takes (patches or codes)."""
+        raise NotImplementedError
+
+    def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """Logits (P, V) at the ``at`` (B, L) positions of text-only rows (B, L), for perplexity."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the frozen autoencoder and the rows
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.autoencoder.eval()  # frozen: never in training mode
+        return self
+
+    @functools.cached_property
+    def autoencoder_fingerprint(self) -> str:
+        """Hash of the frozen autoencoder's weights (checked against latent caches), computed once."""
+        return autoencoder_fingerprint(self.autoencoder)
+
+    def sequence_layout(self) -> SequenceLayout:
+        return SequenceLayout(self.tokenizer, self.positions_per_image, self.autoencoder.config.image_size,
+                              autoencoder_fingerprint=self.autoencoder_fingerprint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rename_legacy_keys(checkpoint.get("state_dict", {}), "autoencoder.")
+        super().on_load_checkpoint(checkpoint)  # FlopAccounting
+        self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
+
+    def configure_optimizers(self):
+        return self.optim.configure(self.model.parameters(), self.trainer.estimated_stepping_batches)
+
+    # ------------------------------------------------------------------ generation
+    def generator(self, **overrides):
+        """The model's generator with the module's sampling settings, ``overrides`` replaced; prompt i is
+        seeded ``generation_seed + i`` unless ``generate`` is given seeds."""
+        return self.generator_class(self.model, self.autoencoder.model, self.tokenizer,
+                                    replace(self.sampling, **overrides), seed=self.hparams.generation_seed)
+
+    def generate_images(self, captions: list[str], seeds: list[int] | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] for N captions, with the module's settings."""
+        return self.generator().generate_images(captions, seeds)
+
+    def generate_captions(self, images, seeds: list[int] | None = None, max_new_tokens: int = 32) -> list[str]:
+        """Text for each image ((N, 3, H, W) in [-1, 1] or PIL RGB), with the module's text settings."""
+        return self.generator().generate_captions(images, seeds, max_new_tokens)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
+        outputs = self.generator().generate(
+            [r["prompt"] for r in batch], seeds=[self.hparams.generation_seed + r["index"] for r in batch],
+            max_new_tokens=[r.get("max_new_tokens") for r in batch])
+        return [{**record, "output": output} for record, output in zip(batch, outputs)]
+
+    # ------------------------------------------------------------------ reports
+    def training_flops(self) -> dict:
+        """``{params, tokens, flops (6ND), attention_pairs, exact_flops}`` of the training so far."""
+        return self.flop_counter.summary()
+
+    def sampling_summary(self) -> dict:
+        s = self.sampling
+        return {**{name: getattr(s, name) for name in self.image_sampling_fields},
+                "cfg_scale": s.cfg_scale,
+                "caption_decoding": "greedy" if s.temperature == 0 else f"temperature {s.temperature}, top_p {s.top_p}"}
