@@ -211,6 +211,7 @@ def _fit_args(root: Path, tokenizer: str, vq: str, steps: int) -> list[str]:
             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)]
 
 
+@pytest.mark.slow
 def test_fit_loss_falls_flops_counted_and_predict_writes_samples(tmp_path, tokenizer_path, vq_ckpt):
     cli = cli_main(["fit", *_fit_args(tmp_path, tokenizer_path, vq_ckpt, steps=40)])
     with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:

@@ -61,6 +61,7 @@ def _train_series(trainer, key: str) -> list[float]:
         return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
+@pytest.mark.slow
 def test_fit_loss_falls_and_predict_writes_samples(tmp_path, tokenizer_path, autoencoder_ckpt):
     cli = cli_main(["fit", *_fit_args(tmp_path, tokenizer_path, autoencoder_ckpt, steps=60)])
     assert cli.trainer.global_step == 60

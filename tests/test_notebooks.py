@@ -20,12 +20,14 @@ def _execute(name: str, cwd: Path) -> list[str]:
     return ["".join(o.get("text", "") for o in cell.outputs) for cell in notebook.cells if cell.cell_type == "code"]
 
 
+@pytest.mark.slow
 def test_comparison_notebook_reads_the_committed_sweep():
     printed = "\n".join(_execute("comparison.ipynb", NOTEBOOKS))
     assert "| metric | better | Transfusion | Chameleon | parity FLOP ratio |" in printed
     assert "prompt following (shapes)" in printed and "| intra-image attention |" in printed
 
 
+@pytest.mark.slow
 def test_generate_notebook_draws_and_captions_with_a_quickstart_checkpoint(tmp_path, tokenizer_path, autoencoder_ckpt):
     from test_cli import _fit_args
 

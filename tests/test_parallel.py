@@ -21,6 +21,8 @@ import torch
 
 from transfusion.cli import cli_main
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # 2-process DDP and FSDP2 fits
+
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 STEPS = 8
 FSDP2 = ["--config", str(CONFIGS / "trainer_fsdp2.yaml")]

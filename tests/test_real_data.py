@@ -218,6 +218,7 @@ def test_wikipedia_markup_becomes_plain_text():
                                        "The earliest anarchist themes are found here today.")
 
 
+@pytest.mark.slow
 def test_real_cpu_configs_train_on_prepared_output(tmp_path, tokenizer_path, autoencoder_ckpt, one_thread):
     """The prepare scripts' output format (digits imagefolder, Wikipedia JSONL) through the shipped real configs."""
     import csv

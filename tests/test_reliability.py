@@ -54,6 +54,16 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
 
 
+def _finish(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``communicate`` with a timeout; a process that hangs is killed, so it cannot outlive the test."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+
+
 def _losses(root: Path, version: str = "*") -> dict[int, list[str]]:
     """{step: [train/loss as written, ...]} over the runs (versions) under ``root``; a torn last line is ignored."""
     losses: dict[int, list[str]] = {}
@@ -66,6 +76,8 @@ def _losses(root: Path, version: str = "*") -> dict[int, list[str]]:
     return losses
 
 
+@pytest.mark.slow
+@pytest.mark.distributed  # several processes (2 runs side by side, a data worker each)
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tokenizer_path, autoencoder_ckpt):
     steps = 9
     straight = subprocess.Popen(_fit_command(tmp_path / "straight", tokenizer_path, autoencoder_ckpt, steps),
@@ -77,7 +89,8 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tokenizer_path, aut
     while max(_losses(killed_root), default=-1) < 3 and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)  # mid-epoch, somewhere in step 4 or 5 or in a checkpoint write
-    assert killed.wait() == -signal.SIGKILL
+    _finish(killed, 60)
+    assert killed.returncode == -signal.SIGKILL
     before = _losses(killed_root)
     assert 3 <= max(before) < steps - 1
     last = killed_root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -85,9 +98,9 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tokenizer_path, aut
     assert saved_step >= 3
 
     resumed = subprocess.run(_fit_command(killed_root, tokenizer_path, autoencoder_ckpt, steps, "--ckpt_path", "last"),
-                             env=_env(), capture_output=True, text=True)
+                             env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, err = straight.communicate()
+    _, err = _finish(straight, 600)
     assert straight.returncode == 0, err[-3000:]
 
     reference = _losses(tmp_path / "straight")
@@ -195,23 +208,51 @@ def test_checkpoint_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+# The writer process: one whole checkpoint, then torch.save is made to write half of the next one and SIGKILL its
+# own process, so the kill lands mid-write every time (not when a race happens to allow it).
+TORN_WRITER = """
+import io, os, signal, sys, torch
+from transfusion.lightning.checkpoint import AtomicCheckpointIO
+writer, path = AtomicCheckpointIO(), sys.argv[1]
+writer.save_checkpoint({"i": 0, "w": torch.arange(100_000.0)}, path)
+save = torch.save
+
+def torn_save(obj, f, *args, **kwargs):
+    buffer = io.BytesIO()
+    save(obj, buffer, *args, **kwargs)
+    data = buffer.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    print(len(data) // 2, flush=True)  # the torn file's size
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = torn_save
+writer.save_checkpoint({"i": 1, "w": torch.zeros(100_000)}, path)
+"""
+
+
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     path = tmp_path / "last.ckpt"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, torch\n"
-        "from transfusion.lightning.checkpoint import AtomicCheckpointIO\n"
-        "io, weights, i = AtomicCheckpointIO(), torch.zeros(8_000_000), 0\n"  # 32 MB: writes take a while
-        "while True:\n"
-        "    io.save_checkpoint({'i': i, 'w': weights}, sys.argv[1]); i += 1\n"), str(path)], env=_env())
-    deadline = time.monotonic() + 60
-    while not (path.exists() and list(tmp_path.glob(".last.ckpt.*.tmp"))) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    writer.send_signal(signal.SIGKILL)  # in the middle of writing the next one
-    writer.wait()
-    assert time.monotonic() < deadline, "the writer never got going"
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["w"].shape == (8_000_000,) and checkpoint["i"] >= 0
-    assert [p.name for p in tmp_path.glob("last*.ckpt")] == ["last.ckpt"]  # the torn file is not a candidate
+    writer = subprocess.Popen([sys.executable, "-c", TORN_WRITER, str(path)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    out, err = _finish(writer, 120)
+    assert writer.returncode == -signal.SIGKILL, err[-3000:]  # killed inside torch.save, not after it
+    checkpoint = torch.load(path, weights_only=True)  # the previous checkpoint, whole
+    assert checkpoint["i"] == 0 and torch.equal(checkpoint["w"], torch.arange(100_000.0))
+    (torn,) = [p for p in tmp_path.iterdir() if p != path]  # the half-written file, left by the kill
+    assert torn.stat().st_size == int(out.split()[-1]) > 0
+    with pytest.raises(Exception):
+        torch.load(torn, weights_only=True)
+    # `--ckpt_path last` resumes from the whole checkpoint, never from the newer torn file
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfusion.cli import find_last_checkpoint
+
+    trainer = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path)], loggers=[],
+                              default_root_dir=str(tmp_path))
+    assert find_last_checkpoint(trainer) == str(path)
 
 
 def test_fit_checkpoint_is_plain_and_records_config_and_data_position(trained):

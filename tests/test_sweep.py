@@ -89,6 +89,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
     return out
 
 
+@pytest.mark.slow
 def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     out = sweep_dir / "sweep"
     with open(out / "results.csv") as f:
@@ -156,6 +157,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         assert image.format == "PNG" and image.width > 6 * image.height / 2  # six panels side by side
 
 
+@pytest.mark.slow
 def test_sweep_resumes_without_training_again(sweep_dir, monkeypatch):
     before = (sweep_dir / "sweep" / "results.csv").read_text()
     monkeypatch.setattr(Sweep, "_train", lambda *a: pytest.fail("a finished run was trained again"))
