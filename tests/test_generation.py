@@ -155,6 +155,29 @@ def test_several_images_in_one_generation(module, cfg_scale):
     assert min(rel_err(first[i], first[j]) for i in range(3) for j in range(i)) > 1e-3  # really distinct images
 
 
+@pytest.mark.parametrize("image_cfg_scale", [None, 1.5], ids=["guidance", "editing-guidance"])
+def test_cache_matches_recompute_when_guidance_rows_attend_apart(module, images, image_cfg_scale, monkeypatch):
+    """Prompts far longer than their guidance rows' context: with the cache each row group attends over its own
+    columns only (``RowGroups``), and nothing changes; text after the image too."""
+    import transfusion.models.transformer as transformer
+    from transfusion.models.attention import RowGroups
+
+    grouped, attend = [], transformer.attend
+    monkeypatch.setattr(transformer, "attend", lambda q, k, v, mask: grouped.append(isinstance(mask, RowGroups))
+                        or attend(q, k, v, mask))
+    long = " ".join(["there is a large yellow circle at the top right of the image"] * 3)
+    prompts = [[images[0], long, IMAGE], ["red", IMAGE]]
+    options = dict(max_new_tokens=4, cfg_scale=3.0, image_cfg_scale=image_cfg_scale)
+    cached = generate(module, prompts, seeds=[3, 4], **options)
+    assert any(grouped)
+    grouped.clear()
+    recomputed = generate(module, prompts, seeds=[3, 4], use_cache=False, **options)
+    assert not any(grouped)
+    for a, b in zip(cached, recomputed):
+        assert kinds(a)[0] == "image"
+        assert_same_outputs(a, b)
+
+
 # ---------------------------------------------------------------- batch == one by one
 
 def _mixed_prompts(images):

@@ -129,18 +129,22 @@ def quickstart_main(argv: list[str]) -> dict:
     parser.add_argument("--inference_steps", type=int, default=None, help="diffusion steps when generating")
     parser.add_argument("--curve_examples", type=int, default=64,
                         help="held-out captions for the prompt-following curve during training")
+    parser.add_argument("--accelerator", default=None,
+                        help="Lightning accelerator of every stage, e.g. gpu (default: the YAMLs': cpu, then auto)")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()  # absolute: checkpoints record the tokenizer and autoencoder paths
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     seed = ["--seed_everything", str(args.seed), "--model.init_args.noise_seed", str(args.seed)]
+    device = [] if args.accelerator is None else ["--trainer.accelerator", args.accelerator]
 
     start = time.time()
     tokenizer_main(["--output", str(out / "tokenizer.model")])
     timings["tokenizer_s"] = time.time() - start
 
     start = time.time()
-    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder", seed + _steps_overrides(args.autoencoder_steps))
+    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder",
+                      seed + device + _steps_overrides(args.autoencoder_steps))
     ae_ckpt = ae_trainer.checkpoint_callback.last_model_path
     timings["autoencoder_s"] = time.time() - start
 
@@ -152,13 +156,13 @@ def quickstart_main(argv: list[str]) -> dict:
         model_args += ["--model.init_args.num_steps", str(args.inference_steps)]
     curve = _curve_callback("transfusion_embedded.yaml", args.steps, args.curve_examples, out / "transfusion" / "evaluation")
     tf_trainer = _fit("transfusion_embedded.yaml", out / "transfusion",
-                      model_args + seed + _steps_overrides(args.steps) + curve)
+                      model_args + seed + device + _steps_overrides(args.steps) + curve)
     tf_ckpt = tf_trainer.checkpoint_callback.last_model_path
     timings["transfusion_s"] = time.time() - start
 
     start = time.time()
     cli_main(["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
-              "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args,
+              "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args, *device,
               "--trainer.callbacks.init_args.output_dir", str(out / "samples"),
               "--data.init_args.predict_examples", str(args.predict_examples), "--ckpt_path", tf_ckpt])
     timings["generation_s"] = time.time() - start

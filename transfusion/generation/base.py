@@ -10,8 +10,9 @@ document (doc id -1): no real position attends them, and RoPE positions are trac
 never shifts a row's positions. Prompts are left-padded the same way.
 
 Classifier-free guidance pairs each prompt with an unconditional row (the caption dropped, as in
-training: ``BOS BOI <image>``) in the same batch. The unconditional row's BOI and image are retired from
-view after each image, so every image sees ``BOS BOI`` alone.
+training: ``BOS BOI <image>``) in the same batch, and for editing guidance (``image_cfg_scale``) with an
+image-only row (the prompt's input images, its text dropped). After each generated image a guidance row
+retires what it added from view, so every image sees the same guidance context.
 
 With ``use_cache`` (default) every committed position is kept in a KV cache; ``use_cache=False``
 recomputes the whole sequence at every step (the reference).
@@ -29,23 +30,44 @@ from PIL import Image
 
 from transfusion.generation.options import SamplingOptions, sample_tokens
 from transfusion.images import IMAGE, to_tensor
-from transfusion.models.kv_cache import make_caches
+from transfusion.models.attention import RowGroups
+from transfusion.models.kv_cache import MIN_CAPACITY, make_caches
 
 PAD_DOC = -1
+MIN_SKIPPED_KEYS = 32  # attention per row group (RowGroups) when it spares a group at least this many padding keys
 _KEYS = ("tokens", "doc", "img", "pos")
 
 
 class Stream:
-    """Committed positions of all rows: ids, documents, images and RoPE positions, each (R, S)."""
+    """Committed positions of all rows: ids, documents, images and RoPE positions, each (R, S).
+
+    Kept in buffers with room to grow (doubling), as the KV cache: ``stage`` writes a block after the S committed
+    positions and returns views of all S + Lq, ``commit`` keeps it; an uncommitted block is overwritten by the next.
+    """
 
     def __init__(self, rows: int, device):
-        empty = torch.zeros(rows, 0, dtype=torch.long, device=device)
-        self.tokens, self.doc, self.img, self.pos = empty, empty.clone(), empty.clone(), empty.clone()
+        self.buffers = {key: torch.zeros(rows, MIN_CAPACITY, dtype=torch.long, device=device) for key in _KEYS}
+        self.length = 0  # S
         self.latents: dict[int, torch.Tensor] = {}  # committed clean latents by image id (Transfusion)
 
-    def append(self, block: dict) -> None:
+    tokens = property(lambda self: self.buffers["tokens"][:, :self.length])
+    doc = property(lambda self: self.buffers["doc"][:, :self.length])
+    img = property(lambda self: self.buffers["img"][:, :self.length])
+    pos = property(lambda self: self.buffers["pos"][:, :self.length])
+
+    def stage(self, block: dict) -> dict:
+        """The committed positions followed by ``block``'s, (R, S + Lq) each; the block is not committed."""
+        start, end = self.length, self.length + block["tokens"].shape[1]
+        if end > self.buffers["tokens"].shape[1]:
+            for key, old in self.buffers.items():
+                self.buffers[key] = old.new_zeros(old.shape[0], max(end, 2 * old.shape[1]))
+                self.buffers[key][:, :start] = old[:, :start]
         for key in _KEYS:
-            setattr(self, key, torch.cat([getattr(self, key), block[key]], dim=1))
+            self.buffers[key][:, start:end] = block[key]
+        return {key: buffer[:, :end] for key, buffer in self.buffers.items()}
+
+    def commit(self, Lq: int) -> None:
+        self.length += Lq
 
 
 @dataclass
@@ -53,12 +75,14 @@ class Run:
     """Everything one ``generate`` call changes: the stream and caches, positions, and per-prompt progress."""
 
     B: int  # prompts
-    R: int  # rows: B, or 2B with guidance
+    R: int  # rows: B prompts, then B unconditional rows with guidance, then B image-only rows with image guidance
     generators: list[torch.Generator]  # one per prompt
     stream: Stream
     caches: list
     next_pos: torch.Tensor  # (R,) RoPE position of each row's next position
     budget: list[int]  # text tokens each prompt may still sample
+    keep: list[int]  # per row: positions a guidance row keeps when it retires an image (its prompt part)
+    first: list[int]  # per row: its first column in the stream (prompts are left-padded to a common width)
     pending: list[bool]  # the prompt's BOI is committed and its image not yet generated
     done: list[bool] = field(default_factory=list)
     outputs: list[list] = field(default_factory=list)  # per prompt: str and image segments so far
@@ -69,6 +93,10 @@ class Run:
     @property
     def guided(self) -> bool:
         return self.R > self.B
+
+    @property
+    def image_guided(self) -> bool:
+        return self.R == 3 * self.B
 
     def flush_text(self, r: int, decode) -> None:
         if self.text[r]:
@@ -196,12 +224,12 @@ class MixedModalGenerator:
     # ------------------------------------------------------------------ the phases: prefill, then image and text steps
     def _start(self, encoded: list, seeds: list[int], max_new_tokens: list[int | None] | None) -> Run:
         """The state of a new call: rows (with guidance, an unconditional row per prompt), empty caches."""
-        B = len(encoded)
-        R = 2 * B if self.options.cfg_scale != 1.0 else B
-        budget = [self.options.max_new_tokens if b is None else b for b in (max_new_tokens or [None] * B)]
+        B, o = len(encoded), self.options
+        R = 3 * B if o.image_cfg_scale is not None else 2 * B if o.cfg_scale != 1.0 else B
+        budget = [o.max_new_tokens if b is None else b for b in (max_new_tokens or [None] * B)]
         return Run(B=B, R=R, generators=[torch.Generator(self.device).manual_seed(int(s)) for s in seeds],
                    stream=Stream(R, self.device), caches=make_caches(len(self.model.transformer.layers)),
-                   next_pos=torch.zeros(R, dtype=torch.long), budget=budget,
+                   next_pos=torch.zeros(R, dtype=torch.long), budget=budget, keep=[1] * R, first=[0] * R,
                    pending=[force for _, _, force in encoded], done=[False] * B,
                    outputs=[[] for _ in range(B)], text=[[] for _ in range(B)])
 
@@ -211,14 +239,21 @@ class MixedModalGenerator:
         rows = [ids for ids, _, _ in encoded]
         if run.guided:  # unconditional rows: BOS, and BOI where the prompt forces an image
             rows += [[tok.bos_id] + ([tok.boi_id] if force else []) for _, _, force in encoded]
+        if run.image_guided:  # image-only rows: BOS and the prompt's images, then BOI where it forces one
+            for r, (ids, _, force) in enumerate(encoded):
+                kept = [i for k, i in enumerate(ids) if k == 0 or i == -1 or
+                        (i == tok.boi_id and k + 1 < len(ids) and ids[k + 1] == -1) or (i == tok.eoi_id and ids[k - 1] == -1)]
+                run.keep[2 * B + r] = len(kept)
+                rows.append(kept + ([tok.boi_id] if force else []))
         width = max(len(r) for r in rows)
         images, prompt_img_ids = {}, []
         for r in range(R):
-            inputs = encoded[r][1] if r < B else []
+            inputs = encoded[r][1] if r < B else encoded[r - 2 * B][1] if r >= 2 * B else []
             prompt_img_ids.append(list(range(run.next_image_id, run.next_image_id + len(inputs))))
             images.update({run.next_image_id + k: (x, 0) for k, x in enumerate(inputs)})
             run.next_image_id += len(inputs)
         block = self._empty_block(R, width)
+        block["ids"] = [i for r in range(R) for i in prompt_img_ids[r]]  # the prompts' images in row order
         for r, ids in enumerate(rows):
             ids_t, cols = torch.tensor(ids), slice(width - len(ids), width)
             block["tokens"][r, cols] = torch.where(ids_t >= 0, ids_t, tok.pad_id)
@@ -227,7 +262,9 @@ class MixedModalGenerator:
             if prompt_img_ids[r]:
                 block["img"][r, cols][ids_t == -1] = torch.tensor(prompt_img_ids[r]).repeat_interleave(self.n)
             run.next_pos[r] = len(ids)
-        hidden, _ = self._forward(run, {k: v.to(self.device) for k, v in block.items()}, images, commit=True)
+            run.first[r] = width - len(ids)
+        hidden, _ = self._forward(run, {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}, images,
+                                  commit=True)
         run.logits = self.model.lm_head(hidden[:, -1])  # (R, V)
 
     def _images_due(self, run: Run) -> None:
@@ -247,14 +284,14 @@ class MixedModalGenerator:
 
     def _text_step(self, run: Run) -> bool:
         """Sample and commit one token for every active prompt; False when no prompt has anything left to do."""
-        tok = self.tok
-        active = [not run.done[r] and run.budget[r] > 0 and run.next_pos[r] < self.max_len for r in range(run.B)]
+        tok, next_pos = self.tok, run.next_pos.tolist()
+        active = [not run.done[r] and run.budget[r] > 0 and next_pos[r] < self.max_len for r in range(run.B)]
         if not any(active):
             return False
-        next_tokens = self._sample(run, run.logits[: run.B])
+        next_tokens = self._sample(run, run.logits[: run.B]).tolist()  # one host sync for all rows
         step_rows, real = [], torch.zeros(run.R, dtype=torch.bool)
         for r in range(run.B):
-            token = int(next_tokens[r])
+            token = next_tokens[r]
             if not active[r] or token == tok.eos_id:
                 run.done[r] = True
                 step_rows.append([tok.pad_id])
@@ -264,17 +301,19 @@ class MixedModalGenerator:
             step_rows.append([token])
             if token == tok.boi_id:
                 run.pending[r] = True
-                if run.guided:
-                    real[r + run.B] = True
+                real[r + run.B::run.B] = True  # its guidance rows start their image too
             else:
                 run.text[r].append(token)
         if run.guided:
-            step_rows += [[tok.boi_id]] * run.B
+            step_rows += [[tok.boi_id]] * (run.R - run.B)
         if not real.any():
             return False
         hidden, _ = self._forward(run, self._block(run, step_rows, real), {}, commit=True)
-        real = real.to(self.device)
-        run.logits[real] = self.model.lm_head(hidden[real, -1])
+        if real.all():
+            run.logits = self.model.lm_head(hidden[:, -1])
+        else:
+            rows = real.nonzero()[:, 0].to(self.device)
+            run.logits[rows] = self.model.lm_head(hidden[rows, -1])
         return True
 
     # ------------------------------------------------------------------ helpers
@@ -288,28 +327,41 @@ class MixedModalGenerator:
         block["doc"][:], block["img"][:], block["tokens"][:] = PAD_DOC, -1, self.tok.pad_id
         return block
 
-    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, img_ids: list[list[int]] | None = None) -> dict:
-        """New positions: ``rows[r]`` token ids (-1 = image position) for rows where ``real[r]``, else padding."""
-        Lq = len(rows[0])
-        block = self._empty_block(run.R, Lq)
-        for r in range(run.R):
-            if not real[r]:
-                continue
-            ids = torch.tensor(rows[r])
-            block["tokens"][r] = torch.where(ids >= 0, ids, self.tok.pad_id)
-            block["doc"][r] = 0
-            block["pos"][r] = run.next_pos[r] + torch.arange(Lq)
-            if img_ids is not None:
-                block["img"][r, ids == -1] = torch.tensor(img_ids[r]).repeat_interleave(self.n)[: int((ids == -1).sum())]
-            run.next_pos[r] += Lq
-        return {k: v.to(self.device) for k, v in block.items()}
+    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, img_ids: list[int] | None = None) -> dict:
+        """New positions: ``rows[r]`` token ids (-1 = the positions of image ``img_ids[r]``) for rows where
+        ``real[r]``, else padding; ``ids`` lists the images in the block in row order. Built in a few whole-batch
+        ops: a decoding step's cost should not grow with the rows."""
+        ids, live = torch.tensor(rows), real[:, None]  # (R, Lq), (R, 1)
+        Lq = ids.shape[1]
+        block = {"tokens": torch.where(live & (ids >= 0), ids, self.tok.pad_id),
+                 "doc": torch.where(live, 0, PAD_DOC).expand(-1, Lq),
+                 "img": torch.full_like(ids, -1),
+                 "pos": torch.where(live, run.next_pos[:, None] + torch.arange(Lq), 0)}
+        block["ids"] = []
+        if img_ids is not None:
+            patch = live & (ids == -1)
+            block["img"] = torch.where(patch, torch.tensor(img_ids)[:, None], -1)
+            block["ids"] = [img_ids[r] for r in patch.any(1).nonzero()[:, 0].tolist()]
+        run.next_pos += Lq * real
+        return {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}
 
-    def _retire_unconditional(self, run: Run, rows: list[int]) -> None:
-        """The unconditional rows see BOS alone again: retire their BOI and image."""
+    def _attention_mask(self, run: Run, mask: torch.Tensor) -> torch.Tensor | RowGroups:
+        """The mask of a cached step; with guidance, each row group (prompts, unconditional rows, image-only rows)
+        attends over its own columns only: a guidance row's context is short, but left-padded to the prompts'
+        width (the first step after the prefill on: a padding query must see at least itself)."""
+        if not run.guided or run.stream.length == 0:
+            return mask
+        groups = [(a, a + run.B, min(run.first[a:a + run.B])) for a in range(0, run.R, run.B)]
+        starts = [s for *_, s in groups]
+        return RowGroups(mask, groups) if max(starts) - min(starts) >= MIN_SKIPPED_KEYS else mask
+
+    def _retire(self, run: Run, rows: list[int]) -> None:
+        """Guidance rows see their prompt part alone again (BOS; an image-only row its input images too): retire
+        the BOI and image they added."""
         st = run.stream
         for r in rows:
-            st.doc[r] = torch.where(st.pos[r] >= 1, PAD_DOC, st.doc[r])
-            run.next_pos[r] = 1
+            st.doc[r] = torch.where(st.pos[r] >= run.keep[r], PAD_DOC, st.doc[r])
+            run.next_pos[r] = run.keep[r]
 
     def _decode_images(self, outputs: list[list]) -> list[list]:
         images = [seg for out in outputs for seg in out if isinstance(seg, torch.Tensor)]

@@ -48,18 +48,18 @@ class ChameleonGenerator(MixedModalGenerator):
     def _forward(self, run: Run, block: dict, images: dict, commit: bool):
         """Hidden states (R, Lq, D) of the new positions; every position is a token."""
         st, Lq = run.stream, block["tokens"].shape[1]
+        full = st.stage(block)  # committed positions, then the block's: (R, S + Lq) each
         if self.options.use_cache:
             tokens, doc, pos = block["tokens"], block["doc"], block["pos"]
-            full_doc = torch.cat([st.doc, doc], 1)
-            mask = dense_mask(full_doc, torch.full_like(full_doc, -1), bidirectional=False, num_queries=Lq)
+            mask = self._attention_mask(run, dense_mask(full["doc"], full["img"], bidirectional=False, num_queries=Lq))
             set_commit(run.caches, commit)
             caches = run.caches
         else:
-            tokens, doc, pos = (torch.cat([getattr(st, k), block[k]], 1) for k in ("tokens", "doc", "pos"))
-            mask, caches = dense_mask(doc, torch.full_like(doc, -1), bidirectional=False), None
+            tokens, doc, pos = full["tokens"], full["doc"], full["pos"]
+            mask, caches = dense_mask(doc, full["img"], bidirectional=False), None
         hidden = self.model(tokens, doc, mask=mask, pos=pos, caches=caches)
         if commit:
-            st.append(block)
+            st.commit(Lq)
         return hidden[:, -Lq:], {}
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
@@ -88,6 +88,6 @@ class ChameleonGenerator(MixedModalGenerator):
         hidden, _ = self._forward(run, self._block(run, [[self.tok.eoi_id]] * run.R, active), {}, commit=True)
         run.logits[image_rows] = self.model.lm_head(hidden[image_rows, -1]).to(run.logits.dtype)
         if run.guided:
-            self._retire_unconditional(run, uncond)
+            self._retire(run, uncond)
         codes = torch.stack(codes, 1)  # (I, n)
         return {r: codes[k] for k, r in enumerate(image_rows)}

@@ -9,12 +9,18 @@ import torch
 
 @dataclass
 class SamplingOptions:
-    """How ``TransfusionGenerator`` samples text and images (``ChameleonSamplingOptions`` adds image codes)."""
+    """How ``TransfusionGenerator`` samples text and images (``ChameleonSamplingOptions`` adds image codes).
+
+    Guidance: with ``cfg_scale`` s != 1 each prompt gets an unconditional row (``BOS BOI``) and the noise is
+    eps_u + s (eps_c - eps_u). With ``image_cfg_scale`` s_I set (editing, as InstructPix2Pix), a third row keeps
+    the prompt's images without its text, and eps = eps_u + s_I (eps_i - eps_u) + s (eps_c - eps_i).
+    """
 
     max_new_tokens: int = 64  # text tokens per prompt
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     cfg_scale: float = 5.0  # 1: no guidance (no unconditional rows)
+    image_cfg_scale: float | None = None  # editing: guidance by the prompt's images apart from its text (below)
     num_steps: int = 250  # denoising steps (respaced from the training schedule's T)
     sampler: str = "ddpm"  # or "ddim"
     clip_x0: float | None = 5.0  # bound on predicted clean latents (unit variance); see TransfusionGenerator
@@ -29,6 +35,8 @@ class SamplingOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.image_cfg_scale is not None and self.image_cfg_scale < 0:
+            raise ValueError(f"image_cfg_scale must be >= 0 or None, got {self.image_cfg_scale}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.sampler not in ("ddpm", "ddim"):
@@ -50,6 +58,9 @@ class ChameleonSamplingOptions(SamplingOptions):
             raise ValueError(f"image_temperature must be >= 0, got {self.image_temperature}")
         if not 0.0 < self.image_top_p <= 1.0:
             raise ValueError(f"image_top_p must be in (0, 1], got {self.image_top_p}")
+        if self.image_cfg_scale is not None:
+            raise ValueError("image_cfg_scale (guidance by input images apart from text) is Transfusion's; "
+                             "Chameleon guides with cfg_scale only")
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators) -> torch.Tensor:

@@ -9,7 +9,9 @@ The cosine schedule's alpha_bar at t = T is about 2e-9, so the clean latent impl
 predictions multiplies their errors by ~2e4; bounding it (``clip_x0``, as pixel-space DDPM clips to
 [-1, 1]) keeps an imperfect model's chain from diverging. Latents have unit variance; 5 is loose.
 
-Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), eps_u from the prompt's unconditional row.
+Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), eps_u from the prompt's unconditional row; for
+editing (``image_cfg_scale`` s_I) eps = eps_u + s_I (eps_i - eps_u) + s (eps_c - eps_i), eps_i from the row
+that keeps the prompt's images without its text (InstructPix2Pix).
 
 Legend: R rows, Lq new positions, n patches per image, C latent channels, h x w latent size.
 """
@@ -40,57 +42,64 @@ class TransfusionGenerator(MixedModalGenerator):
         """Hidden states (R, Lq, D) of the new positions and predicted noise by image id; ``images``: id -> (x_t, t)
         for the images in the block (committed clean latents are looked up by id)."""
         st, Lq = run.stream, block["tokens"].shape[1]
+        full = st.stage(block)  # committed positions, then the block's: (R, S + Lq) each
         if self.options.use_cache:
             tokens, doc, img, pos = block["tokens"], block["doc"], block["img"], block["pos"]
-            mask = dense_mask(torch.cat([st.doc, doc], 1), torch.cat([st.img, img], 1),
-                              self.model.cfg.bidirectional_images, num_queries=Lq)
+            mask = self._attention_mask(run, dense_mask(full["doc"], full["img"], self.model.cfg.bidirectional_images,
+                                                        num_queries=Lq))
             set_commit(run.caches, commit)
             caches = run.caches
         else:
-            tokens, doc, img, pos = (torch.cat([getattr(st, k), block[k]], 1) for k in ("tokens", "doc", "img", "pos"))
+            tokens, doc, img, pos = full["tokens"], full["doc"], full["img"], full["pos"]
             mask, caches = dense_mask(doc, img, self.model.cfg.bidirectional_images), None
-        ids = [int(i) for i in img[img >= 0].view(-1, self.n)[:, 0]]  # images in row-major order
+        if self.options.use_cache:
+            ids = block["ids"]  # images in the block, row-major (known on the host: no sync)
+        else:
+            ids = [int(i) for i in img[img >= 0].view(-1, self.n)[:, 0]]
         lookup = {i: (x, 0) for i, x in st.latents.items()} | images
         x_t = torch.stack([lookup[i][0] for i in ids]) if ids else None
         t = torch.tensor([lookup[i][1] for i in ids], device=self.device) if ids else None
         hidden, eps = self.model(tokens, doc, img, x_t, t, mask=mask, pos=pos, caches=caches)
         if commit:
-            st.append(block)
+            st.commit(Lq)
             st.latents.update({i: x for i, (x, t_i) in images.items()})
         return hidden[:, -Lq:], ({i: eps[j] for j, i in enumerate(ids) if i in images} if ids else {})
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
         """Denoise one latent per prompt row in ``image_rows``, then commit it (t = 0) and EOI."""
-        rows = image_rows + ([r + run.B for r in image_rows] if run.guided else [])
+        groups = run.R // run.B  # prompt rows, then unconditional and image-only rows
+        rows = [r + g * run.B for g in range(groups) for r in image_rows]
         active = torch.zeros(run.R, dtype=torch.bool)
         active[rows] = True
         ids = {r: run.next_image_id + k for k, r in enumerate(rows)}
         run.next_image_id += len(rows)
         start = run.next_pos.clone()
-        img_ids = [[ids.get(r, -1)] for r in range(run.R)]
+        img_ids = [ids.get(r, -1) for r in range(run.R)]
+        noisy = self._block(run, [[-1] * self.n] * run.R, active, img_ids)  # the same positions at every step
+        run.next_pos.copy_(start)  # noisy patches are never committed: positions do not advance
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            run.next_pos.copy_(start)  # noisy patches are never committed: positions do not advance
-            block = self._block(run, [[-1] * self.n] * run.R, active, img_ids)
-            images = {ids[r]: (x[k % len(image_rows)], int(t[0])) for k, r in enumerate(rows)}
-            _, eps = self._forward(run, block, images, commit=False)
-            eps_c = torch.stack([eps[ids[r]] for r in image_rows])
-            if not run.guided:
+            t_now = int(t[0])
+            images = {ids[r]: (x[k % len(image_rows)], t_now) for k, r in enumerate(rows)}
+            _, eps = self._forward(run, noisy, images, commit=False)
+            eps_c, eps_u, eps_i = (torch.stack([eps[ids[r + g * run.B]] for r in image_rows]) if g < groups else None
+                                   for g in range(3))
+            if groups == 1:
                 return eps_c
-            eps_u = torch.stack([eps[ids[r + run.B]] for r in image_rows])
-            return eps_u + self.options.cfg_scale * (eps_c - eps_u)
+            if groups == 2:
+                return eps_u + self.options.cfg_scale * (eps_c - eps_u)
+            return eps_u + self.options.image_cfg_scale * (eps_i - eps_u) + self.options.cfg_scale * (eps_c - eps_i)
 
         o, cfg = self.options, self.model.cfg
         shape = (len(image_rows), cfg.latent_channels, cfg.latent_size, cfg.latent_size)
         x0 = self.model.diffusion.sample(eps_fn, shape, num_steps=o.num_steps, sampler=o.sampler, clip_x0=o.clip_x0,
                                          generator=[run.generators[r] for r in image_rows],
                                          device=self.device, dtype=self.model.embedding.weight.dtype)
-        run.next_pos.copy_(start)
         block = self._block(run, [[-1] * self.n + [self.tok.eoi_id]] * run.R, active, img_ids)
         hidden, _ = self._forward(run, block, {ids[r]: (x0[k % len(image_rows)], 0) for k, r in enumerate(rows)},
                                   commit=True)
         for r in image_rows:
             run.logits[r] = self.model.lm_head(hidden[r, -1])
         if run.guided:
-            self._retire_unconditional(run, rows[len(image_rows):])
+            self._retire(run, rows[len(image_rows):])
         return {r: x0[k] for k, r in enumerate(image_rows)}

@@ -15,6 +15,7 @@ each patch, -1 for text; image ids are unique within a row.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,21 @@ def _compiled_flex_attention():
 QUERY_CHUNK = 256  # dense-mask attention on CPU runs in query chunks of this size from 2 chunks on
 
 
+@dataclass
+class RowGroups:
+    """A dense mask (B, 1, Lq, L) whose rows fall in groups, each seeing no key before its own first one: attention
+    runs per group over its keys only. Generation with guidance: a guidance row's context is short and left-padded
+    to the prompts' width, so its padding keys would cost as much as a prompt's real ones."""
+
+    mask: torch.Tensor
+    groups: list[tuple[int, int, int]]  # (first row, end row, first key the group's rows may see)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Attention over (B, H, L, Dh) tensors with a dense boolean mask or a BlockMask."""
+    """Attention over (B, H, L, Dh) tensors with a dense boolean mask, ``RowGroups`` of one, or a BlockMask."""
+    if isinstance(mask, RowGroups):
+        return torch.cat([attend(q[a:b], k[a:b, :, s:], v[a:b, :, s:], mask.mask[a:b, :, :, s:])
+                          for a, b, s in mask.groups])
     if isinstance(mask, torch.Tensor) and q.device.type == "cpu" and q.shape[2] >= 2 * QUERY_CHUNK:
         return chunked_attention(q, k, v, mask)
     if isinstance(mask, torch.Tensor) or mask is None:
