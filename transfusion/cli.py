@@ -45,7 +45,7 @@ class ConfigError(SystemExit):
 # settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
 # config / command line
-GENERATION_SETTINGS = ("cfg_scale", "num_steps", "sampler", "max_new_tokens", "temperature", "top_p",
+GENERATION_SETTINGS = ("cfg_scale", "image_cfg_scale", "num_steps", "sampler", "max_new_tokens", "temperature", "top_p",
                        "clip_x0", "generation_seed", "image_temperature", "image_top_p")
 
 

@@ -35,10 +35,9 @@ def _segment(value, base: Path, where: str):
             raise FileNotFoundError(f"{where}: image file {str(path)!r} does not exist")
         try:
             with Image.open(path) as image:
-                image.load()
+                return image.convert("RGB")
         except OSError as err:
             raise ValueError(f"{where}: cannot read image {str(path)!r}: {err}") from err
-        return image
     raise ValueError(f"{where}: a segment must be a string or {{\"image\": path}}, got {value!r}")
 
 
@@ -78,9 +77,10 @@ def read_prompts(path: str | Path) -> list[dict]:
         if not segments:
             raise ValueError(f"{where}: empty prompt (give prompt, image or segments)")
         prompt = [_segment(s, path.parent, where) for s in segments]
-        kind = "text-to-image" if prompt[-1] is IMAGE else "to-text"
+        has_image = any(isinstance(s, Image.Image) for s in prompt)
+        kind = ("edit" if has_image else "text-to-image") if prompt[-1] is IMAGE else "to-text"
         records.append({"prompt": prompt, "reference": item.get("reference"), "kind": kind,
-                        "max_new_tokens": item.get("max_new_tokens", 0 if kind == "text-to-image" else None)})
+                        "max_new_tokens": item.get("max_new_tokens", None if kind == "to-text" else 0)})
     if not records:
         raise ValueError(f"prompt file {str(path)!r} contains no prompt")
     return records

@@ -31,7 +31,8 @@ class GenerationWriter(BasePredictionWriter):
 
     ``generations.jsonl``: one line per prompt (index, kind, prompt, reference, generated text, image
     files); ``images/NNNN_K.png``: the K-th image generated for prompt NNNN; ``grid.png``: generated
-    images under their prompts; ``captions.png``: input images above the text generated for them.
+    images under their prompts; ``captions.png``: input images above the text generated for them;
+    ``edits.png``: for prompts with an input image that generated an image (edits), before and after.
     """
 
     def __init__(self, output_dir: str = "outputs/predictions", scale: int = 4):
@@ -39,11 +40,12 @@ class GenerationWriter(BasePredictionWriter):
         self.output_dir, self.scale = Path(output_dir), scale
         self._generated: list[tuple[Image.Image, str]] = []
         self._captioned: list[tuple[Image.Image, str]] = []
+        self._edited: list[tuple[Image.Image, str]] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
         (self.output_dir / "images").mkdir(parents=True, exist_ok=True)
         (self.output_dir / "generations.jsonl").write_text("")
-        self._generated, self._captioned = [], []
+        self._generated, self._captioned, self._edited = [], [], []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with open(self.output_dir / "generations.jsonl", "a") as out:
@@ -57,9 +59,12 @@ class GenerationWriter(BasePredictionWriter):
                     picture.save(self.output_dir / files[-1])
                     self._generated.append((picture, prompt_text(record["prompt"])))
                 inputs = [s for s in record["prompt"] if not isinstance(s, str) and isinstance(s, (Image.Image, torch.Tensor))]
+                first = inputs and (inputs[0] if isinstance(inputs[0], Image.Image) else to_pil(inputs[0]))
                 if inputs and text:
-                    first = inputs[0]
-                    self._captioned.append((first if isinstance(first, Image.Image) else to_pil(first), text))
+                    self._captioned.append((first, text))
+                if inputs and images:
+                    words = " ".join(s for s in record["prompt"] if isinstance(s, str))
+                    self._edited += [(first, "before"), (to_pil(images[0]), words)]
                 out.write(json.dumps({"index": record["index"], "kind": record["kind"],
                                       "prompt": prompt_text(record["prompt"]), "reference": record.get("reference"),
                                       "text": text, "images": files}) + "\n")
@@ -67,3 +72,5 @@ class GenerationWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         image_grid(self._generated, self.scale).save(self.output_dir / "grid.png")
         image_grid(self._captioned, self.scale).save(self.output_dir / "captions.png")
+        if self._edited:
+            image_grid(self._edited, self.scale).save(self.output_dir / "edits.png")

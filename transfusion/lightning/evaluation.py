@@ -32,7 +32,7 @@ from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
 from transfusion.images import image_grid
 
-METRICS = ("fid", "clip", "cider", "ppl", "follow")
+METRICS = ("fid", "clip", "cider", "ppl", "follow", "edit")
 DEFAULT_METRICS = ("fid", "clip", "cider", "ppl")  # follow reads the embedded shapes only: opt in
 
 
@@ -51,7 +51,10 @@ class Evaluation(Callback):
             num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
             metrics: any of fid, clip, cider, ppl (default: these four), follow (the embedded shapes only: ``follow@shapes`` is the share of
                 caption -> image pictures with all four attributes right, ``follow@shapes/<attribute>``,
-                ``/one_object`` and ``/blank`` its parts; ``captions@shapes`` the same for image -> caption text).
+                ``/one_object`` and ``/blank`` its parts; ``captions@shapes`` the same for image -> caption text),
+                edit (an editing data module's held-out edits, ``EditDataModule``: ``edit@shapes`` is the share of
+                edited pictures with the asked change, the rest kept and one object; ``edit@shapes/asked``, ``/kept``,
+                ``/one_object`` its parts; a before / instruction / after grid goes to the logger).
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
             fid_features: 2048 (standard FID, key ``fid``) or 64/192/768 (earlier Inception layers, key ``fid@64``
                 ...: cheap, for tests; not comparable with FID).
@@ -185,6 +188,10 @@ class Evaluation(Callback):
         if "follow" in self.metrics:
             results.update(follow_metrics(_gather([(s["caption"], s["generated"], s["generated_caption"], s["references"][0])
                                                    for s in samples])))
+        if "edit" in self.metrics:
+            edits = self._edit(pl_module, datamodule, rank, world)
+            results.update(edit_metrics(_gather(edits)))
+            self._log_edits(trainer, edits, prefix)
         if "ppl" in self.metrics:
             results["ppl"] = self._perplexity(pl_module, datamodule, rank, world, device)
         if prefix == "eval":  # during fit: straight to the logger, at this step only
@@ -212,6 +219,39 @@ class Evaluation(Callback):
                                 "real": examples[i]["image"].cpu(), "generated": image.cpu(),
                                 "generated_caption": caption})
         return samples
+
+    def _edit(self, pl_module, datamodule, rank: int, world: int) -> list[dict]:
+        """This rank's share of the held-out edits, each edited with the module's settings (seeded by its index)."""
+        if not hasattr(datamodule, "edit_examples"):
+            raise ValueError(f"the edit metric needs an editing data module (EditDataModule), got {type(datamodule).__name__}")
+        examples = datamodule.edit_examples(self.num_samples)
+        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(max_new_tokens=0)
+        mine, edits = list(range(rank, len(examples), world)), []
+        for start in tqdm(range(0, len(mine), self.batch_size), desc=f"edits (rank {rank})", disable=rank != 0,
+                          leave=False):
+            chunk = mine[start:start + self.batch_size]
+            outputs = generator.generate([datamodule.edit_prompt(examples[i]["source"], examples[i]["instruction"])
+                                          for i in chunk], seeds=[seed + i for i in chunk])
+            for i, out in zip(chunk, outputs):
+                example = examples[i]
+                edits.append({"index": i, "source": example["source"].cpu(), "instruction": example["instruction"],
+                              "edited": next(s for s in out if isinstance(s, torch.Tensor)).cpu(),
+                              "source_attributes": example.get("source_attributes"), "edit": example.get("edit")})
+        return edits
+
+    def _log_edits(self, trainer, edits: list[dict], prefix: str) -> None:
+        gathered = sorted(_gather(edits[: self.log_samples]), key=lambda e: e["index"])[: self.log_samples]
+        if not trainer.is_global_zero or not gathered or trainer.logger is None:
+            return
+        grid = image_grid([tile for e in gathered for tile in ((e["source"], "before"), (e["edited"], e["instruction"]))])
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):  # TensorBoard
+            import numpy as np
+            experiment.add_image(f"{prefix}/edits", np.asarray(grid), trainer.global_step, dataformats="HWC")
+        else:
+            folder = Path(trainer.logger.log_dir or trainer.default_root_dir) / "evaluation" / f"{prefix}_step{trainer.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            grid.save(folder / "edits.png")
 
     def _perplexity(self, pl_module, datamodule, rank: int, world: int, device) -> float:
         tok = pl_module.tokenizer
@@ -300,6 +340,18 @@ def follow_metrics(samples: list[tuple]) -> dict[str, float]:
     return {"follow@shapes": rates["all"],
             **{f"follow@shapes/{k}": rates[k] for k in (*ATTRIBUTES, "one_object", "blank")},
             "captions@shapes": captions["all"], **{f"captions@shapes/{k}": captions[k] for k in ATTRIBUTES}}
+
+
+def edit_metrics(edits: list[dict]) -> dict[str, float]:
+    """Edit accuracy (``transfusion.evaluation.edit``) from the callback's edit records."""
+    from transfusion.evaluation.edit import EditScore
+
+    if not edits or edits[0]["edit"] is None:
+        raise ValueError("evaluation: edit needs held-out edits with their attributes (the embedded ShapeEdits)")
+    score = EditScore()
+    score.update(torch.stack([e["edited"] for e in edits]), [e["source_attributes"] for e in edits],
+                 [e["edit"] for e in edits])
+    return {"edit@shapes" if k == "all" else f"edit@shapes/{k}": v for k, v in score.compute().items()}
 
 
 def _training_steps(trainer, pl_module) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopCounter, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
-from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
+from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.generative import GenerativeModule
 from transfusion.lightning.optim import OptimizerConfig
@@ -28,7 +29,7 @@ ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "
 
 class TransfusionModule(GenerativeModule):
     generator_class = TransfusionGenerator
-    image_sampling_fields = ("sampler", "num_steps", "clip_x0")  # reported by evaluations
+    image_sampling_fields = ("sampler", "num_steps", "clip_x0", "image_cfg_scale")  # reported by evaluations
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
@@ -36,10 +37,10 @@ class TransfusionModule(GenerativeModule):
                  transformer: dict | None = None,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
-                 cfg_scale: float = 5.0, num_steps: int = 250, sampler: str = "ddpm",
+                 cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
                  generation_seed: int = 0, noise_seed: int = 0, activation_checkpointing: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, init_from: str | None = None):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
@@ -56,12 +57,16 @@ class TransfusionModule(GenerativeModule):
                 ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
-            cfg_scale, num_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation settings
-                (``transfusion.generation.SamplingOptions``); prompt i uses seed generation_seed + i.
+            cfg_scale, image_cfg_scale, num_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation
+                settings (``transfusion.generation.SamplingOptions``; ``image_cfg_scale``: guidance by the prompt's
+                input images apart from its text, for editing); prompt i uses seed generation_seed + i.
             noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
                 (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
             activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
             compile: ``torch.compile`` each transformer block (GPU; on CPU it compiles slowly and gains little).
+            init_from: a Transfusion checkpoint whose network weights start a new ``fit`` (fine-tuning, e.g. for image
+                editing): the optimizer and schedule start afresh; the architecture and the autoencoder must match.
+                A resumed fit (``--ckpt_path``) ignores it.
 
         The network is built in ``configure_model`` (on the meta device and sharded per block under
         ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.
@@ -71,7 +76,8 @@ class TransfusionModule(GenerativeModule):
         # options first, files after: a bad option is reported before anything is read
         self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio)
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler, clip_x0=clip_x0)
+                                        cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
+                                        sampler=sampler, clip_x0=clip_x0)
         transformer_config = TransformerConfig.from_name(preset, **(transformer or {}))
         self.tokenizer = Tokenizer(tokenizer)
         self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
@@ -150,25 +156,30 @@ class TransfusionModule(GenerativeModule):
     def diffusion_draws(self, batch: dict, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (N,) and noise (N, C, h, w), image k of a row drawn from (noise_seed, step, row index, k): the
         same draws however rows are split over processes or accumulated micro-batches."""
-        T = self.model.diffusion.num_timesteps
-        max_t = torch.where(batch["max_t"] > 0, batch["max_t"], T).tolist()
+        max_t = self._max_t(batch).tolist()
         rows = batch["row_index"].tolist()
         images_per_row = ((batch["image_ids"] >= 0).sum(1) // self.config.patches_per_image).tolist()
         seed, t, noise = self.hparams.noise_seed, [], []
         for row, count in zip(rows, images_per_row):
             for k in range(count):
                 g = torch.Generator().manual_seed(hash((seed, step, row, k)) % 2**63)
-                t.append(torch.randint(1, max_t[len(t)] + 1, (1,), generator=g))
+                limit = max_t[len(t)]  # 0: the image enters clean (t = 0); its noise is drawn all the same
+                t.append(torch.randint(1, max(limit, 1) + 1, (1,), generator=g) * (limit > 0))
                 noise.append(torch.randn(latents.shape[1:], generator=g))
         if not t:
             return latents.new_zeros(0, dtype=torch.long), torch.zeros_like(latents)
         return (torch.cat(t).to(latents.device),
                 torch.stack(noise).to(device=latents.device, dtype=latents.dtype))
 
+    def _max_t(self, batch: dict) -> torch.Tensor:
+        """Per image, the largest timestep to draw: the batch's ``max_t`` codes 0 as the full schedule (T) and
+        -1 as an image that enters clean (0: t = 0, no diffusion loss; the source image of an edit)."""
+        T = self.model.diffusion.num_timesteps
+        return torch.where(batch["max_t"] > 0, batch["max_t"], torch.where(batch["max_t"] < 0, 0, T))
+
     def _common_step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.encode_images(batch["images"])
-        T = self.model.diffusion.num_timesteps
-        max_t = torch.where(batch["max_t"] > 0, batch["max_t"], T)
+        max_t = self._max_t(batch)
         t = noise = None
         if "row_index" in batch:
             t, noise = self.diffusion_draws(batch, latents, self.global_step if stage == "train" else -1)
@@ -232,6 +243,27 @@ class TransfusionModule(GenerativeModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            self._load_network(self.hparams.init_from)
+
+    def _load_network(self, path: str) -> None:
+        """Network weights from a checkpoint of the same architecture, trained with the same autoencoder."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if "transfusion_config" not in checkpoint:
+            raise ValueError(f"init_from={path!r} is not a Transfusion checkpoint (no transfusion_config)")
+        check_config(checkpoint["transfusion_config"], self.config, f"init_from={path!r}", ARCHITECTURE)
+        state = checkpoint["state_dict"]
+        rename_legacy_keys(state, "autoencoder.")
+        ours = self.autoencoder.state_dict()
+        if any(not torch.equal(state.get(f"autoencoder.{k}", torch.empty(0)), v.cpu()) for k, v in ours.items()):
+            raise ValueError(f"init_from={path!r} was trained with another autoencoder than model.init_args.autoencoder")
+        network = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        set_model_state_dict(self.model, network, options=StateDictOptions(full_state_dict=True))
+        rank_zero_info(f"network weights from {path} (step {checkpoint.get('global_step', '?')})")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         is_patch = batch["image_ids"] >= 0

@@ -148,10 +148,15 @@ class Transfusion(nn.Module):
              generator: torch.Generator | None = None, t: torch.Tensor | None = None,
              noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); timesteps (N,) and noise are
-        drawn here unless given."""
+        drawn here unless given. ``max_t`` (N,): the largest timestep each image may draw; 0 makes an image enter
+        clean (t = 0: an editing source image, seen but never denoised) and leaves it out of L_DDPM."""
         N = latents.shape[0]
         if t is None:
-            t = self.diffusion.sample_timesteps(N, max_t, generator=generator, device=latents.device)
+            limit = None if max_t is None else torch.as_tensor(max_t, device=latents.device)
+            t = self.diffusion.sample_timesteps(N, None if limit is None else limit.clamp(min=1), generator=generator,
+                                                device=latents.device)
+            if limit is not None:
+                t = t.masked_fill(limit == 0, 0)
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         x_t = self.diffusion.add_noise(latents, noise, t)
@@ -165,10 +170,11 @@ class Transfusion(nn.Module):
         logits = self.lm_head(hidden[:, :-1][lm_positions]).float()  # (P, V)
         lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
 
-        if eps is not None:  # per-image epsilon MSE, averaged over images
-            per_image = F.mse_loss(eps.float(), noise.float(), reduction="none").flatten(1).mean(1)  # (N,)
+        noised = t > 0  # images entered clean (t = 0) are context, not denoising targets
+        if eps is not None and noised.any():  # per-image epsilon MSE, averaged over the noised images
+            per_image = F.mse_loss(eps[noised].float(), noise[noised].float(), reduction="none").flatten(1).mean(1)
             if self.cfg.min_snr_gamma is not None:  # clean timesteps weigh gamma / SNR_t < 1 (see Diffusion)
-                ddpm_loss = (per_image * self.diffusion.min_snr_weights(t, self.cfg.min_snr_gamma)).mean()
+                ddpm_loss = (per_image * self.diffusion.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
             else:
                 ddpm_loss = per_image.mean()
         else:  # keep the patch layers in the graph so data-parallel gradients stay in step
@@ -176,8 +182,8 @@ class Transfusion(nn.Module):
             ddpm_loss = sum(p.sum() for p in self._patch_parameters()) * 0.0
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
         return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
-                "text_tokens": lm_positions.sum().detach(), "images": torch.tensor(N),
-                "ddpm_per_image": per_image.detach(), "t": t}
+                "text_tokens": lm_positions.sum().detach(), "images": noised.sum().detach(),
+                "ddpm_per_image": per_image.detach(), "t": t[noised]}
 
     def _patch_parameters(self):
         yield from self.patch_encoder.parameters()

@@ -1,0 +1,252 @@
+"""Where real editing data comes from (paper section 4.4): (source image, instruction, edited image) triples read
+through Hugging Face ``datasets``, checked once and decoded on access like the image-caption pairs.
+
+Edit sources give a ``datasets.Dataset`` with columns ``source`` and ``target`` (``{"path", "bytes"}``, decoded
+later by :class:`EditTriples`) and ``instructions`` (a list of strings, several phrasings per edit allowed):
+
+* :class:`EditFilesSource`: an InstructPix2Pix-style table (``input_image``, ``edit_prompt``, ``edited_image``;
+  the column names are settings) in Parquet / Arrow / JSON / CSV / WebDataset files (glob patterns);
+* :class:`EditFolderSource`: a folder of images with ``metadata.jsonl`` or ``metadata.csv`` naming the two image
+  files of each edit (relative to the metadata's folder) and its instruction; ``train/`` and ``validation/``
+  subfolders are the splits, as in ``ImageFolderSource``.
+
+:class:`EditTriples` handles bad data as ``transfusion.data.pairs`` does: a row with an empty instruction or a
+missing, corrupt, too small or too large source or target image is skipped, counted by reason in ``skipped`` and
+warned about with its row and file (``strict=True``: an error instead); no usable row is an error.
+``data/prepare_edits.py`` writes the embedded edits in both layouts, so this path runs offline.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+
+from transfusion.data.pairs import MAX_WARNINGS, BadDataError, BadDataWarning, describe
+from transfusion.data.preprocess import BadRecord, check_size, clean_caption, open_image, preprocess_image
+from transfusion.data.sources import ImageFolderSource, check_text_file, utf8_copy
+
+IMAGES = ("source", "target")  # the two image columns of an edit
+SETTINGS = {"source": "source_column", "instructions": "instruction_column", "target": "target_column"}
+log = logging.getLogger(__name__)
+
+
+def _edit_dataset(sources: list[str | None], instructions: list[list], targets: list[str | None]) -> datasets.Dataset:
+    """Image cells by path (None where the metadata names no file: a counted skip later)."""
+    features = datasets.Features({"source": datasets.Image(decode=False), "target": datasets.Image(decode=False),
+                                  "instructions": datasets.Sequence(datasets.Value("string"))})
+    cells = {key: [{"path": p, "bytes": None} if p else None for p in paths]
+             for key, paths in (("source", sources), ("target", targets))}
+    return datasets.Dataset.from_dict(cells | {"instructions": instructions}, features=features)
+
+
+def _check_columns(present: list[str], columns: dict[str, str], where: str) -> None:
+    missing = [c for c in columns.values() if c not in present]
+    if missing:
+        settings = " / ".join(SETTINGS[k] for k, c in columns.items() if c in missing)
+        raise ValueError(f"{where}: no column {missing} (columns: {present}); set {settings}")
+
+
+def _normalise(ds: datasets.Dataset, columns: dict[str, str], where: str) -> datasets.Dataset:
+    """Rename the configured columns to ``source`` / ``instructions`` / ``target``, keep only them, images undecoded,
+    a single instruction per row wrapped in a list."""
+    _check_columns(ds.column_names, columns, where)
+    ds = ds.select_columns(list(columns.values()))
+    for key in IMAGES:
+        if isinstance(ds.features[columns[key]], datasets.Image):
+            ds = ds.cast_column(columns[key], datasets.Image(decode=False))
+    renames = {c: k for k, c in columns.items() if c != k}
+    ds = ds.rename_columns(renames) if renames else ds
+    single = ds.features["instructions"]
+    if isinstance(single, datasets.Value):  # one string per row -> a list of one
+        features = ds.features.copy()
+        features["instructions"] = datasets.Sequence(single)
+        ds = ds.map(lambda batch: {"instructions": [[text] for text in batch["instructions"]]}, batched=True,
+                    features=features, desc="instructions as lists")
+    return ds
+
+
+class EditSource:
+    """A source of editing triples; subclasses implement ``load``."""
+
+    def load(self, split: str) -> datasets.Dataset | None:
+        raise NotImplementedError(type(self).__name__)
+
+
+class EditFilesSource(EditSource):
+    def __init__(self, data_files: str | list[str], format: str = "parquet", source_column: str = "input_image",
+                 instruction_column: str = "edit_prompt", target_column: str = "edited_image",
+                 val_data_files: str | list[str] | None = None):
+        """An InstructPix2Pix-style table in files read by the ``datasets`` builder ``format`` (parquet, arrow, json,
+        csv, webdataset); image cells are ``datasets`` Image cells, bytes or paths."""
+        self.files = {"train": data_files, "validation": val_data_files}
+        self.format = format
+        self.columns = {"source": source_column, "instructions": instruction_column, "target": target_column}
+
+    def load(self, split: str) -> datasets.Dataset | None:
+        files = self.files["train" if split == "train" else "validation"]
+        if files is None:
+            return None
+        patterns = [files] if isinstance(files, str) else list(files)
+        if not any(glob.glob(p) for p in patterns):
+            raise FileNotFoundError(f"no file matches {patterns}")
+        ds = datasets.load_dataset(self.format, data_files=patterns, split="train")
+        return _normalise(ds, self.columns, f"{self.format} files {patterns}")
+
+
+class EditFolderSource(EditSource):
+    def __init__(self, data_dir: str, source_column: str = "source_file", target_column: str = "target_file",
+                 instruction_column: str = "instruction", strict: bool = False):
+        """``data_dir`` holds ``metadata.jsonl`` or ``metadata.csv`` (a row per instruction, or a list of phrasings
+        per edit); ``data_dir/{train,validation}/`` splits if present. Invalid UTF-8 in the metadata is replaced
+        (warned; an error if ``strict``)."""
+        self.data_dir, self.strict = Path(data_dir), strict
+        self.columns = {"source": source_column, "instructions": instruction_column, "target": target_column}
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"edit folder {str(self.data_dir)!r} does not exist")
+
+    _folder = ImageFolderSource._folder  # the same split layout: train/, validation/ (or val/, valid/, test/)
+
+    def _metadata(self, folder: Path) -> datasets.Dataset:
+        found = [folder / f"metadata.{ext}" for ext in ("jsonl", "csv") if (folder / f"metadata.{ext}").is_file()]
+        if not found:
+            raise FileNotFoundError(f"edit folder {str(folder)!r} has no metadata.jsonl or metadata.csv (one row per "
+                                    f"edit: {', '.join(self.columns.values())})")
+        builder = "json" if found[0].suffix == ".jsonl" else "csv"
+        errors = check_text_file(str(found[0]), self.strict)
+        data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
+        try:
+            meta = datasets.load_dataset(builder, data_files=data_file, split="train",
+                                         **({"encoding_errors": errors} if errors and builder == "csv" else {}))
+        except Exception as err:  # datasets raises many types for malformed files
+            raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
+        finally:
+            if data_file != str(found[0]):
+                os.remove(data_file)  # the loaded table lives in the datasets cache
+        _check_columns(meta.column_names, self.columns, str(found[0]))
+        return meta
+
+    def load(self, split: str) -> datasets.Dataset | None:
+        folder = self._folder(split)
+        if folder is None:
+            return None
+        meta, columns = self._metadata(folder), self.columns
+        grouped: dict[tuple, list] = {}  # (source, target) -> instructions, in the metadata's order
+        for source, instruction, target in zip(meta[columns["source"]], meta[columns["instructions"]],
+                                               meta[columns["target"]]):
+            files = tuple(str(folder / str(name)) if name not in (None, "") else None for name in (source, target))
+            grouped.setdefault(files, []).extend(instruction if isinstance(instruction, list) else [instruction])
+        return _edit_dataset([s for s, _ in grouped], list(grouped.values()), [t for _, t in grouped])
+
+
+class EditTriples:
+    """Item ``i``: ``{"source": (3, S, S), "target": (3, S, S) in [-1, 1], "instructions": [str, ...]}`` of the
+    ``i``-th usable row. ``scan``: "header" (files open, sizes), "full" (also decode the pixels), "none"."""
+
+    def __init__(self, rows, image_size: int, name: str = "edits", scan: str = "header", strict: bool = False,
+                 min_size: int = 8, max_pixels: int = 64_000_000, max_instruction_chars: int = 1000,
+                 progress: bool = True):
+        if scan not in ("none", "header", "full"):
+            raise ValueError(f"scan must be 'none', 'header' or 'full', got {scan!r}")
+        self.rows, self.image_size, self.name, self.strict = rows, image_size, name, strict
+        self.min_size, self.max_pixels, self.max_instruction_chars = min_size, max_pixels, max_instruction_chars
+        self.skipped: Counter = Counter()  # reason -> rows skipped
+        self.converted: Counter = Counter()  # what -> rows converted
+        self.runtime_skips = 0
+        self._warned = 0
+        self.index, self.instructions = [], []
+        for i in tqdm(range(len(rows)), desc=f"checking {name}", disable=not progress or len(rows) < 1000):
+            row = rows[i]
+            try:
+                instructions = self._clean_instructions(row["instructions"], row)
+            except BadRecord as err:
+                self._bad(i, f"{describe(row['source'])} -> {describe(row['target'])}", str(err))
+                continue
+            if scan != "none":
+                _, problem = self._each_image(row, lambda image: self._check_image(image, decode=scan == "full"))
+                if problem:
+                    self._bad(i, *problem)
+                    continue
+            self.index.append(i)
+            self.instructions.append(instructions)
+        if not self.index:
+            raise BadDataError(f"{name}: none of its {len(rows)} rows is usable (skipped: {self.summary()}); "
+                               "see the warnings above for the files")
+        if self.skipped:
+            warnings.warn(f"{name}: {len(self.index)} of {len(rows)} rows usable; {self.summary()}", BadDataWarning)
+        elif self.converted:
+            log.info("%s: all %d rows usable; %s", name, len(rows), self.summary())
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        converted = ", ".join(f"{n} {what}" for what, n in sorted(self.converted.items())) or "none"
+        return f"skipped: {skipped}; converted: {converted}"
+
+    def _bad(self, row: int, what: str, reason: str) -> None:
+        message = f"{self.name}: row {row}, {what}: {reason}"
+        if self.strict:
+            raise BadDataError(message + " (strict mode; strict=False skips such rows)")
+        self.skipped[reason.split(" (")[0]] += 1
+        if self._warned < MAX_WARNINGS:
+            warnings.warn(f"skipping {message}", BadDataWarning)
+        self._warned += 1
+
+    def _note(self, image, what: str, warn: bool = True) -> None:
+        self.converted[what] += 1
+        if warn and self._warned < MAX_WARNINGS:
+            warnings.warn(f"{self.name}: {describe(image)}: {what}", BadDataWarning)
+        self._warned += 1
+
+    def _clean_instructions(self, instructions, row: dict) -> list[str]:
+        if instructions is None or isinstance(instructions, (str, bytes)):
+            instructions = [instructions]
+        cleaned = []
+        for instruction in instructions:
+            text, cut = clean_caption(instruction, self.max_instruction_chars)
+            if cut:
+                self._note(row["source"], "instruction cut or re-encoded")
+            if text:
+                cleaned.append(text)
+        if not cleaned:
+            raise BadRecord("empty instruction")
+        return cleaned
+
+    def _check_image(self, image, decode: bool) -> None:
+        opened = open_image(image)
+        check_size(opened, self.min_size, self.max_pixels)
+        if opened.mode != "RGB":
+            self._note(image, f"mode {opened.mode} converted to RGB", warn=False)  # routine: counted only
+        if decode:
+            preprocess_image(opened, self.image_size, self.min_size, self.max_pixels)
+
+    @staticmethod
+    def _each_image(row: dict, fn) -> tuple[dict, tuple[str, str] | None]:
+        """``fn`` of the source and the target image; the first failure as ("source <file>", reason)."""
+        out = {}
+        for key in IMAGES:
+            try:
+                out[key] = fn(row[key])
+            except BadRecord as err:
+                return out, (f"{key} {describe(row[key])}", str(err))
+        return out, None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        for attempt in range(len(self.index)):
+            j = (i + attempt) % len(self.index)
+            pixels, problem = self._each_image(self.rows[self.index[j]], lambda image: preprocess_image(
+                image, self.image_size, self.min_size, self.max_pixels))
+            if problem:
+                self.runtime_skips += 1
+                self._bad(self.index[j], *problem)
+                continue
+            return {"source": pixels["source"], "target": pixels["target"], "instructions": self.instructions[j]}
+        raise BadDataError(f"{self.name}: no row could be decoded")
