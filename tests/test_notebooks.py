@@ -39,3 +39,4 @@ def test_generate_notebook_draws_and_captions_with_a_quickstart_checkpoint(tmp_p
     printed = _execute("generate.ipynb", tmp_path)
     assert "a large red circle in the top left" in printed[1]  # a caption -> image per caption
     assert printed[2].count("reference:") == 4 and printed[2].count("| generated:") == 4
+    assert "before:" in printed[3] and "move it to the top right" in printed[3]  # the editing cell

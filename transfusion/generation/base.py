@@ -177,7 +177,7 @@ class MixedModalGenerator:
 
     def generate_captions(self, images, seeds: list[int] | None = None, max_new_tokens: int | None = None) -> list[str]:
         """Text for each image ((N, 3, H, W) in [-1, 1] or PIL RGB), without guidance, stripped."""
-        overrides = {"cfg_scale": 1.0} | ({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})
+        overrides = {"cfg_scale": 1.0, "image_cfg_scale": None} | ({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})
         outputs = self.with_options(**overrides).generate([[image] for image in images], seeds=seeds)
         return ["".join(s for s in out if isinstance(s, str)).strip() for out in outputs]
 
