@@ -15,7 +15,7 @@ from transfusion.data.edits import EditRows
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
 from transfusion.data.sequences import SequenceLayout, TransfusionRows
 from transfusion.data.shape_edits import ShapeEdits
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.shapes import TEMPLATES, ShapesDataset
 from transfusion.images import IMAGE
 
 
@@ -102,8 +102,9 @@ class EditDataModule(RowsDataModule):
         for item in self.edit_examples(num):
             if "target_attributes" not in item:
                 break
-            captions = [item["target_attributes"].caption(t) for t in range(4)]
-            examples.append({"image": item["target"], "caption": captions[len(examples) % 4], "references": captions})
+            captions = [item["target_attributes"].caption(t) for t in range(len(TEMPLATES))]
+            examples.append({"image": item["target"], "caption": captions[len(examples) % len(captions)],
+                             "references": captions})
         return examples
 
     def predict_dataloader(self) -> DataLoader:
