@@ -21,6 +21,15 @@ class RowsDataModule(ResumableDataModule):
     """Loaders of ``TransfusionRows``: a subclass sets ``train_set`` and ``val_set`` in ``setup`` and has the
     hyper-parameters ``batch_size``, ``num_workers`` and ``seed``."""
 
+    def _resolve_layout(self) -> None:
+        """The sequence layout of the model being trained, unless one was passed."""
+        if self.layout is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is None or not hasattr(module, "sequence_layout"):
+                raise ValueError(f"{type(self).__name__} needs a layout: pass `layout=` or train a TransfusionModule "
+                                 "with it")
+            self.layout = module.sequence_layout()
+
     def _loader(self, dataset, sampler=None) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=collate_rows,
@@ -62,11 +71,7 @@ class TransfusionDataModule(RowsDataModule):
         self.heldout_text: torch.Tensor | None = None  # the held-out text split as one token stream (perplexity)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.layout is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "sequence_layout"):
-                raise ValueError("TransfusionDataModule needs a layout: pass `layout=` or train a TransfusionModule with it")
-            self.layout = module.sequence_layout()
+        self._resolve_layout()
         hp, size = self.hparams, self.layout.image_size
         train_docs, val_docs = split_documents(read_documents(hp.text_path))
         self.heldout_text = token_stream(val_docs, self.layout.tokenizer)

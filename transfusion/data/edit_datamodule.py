@@ -65,11 +65,7 @@ class EditDataModule(RowsDataModule):
         return EditTriples(rows, size, name=f"{type(self.edits).__name__} ({split})", strict=hp.strict)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.layout is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "sequence_layout"):
-                raise ValueError("EditDataModule needs a layout: pass `layout=` or train a TransfusionModule with it")
-            self.layout = module.sequence_layout()
+        self._resolve_layout()
         hp = self.hparams
         mix = None
         if hp.caption_ratio > 0:

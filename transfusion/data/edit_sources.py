@@ -19,22 +19,17 @@ warned about with its row and file (``strict=True``: an error instead); no usabl
 from __future__ import annotations
 
 import glob
-import logging
-import os
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import datasets
 from tqdm.auto import tqdm
 
-from transfusion.data.pairs import MAX_WARNINGS, BadDataError, BadDataWarning, describe
-from transfusion.data.preprocess import BadRecord, check_size, clean_caption, open_image, preprocess_image
-from transfusion.data.sources import ImageFolderSource, check_text_file, utf8_copy
+from transfusion.data.pairs import BadDataError, CheckedRows, describe
+from transfusion.data.preprocess import BadRecord, clean_caption
+from transfusion.data.sources import read_metadata, split_folder
 
 IMAGES = ("source", "target")  # the two image columns of an edit
 SETTINGS = {"source": "source_column", "instructions": "instruction_column", "target": "target_column"}
-log = logging.getLogger(__name__)
 
 
 def _edit_dataset(sources: list[str | None], instructions: list[list], targets: list[str | None]) -> datasets.Dataset:
@@ -111,29 +106,14 @@ class EditFolderSource(EditSource):
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"edit folder {str(self.data_dir)!r} does not exist")
 
-    _folder = ImageFolderSource._folder  # the same split layout: train/, validation/ (or val/, valid/, test/)
-
     def _metadata(self, folder: Path) -> datasets.Dataset:
-        found = [folder / f"metadata.{ext}" for ext in ("jsonl", "csv") if (folder / f"metadata.{ext}").is_file()]
-        if not found:
-            raise FileNotFoundError(f"edit folder {str(folder)!r} has no metadata.jsonl or metadata.csv (one row per "
-                                    f"edit: {', '.join(self.columns.values())})")
-        builder = "json" if found[0].suffix == ".jsonl" else "csv"
-        errors = check_text_file(str(found[0]), self.strict)
-        data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
-        try:
-            meta = datasets.load_dataset(builder, data_files=data_file, split="train",
-                                         **({"encoding_errors": errors} if errors and builder == "csv" else {}))
-        except Exception as err:  # datasets raises many types for malformed files
-            raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
-        finally:
-            if data_file != str(found[0]):
-                os.remove(data_file)  # the loaded table lives in the datasets cache
-        _check_columns(meta.column_names, self.columns, str(found[0]))
+        meta, path = read_metadata(folder, self.strict, f"edit folder {str(folder)!r}",
+                                   f"one row per edit: {', '.join(self.columns.values())}")
+        _check_columns(meta.column_names, self.columns, str(path))
         return meta
 
     def load(self, split: str) -> datasets.Dataset | None:
-        folder = self._folder(split)
+        folder = split_folder(self.data_dir, split)
         if folder is None:
             return None
         meta, columns = self._metadata(folder), self.columns
@@ -145,22 +125,16 @@ class EditFolderSource(EditSource):
         return _edit_dataset([s for s, _ in grouped], list(grouped.values()), [t for _, t in grouped])
 
 
-class EditTriples:
+class EditTriples(CheckedRows):
     """Item ``i``: ``{"source": (3, S, S), "target": (3, S, S) in [-1, 1], "instructions": [str, ...]}`` of the
     ``i``-th usable row. ``scan``: "header" (files open, sizes), "full" (also decode the pixels), "none"."""
 
     def __init__(self, rows, image_size: int, name: str = "edits", scan: str = "header", strict: bool = False,
                  min_size: int = 8, max_pixels: int = 64_000_000, max_instruction_chars: int = 1000,
                  progress: bool = True):
-        if scan not in ("none", "header", "full"):
-            raise ValueError(f"scan must be 'none', 'header' or 'full', got {scan!r}")
-        self.rows, self.image_size, self.name, self.strict = rows, image_size, name, strict
-        self.min_size, self.max_pixels, self.max_instruction_chars = min_size, max_pixels, max_instruction_chars
-        self.skipped: Counter = Counter()  # reason -> rows skipped
-        self.converted: Counter = Counter()  # what -> rows converted
-        self.runtime_skips = 0
-        self._warned = 0
-        self.index, self.instructions = [], []
+        super().__init__(rows, image_size, name, scan, strict, min_size, max_pixels)
+        self.max_instruction_chars = max_instruction_chars
+        self.instructions = []
         for i in tqdm(range(len(rows)), desc=f"checking {name}", disable=not progress or len(rows) < 1000):
             row = rows[i]
             try:
@@ -175,33 +149,10 @@ class EditTriples:
                     continue
             self.index.append(i)
             self.instructions.append(instructions)
-        if not self.index:
-            raise BadDataError(f"{name}: none of its {len(rows)} rows is usable (skipped: {self.summary()}); "
-                               "see the warnings above for the files")
-        if self.skipped:
-            warnings.warn(f"{name}: {len(self.index)} of {len(rows)} rows usable; {self.summary()}", BadDataWarning)
-        elif self.converted:
-            log.info("%s: all %d rows usable; %s", name, len(rows), self.summary())
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        converted = ", ".join(f"{n} {what}" for what, n in sorted(self.converted.items())) or "none"
-        return f"skipped: {skipped}; converted: {converted}"
+        self._finish()
 
     def _bad(self, row: int, what: str, reason: str) -> None:
-        message = f"{self.name}: row {row}, {what}: {reason}"
-        if self.strict:
-            raise BadDataError(message + " (strict mode; strict=False skips such rows)")
-        self.skipped[reason.split(" (")[0]] += 1
-        if self._warned < MAX_WARNINGS:
-            warnings.warn(f"skipping {message}", BadDataWarning)
-        self._warned += 1
-
-    def _note(self, image, what: str, warn: bool = True) -> None:
-        self.converted[what] += 1
-        if warn and self._warned < MAX_WARNINGS:
-            warnings.warn(f"{self.name}: {describe(image)}: {what}", BadDataWarning)
-        self._warned += 1
+        self._skip(f"row {row}, {what}", reason)
 
     def _clean_instructions(self, instructions, row: dict) -> list[str]:
         if instructions is None or isinstance(instructions, (str, bytes)):
@@ -217,14 +168,6 @@ class EditTriples:
             raise BadRecord("empty instruction")
         return cleaned
 
-    def _check_image(self, image, decode: bool) -> None:
-        opened = open_image(image)
-        check_size(opened, self.min_size, self.max_pixels)
-        if opened.mode != "RGB":
-            self._note(image, f"mode {opened.mode} converted to RGB", warn=False)  # routine: counted only
-        if decode:
-            preprocess_image(opened, self.image_size, self.min_size, self.max_pixels)
-
     @staticmethod
     def _each_image(row: dict, fn) -> tuple[dict, tuple[str, str] | None]:
         """``fn`` of the source and the target image; the first failure as ("source <file>", reason)."""
@@ -236,14 +179,10 @@ class EditTriples:
                 return out, (f"{key} {describe(row[key])}", str(err))
         return out, None
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict:
         for attempt in range(len(self.index)):
             j = (i + attempt) % len(self.index)
-            pixels, problem = self._each_image(self.rows[self.index[j]], lambda image: preprocess_image(
-                image, self.image_size, self.min_size, self.max_pixels))
+            pixels, problem = self._each_image(self.rows[self.index[j]], self._pixels)
             if problem:
                 self.runtime_skips += 1
                 self._bad(self.index[j], *problem)

@@ -86,11 +86,7 @@ class ImageTextDataModule(RowsDataModule):
 
     # -- layout, text and pairs ------------------------------------------------------------------------------
     def _layout(self) -> SequenceLayout:
-        if self.layout is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "sequence_layout"):
-                raise ValueError("ImageTextDataModule needs a layout: pass `layout=` or train a TransfusionModule with it")
-            self.layout = module.sequence_layout()
+        self._resolve_layout()
         return self.layout
 
     def _text_path(self, split: str) -> Path | None:

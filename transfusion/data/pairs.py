@@ -42,48 +42,40 @@ def describe(image) -> str:
     return str(getattr(image, "filename", None) or image)
 
 
-class ImageCaptionPairs:
-    """Item ``i``: ``{"image": (3, S, S) in [-1, 1], "captions": [str, ...]}`` of the ``i``-th usable row."""
+class CheckedRows:
+    """The bookkeeping of a dataset checked row by row: rows skipped by reason, conversions, warnings (at most
+    ``MAX_WARNINGS``), strict mode, and the image checks. Subclasses check their rows and call ``_finish``."""
 
-    def __init__(self, rows, image_size: int, name: str = "dataset", scan: str = "header", strict: bool = False,
-                 min_size: int = 8, max_pixels: int = 64_000_000, max_caption_chars: int = 1000,
-                 tokenizer=None, max_caption_tokens: int | None = None, progress: bool = True):
+    def __init__(self, rows, image_size: int, name: str, scan: str, strict: bool, min_size: int, max_pixels: int):
         if scan not in ("none", "header", "full"):
             raise ValueError(f"scan must be 'none', 'header' or 'full', got {scan!r}")
         self.rows, self.image_size, self.name, self.strict = rows, image_size, name, strict
-        self.min_size, self.max_pixels, self.max_caption_chars = min_size, max_pixels, max_caption_chars
-        self.tokenizer, self.max_caption_tokens = tokenizer, max_caption_tokens
+        self.min_size, self.max_pixels = min_size, max_pixels
         self.skipped: Counter = Counter()  # reason -> rows skipped
         self.converted: Counter = Counter()  # what -> rows converted
         self.runtime_skips = 0
         self._warned = 0
-        self.index, self.captions = [], []
-        for i in tqdm(range(len(rows)), desc=f"checking {name}", disable=not progress or len(rows) < 1000):
-            row = rows[i]
-            try:
-                captions = self._clean_captions(row["captions"], row["image"])
-                if scan != "none":
-                    self._check_image(row["image"], decode=scan == "full")
-            except BadRecord as err:
-                self._bad(row["image"], str(err))
-                continue
-            self.index.append(i)
-            self.captions.append(captions)
+        self.index: list[int] = []
+
+    def _finish(self) -> None:
+        """After the checks: an error if no row is usable, else a warning summing up what was skipped."""
+        name, total = self.name, len(self.rows)
         if not self.index:
-            raise BadDataError(f"{name}: none of its {len(rows)} rows is usable (skipped: {self.summary()}); "
+            raise BadDataError(f"{name}: none of its {total} rows is usable (skipped: {self.summary()}); "
                                "see the warnings above for the files")
         if self.skipped:
-            warnings.warn(f"{name}: {len(self.index)} of {len(rows)} rows usable; {self.summary()}", BadDataWarning)
+            warnings.warn(f"{name}: {len(self.index)} of {total} rows usable; {self.summary()}", BadDataWarning)
         elif self.converted:
-            log.info("%s: all %d rows usable; %s", name, len(rows), self.summary())
+            log.info("%s: all %d rows usable; %s", name, total, self.summary())
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         converted = ", ".join(f"{n} {what}" for what, n in sorted(self.converted.items())) or "none"
         return f"skipped: {skipped}; converted: {converted}"
 
-    def _bad(self, image, reason: str) -> None:
-        message = f"{self.name}: {describe(image)}: {reason}"
+    def _skip(self, where: str, reason: str) -> None:
+        """Count (and warn about) a bad row; in strict mode, stop at it."""
+        message = f"{self.name}: {where}: {reason}"
         if self.strict:
             raise BadDataError(message + " (strict mode; strict=False skips such rows)")
         self.skipped[reason.split(" (")[0]] += 1
@@ -96,6 +88,47 @@ class ImageCaptionPairs:
         if warn and self._warned < MAX_WARNINGS:
             warnings.warn(f"{self.name}: {describe(image)}: {what}", BadDataWarning)
         self._warned += 1
+
+    def _check_image(self, image, decode: bool) -> None:
+        opened = open_image(image)
+        check_size(opened, self.min_size, self.max_pixels)
+        if opened.mode != "RGB":
+            self._note(image, f"mode {opened.mode} converted to RGB", warn=False)  # routine: counted only
+        if decode:
+            preprocess_image(opened, self.image_size, self.min_size, self.max_pixels)
+
+    def _pixels(self, image):
+        return preprocess_image(image, self.image_size, self.min_size, self.max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class ImageCaptionPairs(CheckedRows):
+    """Item ``i``: ``{"image": (3, S, S) in [-1, 1], "captions": [str, ...]}`` of the ``i``-th usable row."""
+
+    def __init__(self, rows, image_size: int, name: str = "dataset", scan: str = "header", strict: bool = False,
+                 min_size: int = 8, max_pixels: int = 64_000_000, max_caption_chars: int = 1000,
+                 tokenizer=None, max_caption_tokens: int | None = None, progress: bool = True):
+        super().__init__(rows, image_size, name, scan, strict, min_size, max_pixels)
+        self.max_caption_chars = max_caption_chars
+        self.tokenizer, self.max_caption_tokens = tokenizer, max_caption_tokens
+        self.captions = []
+        for i in tqdm(range(len(rows)), desc=f"checking {name}", disable=not progress or len(rows) < 1000):
+            row = rows[i]
+            try:
+                captions = self._clean_captions(row["captions"], row["image"])
+                if scan != "none":
+                    self._check_image(row["image"], decode=scan == "full")
+            except BadRecord as err:
+                self._bad(row["image"], str(err))
+                continue
+            self.index.append(i)
+            self.captions.append(captions)
+        self._finish()
+
+    def _bad(self, image, reason: str) -> None:
+        self._skip(describe(image), reason)
 
     def _clean_captions(self, captions, image) -> list[str]:
         if captions is None or isinstance(captions, (str, bytes)):
@@ -115,23 +148,12 @@ class ImageCaptionPairs:
             raise BadRecord("empty caption")
         return cleaned
 
-    def _check_image(self, image, decode: bool) -> None:
-        opened = open_image(image)
-        check_size(opened, self.min_size, self.max_pixels)
-        if opened.mode != "RGB":
-            self._note(image, f"mode {opened.mode} converted to RGB", warn=False)  # routine: counted only
-        if decode:
-            preprocess_image(opened, self.image_size, self.min_size, self.max_pixels)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict:
         for attempt in range(len(self.index)):
             j = (i + attempt) % len(self.index)
             image = self.rows[self.index[j]]["image"]
             try:
-                pixels = preprocess_image(image, self.image_size, self.min_size, self.max_pixels)
+                pixels = self._pixels(image)
             except BadRecord as err:
                 self.runtime_skips += 1
                 self._bad(image, str(err))

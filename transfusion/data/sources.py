@@ -83,6 +83,36 @@ class ImageCaptionSource:
         raise NotImplementedError(type(self).__name__)
 
 
+def split_folder(data_dir: Path, split: str) -> Path | None:
+    """The folder of a split: ``data_dir/train`` (validation: ``validation``, ``val``, ``valid`` or ``test``), or
+    ``data_dir`` itself for "train" when it has no split folders."""
+    for name in ((split,) if split == "train" else VAL_SPLITS):
+        if (data_dir / name).is_dir():
+            return data_dir / name
+    has_splits = any((data_dir / s).is_dir() for s in ("train",) + VAL_SPLITS)
+    return data_dir if split == "train" and not has_splits else None
+
+
+def read_metadata(folder: Path, strict: bool, what: str, rows: str) -> tuple[datasets.Dataset, Path]:
+    """A folder's ``metadata.jsonl`` or ``metadata.csv`` as a table, and its path; invalid UTF-8 is replaced (warned;
+    an error if ``strict``). ``what`` names the folder and ``rows`` what a row holds, in the error for a missing file."""
+    found = [folder / f"metadata.{ext}" for ext in ("jsonl", "csv") if (folder / f"metadata.{ext}").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{what} has no metadata.jsonl or metadata.csv ({rows})")
+    builder = "json" if found[0].suffix == ".jsonl" else "csv"
+    errors = check_text_file(str(found[0]), strict)
+    data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
+    try:
+        meta = datasets.load_dataset(builder, data_files=data_file, split="train",
+                                     **({"encoding_errors": errors} if errors and builder == "csv" else {}))
+    except Exception as err:  # datasets raises many types for malformed files
+        raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
+    finally:
+        if data_file != str(found[0]):
+            os.remove(data_file)  # the loaded table lives in the datasets cache
+    return meta, found[0]
+
+
 class ImageFolderSource(ImageCaptionSource):
     def __init__(self, data_dir: str, caption_column: str = "text", image_column: str = "file_name",
                  strict: bool = False):
@@ -93,35 +123,15 @@ class ImageFolderSource(ImageCaptionSource):
         if not self.data_dir.is_dir():
             raise FileNotFoundError(f"image folder {str(self.data_dir)!r} does not exist")
 
-    def _folder(self, split: str) -> Path | None:
-        for name in ((split,) if split == "train" else VAL_SPLITS):
-            if (self.data_dir / name).is_dir():
-                return self.data_dir / name
-        has_splits = any((self.data_dir / s).is_dir() for s in ("train",) + VAL_SPLITS)
-        return self.data_dir if split == "train" and not has_splits else None
-
     def load(self, split: str) -> datasets.Dataset | None:
-        folder = self._folder(split)
+        folder = split_folder(self.data_dir, split)
         if folder is None:
             return None
-        found = [folder / f"metadata.{ext}" for ext in ("jsonl", "csv") if (folder / f"metadata.{ext}").is_file()]
-        if not found:
-            raise FileNotFoundError(f"image folder {str(folder)!r} has no metadata.jsonl or metadata.csv "
-                                    f"(one row per image or caption: {self.image_column}, {self.caption_column})")
-        builder = "json" if found[0].suffix == ".jsonl" else "csv"
-        errors = check_text_file(str(found[0]), self.strict)
-        data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
-        try:
-            meta = datasets.load_dataset(builder, data_files=data_file, split="train",
-                                         **({"encoding_errors": errors} if errors and builder == "csv" else {}))
-        except Exception as err:  # datasets raises many types for malformed files
-            raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
-        finally:
-            if data_file != str(found[0]):
-                os.remove(data_file)  # the loaded table lives in the datasets cache
+        meta, path = read_metadata(folder, self.strict, f"image folder {str(folder)!r}",
+                                   f"one row per image or caption: {self.image_column}, {self.caption_column}")
         for column in (self.image_column, self.caption_column):
             if column not in meta.column_names:
-                raise ValueError(f"{str(found[0])!r} has no column {column!r} (columns: {meta.column_names})")
+                raise ValueError(f"{str(path)!r} has no column {column!r} (columns: {meta.column_names})")
         grouped: dict[str, list[str]] = defaultdict(list)  # one row per caption, or a list per image
         for file_name, caption in zip(meta[self.image_column], meta[self.caption_column]):
             grouped[str(folder / str(file_name))].extend(caption if isinstance(caption, list) else [caption])

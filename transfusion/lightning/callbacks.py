@@ -59,12 +59,13 @@ class GenerationWriter(BasePredictionWriter):
                     picture.save(self.output_dir / files[-1])
                     self._generated.append((picture, prompt_text(record["prompt"])))
                 inputs = [s for s in record["prompt"] if not isinstance(s, str) and isinstance(s, (Image.Image, torch.Tensor))]
-                first = inputs and (inputs[0] if isinstance(inputs[0], Image.Image) else to_pil(inputs[0]))
-                if inputs and text:
-                    self._captioned.append((first, text))
-                if inputs and images:
-                    words = " ".join(s for s in record["prompt"] if isinstance(s, str))
-                    self._edited += [(first, "before"), (to_pil(images[0]), words)]
+                if inputs:
+                    first = inputs[0] if isinstance(inputs[0], Image.Image) else to_pil(inputs[0])
+                    if text:
+                        self._captioned.append((first, text))
+                    if images:  # an edit: before and after
+                        words = " ".join(s for s in record["prompt"] if isinstance(s, str))
+                        self._edited += [(first, "before"), (to_pil(images[0]), words)]
                 out.write(json.dumps({"index": record["index"], "kind": record["kind"],
                                       "prompt": prompt_text(record["prompt"]), "reference": record.get("reference"),
                                       "text": text, "images": files}) + "\n")
