@@ -2,7 +2,9 @@
 
 N counts the parameters a token passes through: the transformer body plus the modality parts (patch
 encoders/decoders), not the token embedding or the LM head (an embedding lookup and, in Kaplan's
-convention, the output embedding are left out). D counts the positions trained on: text tokens, image
+convention, the output embedding are left out). With modality experts (Mixture-of-Transformers) a position
+passes through its own modality's weights only: the image weights (the same shapes as the text ones) are
+not counted a second time, so MoT and the dense model of the same size have the same N. D counts the positions trained on: text tokens, image
 patches (Transfusion) or image codes (Chameleon), not padding. 6 = 2 (multiply-add) x 3 (forward +
 backward). The exact variant adds attention scores and weighted sums, which 6ND leaves out:
 12 * layers * width FLOPs for each (query, key) pair attention allows (forward 2 matmuls of 2 FLOPs per
@@ -22,8 +24,10 @@ EXCLUDED_PREFIXES = ("embedding.", "lm_head.")
 
 
 def flop_parameters(model: nn.Module) -> int:
-    """N: parameters of ``model`` outside its token embedding and LM head."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(EXCLUDED_PREFIXES))
+    """N: parameters a position passes through, outside the token embedding and LM head (one modality's weights
+    of a Mixture-of-Transformers block: its image weights, ``.image.`` and ``image_norm``, are left out)."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not name.startswith(EXCLUDED_PREFIXES) and ".image." not in name and "image_norm" not in name)
 
 
 def training_flops(params: int, tokens: int) -> float:

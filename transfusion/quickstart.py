@@ -39,12 +39,15 @@ def _steps_overrides(steps: int | None) -> list[str]:
 
 
 def _curve_callback(config: str, steps: int | None, examples: int, output: Path) -> list[str]:
-    """An ``Evaluation`` of prompt following 4 times during training (DDIM, 50 steps: cheap), for the curve."""
+    """An ``Evaluation`` of prompt following 4 times during training (DDIM, 50 steps: cheap; Euler for a flow
+    model), for the curve."""
+    yaml_config = yaml.safe_load((CONFIGS / config).read_text())
     if steps is None:
-        steps = yaml.safe_load((CONFIGS / config).read_text())["trainer"]["max_steps"]
+        steps = yaml_config["trainer"]["max_steps"]
+    flow = yaml_config.get("model", {}).get("init_args", {}).get("objective") == "flow"
     evaluation = {"num_samples": examples, "batch_size": 64, "metrics": ["follow"],
                   "every_n_train_steps": max(1, math.ceil(steps / 4)), "on_test": False, "max_caption_tokens": 16,
-                  "sampling": {"sampler": "ddim", "num_steps": 50}, "output_dir": str(output)}
+                  "sampling": {"sampler": "euler" if flow else "ddim", "num_steps": 50}, "output_dir": str(output)}
     callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
     return [f"--trainer.callbacks+={json.dumps(callback)}"]
 

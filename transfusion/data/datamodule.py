@@ -57,6 +57,7 @@ class TransfusionDataModule(RowsDataModule):
             seq_len: row length L in tokens (text tokens + image patches + specials).
             rows_per_epoch: training rows per epoch; row i is a pure function of (seed, i) and the order of
                 an epoch of (seed, epoch), so a run resumed from a checkpoint sees the same rows in the same order.
+            num_examples: image-caption examples to train on; 0 trains a text model (text rows only).
             text_ratio: text-only tokens per image-caption token (1.0 = the paper's 1:1).
             image_first_max_t: noise limit for images that precede their caption (None: no limit).
             caption_dropout: probability of dropping a (caption-first) caption, for classifier-free guidance.
@@ -77,11 +78,13 @@ class TransfusionDataModule(RowsDataModule):
         self.heldout_text = token_stream(val_docs, self.layout.tokenizer)
         common = dict(layout=self.layout, seq_len=hp.seq_len, text_ratio=hp.text_ratio,
                       p_caption_first=hp.p_caption_first, image_first_max_t=hp.image_first_max_t)
+        text_only = hp.num_examples == 0  # a text model (e.g. the text model LMFusion starts from)
         self.train_set = TransfusionRows(
-            ShapesDataset(hp.num_examples, size, seed=hp.seed), token_stream(train_docs, self.layout.tokenizer),
+            [] if text_only else ShapesDataset(hp.num_examples, size, seed=hp.seed),
+            token_stream(train_docs, self.layout.tokenizer),
             num_rows=hp.rows_per_epoch, caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
         self.val_set = TransfusionRows(
-            ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), self.heldout_text,
+            [] if text_only else ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), self.heldout_text,
             num_rows=hp.val_rows, caption_dropout=0.0, seed=hp.seed + 1, **common)
 
     def evaluation_examples(self, num: int) -> list[dict]:
@@ -105,8 +108,11 @@ class TransfusionDataModule(RowsDataModule):
 def check_options(hp) -> None:
     """Raise a ValueError naming the first invalid data option."""
     for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows", "num_examples", "predict_examples"):
-        if not isinstance(hp[name], int) or hp[name] <= 0:
-            raise ValueError(f"data option {name} must be a positive integer, got {hp[name]!r}")
+        least = 0 if name == "num_examples" else 1  # 0 examples: text only
+        if not isinstance(hp[name], int) or hp[name] < least:
+            raise ValueError(f"data option {name} must be an integer >= {least}, got {hp[name]!r}")
+    if hp.num_examples == 0 and hp.text_ratio == 0:
+        raise ValueError("data option num_examples: 0 trains on text only, which needs text_ratio > 0")
     if hp.num_workers < 0:
         raise ValueError(f"data option num_workers must be >= 0, got {hp.num_workers}")
     if hp.text_ratio < 0:

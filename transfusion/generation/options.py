@@ -22,7 +22,7 @@ class SamplingOptions:
     cfg_scale: float = 5.0  # 1: no guidance (no unconditional rows)
     image_cfg_scale: float | None = None  # editing: guidance by the prompt's images apart from its text (below)
     num_steps: int = 250  # denoising steps (respaced from the training schedule's T)
-    sampler: str = "ddpm"  # or "ddim"
+    sampler: str = "ddpm"  # or "ddim"; "euler" for a rectified-flow model (objective: flow)
     clip_x0: float | None = 5.0  # bound on predicted clean latents (unit variance); see TransfusionGenerator
     use_cache: bool = True
 
@@ -39,8 +39,8 @@ class SamplingOptions:
             raise ValueError(f"image_cfg_scale must be >= 0 or None, got {self.image_cfg_scale}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+        if self.sampler not in ("ddpm", "ddim", "euler"):
+            raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'euler' (objective flow), got {self.sampler!r}")
         if self.clip_x0 is not None and self.clip_x0 <= 0:
             raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0}")
 

@@ -8,6 +8,8 @@ states into the cache.
 The cosine schedule's alpha_bar at t = T is about 2e-9, so the clean latent implied by the first noise
 predictions multiplies their errors by ~2e4; bounding it (``clip_x0``, as pixel-space DDPM clips to
 [-1, 1]) keeps an imperfect model's chain from diverging. Latents have unit variance; 5 is loose.
+A rectified-flow model (``objective: flow``) predicts velocities instead, sampled by Euler steps (``sampler: euler``,
+``transfusion.flow``; ``clip_x0`` bounds its implied x0 = x_s - s v), with the same guidance formulas on velocities.
 
 Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), eps_u from the prompt's unconditional row; for
 editing (``image_cfg_scale`` s_I) eps = eps_u + s_I (eps_i - eps_u) + s (eps_c - eps_i), eps_i from the row
@@ -31,6 +33,11 @@ class TransfusionGenerator(MixedModalGenerator):
     def __init__(self, model, autoencoder, tokenizer, options=None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
         self.n = model.cfg.patches_per_image
+        objective, sampler = model.cfg.objective, self.options.sampler
+        if (objective == "flow") != (sampler == "euler"):
+            fix = "euler" if objective == "flow" else "ddpm (or ddim)"
+            raise ValueError(f"sampler {sampler!r} cannot sample a model trained with objective {objective!r}: "
+                             f"use sampler {fix} (--model.init_args.sampler {fix.split()[0]})")
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode_latents(pixels[None])[0]
@@ -79,7 +86,7 @@ class TransfusionGenerator(MixedModalGenerator):
         run.next_pos.copy_(start)  # noisy patches are never committed: positions do not advance
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            t_now = int(t[0])
+            t_now = t[0].item()  # an int for DDPM, a float s T for flow
             images = {ids[r]: (x[k % len(image_rows)], t_now) for k, r in enumerate(rows)}
             _, eps = self._forward(run, noisy, images, commit=False)
             eps_c, eps_u, eps_i = (torch.stack([eps[ids[r + g * run.B]] for r in image_rows]) if g < groups else None

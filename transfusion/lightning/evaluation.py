@@ -65,7 +65,8 @@ class Evaluation(Callback):
             at_train_end: with ``every_n_train_steps``, also evaluate the final weights when the last step is
                 not a multiple of it.
             sampling: image-sampling settings for these evaluations in place of the module's, e.g.
-                ``{sampler: ddim, num_steps: 50}`` for cheap evaluations during training (reports name them).
+                ``{sampler: ddim, num_steps: 50}`` for cheap evaluations during training (reports name them;
+                a flow model samples with ``euler`` only).
         """
         unknown = set(metrics) - set(METRICS)
         if unknown:
@@ -118,6 +119,8 @@ class Evaluation(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start, self._eval_seconds = time.perf_counter(), 0.0
+        if set(self.metrics) - {"ppl"} and hasattr(pl_module, "generator"):  # settings the model cannot sample with
+            pl_module.generator(**self.sampling)  # (ddim for a flow model) fail now, not at the first evaluation
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.every_n_train_steps and self.at_train_end and trainer.global_step not in (0, self._last_step):

@@ -59,8 +59,9 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
     def _save_pretrained(self, save_directory: Path) -> None:
         self.configure_model()  # a network built lazily (TransfusionModule) is built now, so its weights are saved
         init_args = {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # not LightningCLI's own
-        if init_args.get("init_from"):  # where training started: the saved weights supersede it
-            init_args["init_from"] = None
+        for start in ("init_from", "text_model"):  # where training started: the saved weights supersede it
+            if init_args.get(start):
+                init_args[start] = None
         if "tokenizer" in init_args:  # self-contained: no paths to other files
             (save_directory / TOKENIZER).write_bytes(self.tokenizer.sp.serialized_model_proto())
             init_args["tokenizer"] = TOKENIZER

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -17,6 +18,8 @@ from transfusion.lightning.generative import GenerativeModule
 from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.parallel import fully_shard_blocks
 from transfusion.lightning.seeding import step_generator
+from transfusion.models.llama import load_llama, read_llama_config
+from transfusion.models.lmfusion import freeze_text_weights, load_text_weights
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -24,17 +27,23 @@ TIMESTEP_BUCKETS = 4  # the validation DDPM loss is also logged per quarter of t
 
 # TransfusionConfig fields that define the weights; the others (lambda, masks, attention kernel) may change
 ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "patch_size", "patch_encoder",
-                "unet_channels", "num_timesteps")
+                "unet_channels", "num_timesteps", "objective")  # a flow model read as DDPM would sample noise
+
+
+def _stored_architecture(checkpoint: dict) -> dict:
+    """A checkpoint's ``transfusion_config``; those saved before ``objective`` existed are DDPM."""
+    return {"objective": "ddpm", **checkpoint["transfusion_config"]}
 
 
 class TransfusionModule(GenerativeModule):
     generator_class = TransfusionGenerator
     image_sampling_fields = ("sampler", "num_steps", "clip_x0", "image_cfg_scale")  # reported by evaluations
 
-    def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
+    def __init__(self, tokenizer: str | None, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto",
-                 transformer: dict | None = None,
+                 transformer: dict | None = None, modality_experts: bool = False, objective: str = "ddpm",
+                 text_model: str | None = None, freeze_text: bool = False, image_weights_from_text: bool = True,
                  lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
@@ -43,12 +52,24 @@ class TransfusionModule(GenerativeModule):
                  compile: bool = False, init_from: str | None = None):
         """
         Args:
-            tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one).
+            tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one); None: the text model's.
             autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
                 ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
                 ``from_pretrained``.)
             preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B).
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
+            modality_experts: Mixture-of-Transformers (Liang et al. 2024): image positions get their own norms,
+                attention projections and FFN in every block; attention stays global. The same FLOPs per position.
+            objective: "ddpm" (the paper's noise prediction) or "flow" (rectified flow: velocity prediction, logit-normal
+                timesteps, Euler sampler: set ``sampler: euler``).
+            text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
+                ``tokenizer.model``) whose weights start a fresh ``fit`` (LMFusion, Shi et al. 2024); it sets the
+                transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
+                the tokenizer (special tokens appended). ``transformer`` then records the shape, so a checkpoint
+                rebuilds without the folder.
+            freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
+                stay exactly the text model's. Needs ``modality_experts``, whose image weights train.
+            image_weights_from_text: the image weights start as copies of the text model's (LMFusion).
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
             diffusion_lambda: weight of the DDPM loss (paper: 5).
             min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
@@ -78,16 +99,31 @@ class TransfusionModule(GenerativeModule):
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
                                         sampler=sampler, clip_x0=clip_x0)
-        transformer_config = TransformerConfig.from_name(preset, **(transformer or {}))
+        if freeze_text and not modality_experts:
+            raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
+        text_vocab = 0
+        if text_model is not None:  # the text model sets the shape; recorded in hparams for checkpoints and exports
+            shape = read_llama_config(text_model)
+            text_vocab = shape.pop("vocab_size")
+            shape.pop("tie_word_embeddings", None)
+            if transformer and {k: v for k, v in transformer.items() if k != "modality_experts"} != shape:
+                raise ValueError(f"model option transformer {transformer} differs from the text model's shape {shape}")
+            transformer = self.hparams.transformer = dict(shape)
+            tokenizer = tokenizer or str(Path(text_model) / "tokenizer.model")
+            self.hparams.tokenizer = tokenizer
+        if tokenizer is None:
+            raise ValueError("model option tokenizer is required (a SentencePiece model) unless text_model is given")
+        transformer_config = TransformerConfig.from_name(preset, **{**(transformer or {}),
+                                                                     "modality_experts": modality_experts})
         self.tokenizer = Tokenizer(tokenizer)
         self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
         ae_cfg = self.autoencoder.config
         self.config = TransfusionConfig(
             transformer=transformer_config,
-            vocab_size=self.tokenizer.vocab_size, latent_channels=ae_cfg.latent_channels,
+            vocab_size=max(self.tokenizer.vocab_size, text_vocab), latent_channels=ae_cfg.latent_channels,
             latent_size=ae_cfg.latent_size, patch_size=patch_size, patch_encoder=patch_encoder,
             unet_channels=unet_channels, diffusion_lambda=diffusion_lambda, min_snr_gamma=min_snr_gamma,
-            bidirectional_images=bidirectional_images, attention=attention,
+            bidirectional_images=bidirectional_images, attention=attention, objective=objective,
         )
         with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
             params = flop_parameters(Transfusion(self.config))
@@ -103,7 +139,7 @@ class TransfusionModule(GenerativeModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
         if "transfusion_config" in checkpoint:
-            check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
+            check_config(_stored_architecture(checkpoint), self.config, "this Transfusion checkpoint", ARCHITECTURE)
         if "autoencoder_config" in checkpoint:
             check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
         super().on_load_checkpoint(checkpoint)
@@ -128,6 +164,10 @@ class TransfusionModule(GenerativeModule):
                 fully_shard_blocks(model, mesh)
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights(torch.initial_seed())
+        if self.hparams.freeze_text:  # before configure_optimizers, which takes the trainable parameters only
+            trainable = freeze_text_weights(model)
+            rank_zero_info(f"text weights frozen: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
+                           "parameters train")
         model.transformer.activation_checkpointing = self.hparams.activation_checkpointing
         if self.hparams.compile:
             for block in model.transformer.layers:
@@ -155,7 +195,9 @@ class TransfusionModule(GenerativeModule):
 
     def diffusion_draws(self, batch: dict, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (N,) and noise (N, C, h, w), image k of a row drawn from (noise_seed, step, row index, k): the
-        same draws however rows are split over processes or accumulated micro-batches."""
+        same draws however rows are split over processes or accumulated micro-batches. Flow: logit-normal float
+        times (``RectifiedFlow.sample_timesteps``) under the same limits."""
+        flow = self.config.objective == "flow"
         max_t = self._max_t(batch).tolist()
         rows = batch["row_index"].tolist()
         images_per_row = ((batch["image_ids"] >= 0).sum(1) // self.config.patches_per_image).tolist()
@@ -164,10 +206,13 @@ class TransfusionModule(GenerativeModule):
             for k in range(count):
                 g = torch.Generator().manual_seed(hash((seed, step, row, k)) % 2**63)
                 limit = max_t[len(t)]  # 0: the image enters clean (t = 0); its noise is drawn all the same
-                t.append(torch.randint(1, max(limit, 1) + 1, (1,), generator=g) * (limit > 0))
+                if flow:
+                    t.append(self.model.diffusion.sample_timesteps(1, max(limit, 1), generator=g) * (limit > 0))
+                else:
+                    t.append(torch.randint(1, max(limit, 1) + 1, (1,), generator=g) * (limit > 0))
                 noise.append(torch.randn(latents.shape[1:], generator=g))
         if not t:
-            return latents.new_zeros(0, dtype=torch.long), torch.zeros_like(latents)
+            return latents.new_zeros(0, dtype=torch.float32 if flow else torch.long), torch.zeros_like(latents)
         return (torch.cat(t).to(latents.device),
                 torch.stack(noise).to(device=latents.device, dtype=latents.dtype))
 
@@ -202,7 +247,9 @@ class TransfusionModule(GenerativeModule):
         return self._global_mean_loss(out)
 
     def _timestep_buckets(self, t: torch.Tensor) -> torch.Tensor:
-        """Bucket k of each timestep: t in (k T / K, (k + 1) T / K] for K = TIMESTEP_BUCKETS."""
+        """Bucket k of each timestep: t in (k T / K, (k + 1) T / K] for K = TIMESTEP_BUCKETS (float t: flow)."""
+        if t.is_floating_point():
+            return (t * TIMESTEP_BUCKETS / self.model.diffusion.num_timesteps).ceil().long().clamp(1) - 1
         return (t - 1) * TIMESTEP_BUCKETS // self.model.diffusion.num_timesteps
 
     def _bucket_name(self, k: int) -> str:
@@ -245,8 +292,22 @@ class TransfusionModule(GenerativeModule):
         self._log_eval("test")
 
     def on_fit_start(self) -> None:
-        if self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._load_network(self.hparams.init_from)
+        if self.trainer.ckpt_path is None:  # a fresh fit; a resumed one has its weights from the checkpoint
+            if self.hparams.init_from:
+                self._load_network(self.hparams.init_from)
+            if self.hparams.text_model:
+                self._load_text_model(self.hparams.text_model)
+
+    def _load_text_model(self, directory: str) -> None:
+        """LMFusion's start: the text model's weights as the text weights (``transfusion.models.lmfusion``)."""
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):
+            raise NotImplementedError("text_model with a sharded model (FSDP2): load it on one device, save, init_from")
+        _, state = load_llama(directory)
+        load_text_weights(self.model, state, self.hparams.image_weights_from_text)
+        rank_zero_info(f"text weights from {directory}" + (" (image weights copied from them)"
+                                                            if self.hparams.image_weights_from_text else ""))
 
     def _load_network(self, path: str) -> None:
         """Network weights from a checkpoint of the same architecture, trained with the same autoencoder."""
@@ -255,7 +316,7 @@ class TransfusionModule(GenerativeModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "transfusion_config" not in checkpoint:
             raise ValueError(f"init_from={path!r} is not a Transfusion checkpoint (no transfusion_config)")
-        check_config(checkpoint["transfusion_config"], self.config, f"init_from={path!r}", ARCHITECTURE)
+        check_config(_stored_architecture(checkpoint), self.config, f"init_from={path!r}", ARCHITECTURE)
         state = checkpoint["state_dict"]
         rename_legacy_keys(state, "autoencoder.")
         ours = self.autoencoder.state_dict()

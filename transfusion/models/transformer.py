@@ -3,7 +3,9 @@
 RMSNorm -> RoPE -> Attention -> SwiGLU -> Block -> Transformer, no biases. The body maps embeddings to
 hidden states; each model owns its modality-specific inputs and outputs. Chameleon's stability changes
 are switches of the same block: ``qk_norm`` (LayerNorm on queries and keys) and ``norm_reorder``
-(h = x + norm(attn(x)); out = h + norm(ffn(h))).
+(h = x + norm(attn(x)); out = h + norm(ffn(h))). ``modality_experts`` (Mixture-of-Transformers, Liang et al.
+2024) gives image positions their own norms, Q/K/V/O projections and FFN (``Block.image``, a block of the same
+shape) while attention stays global: each position passes through its modality's weights only.
 
 Legend: B batch rows, L sequence length, D width, H heads, Dh head width (D / H).
 """
@@ -33,6 +35,7 @@ class TransformerConfig:
     max_seq_len: int = 4096
     qk_norm: bool = False
     norm_reorder: bool = False
+    modality_experts: bool = False  # Mixture-of-Transformers: separate text and image weights in every block
 
     def __post_init__(self):
         for name in ("n_layers", "dim", "n_heads", "max_seq_len", "ffn_multiple_of"):
@@ -106,18 +109,23 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps, bias=False) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps, bias=False) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, cache=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> q, k, v (..., 3, H, Dh), q and k normalised (``qk_norm``), not yet rotated."""
+        qkv = self.wqkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))
+        if isinstance(self.q_norm, nn.Identity):
+            return qkv
+        q, k, v = qkv.unbind(-3)
+        return torch.stack([self.q_norm(q), self.k_norm(k), v], dim=-3)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, cache=None,
+                experts: "Experts | None" = None) -> torch.Tensor:
         B, L, D = x.shape
-        qkv = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, L, Dh)
-        if isinstance(self.q_norm, nn.Identity):  # rotate q and k in one go: half the small ops of a decoding step
-            (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
-        else:
-            q, k, v = qkv
-            q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        qkv = self.project(x) if experts is None else experts(x, lambda b, x: b.attention.project(x))  # (B, L, 3, H, Dh)
+        q, k, v = apply_rope(qkv.permute(2, 0, 3, 1, 4)[:2], *rope).unbind(0) + (qkv[:, :, 2].transpose(1, 2),)
         if cache is not None:  # prepend cached keys/values of earlier positions
             k, v = cache(k, v)
-        out = attend(q, k, v, mask)  # (B, H, L, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, L, D))
+        out = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, D)  # (B, H, L, Dh) -> (B, L, D)
+        return self.wo(out) if experts is None else experts(out, lambda b, x: b.attention.wo(x))
 
 
 class FeedForward(nn.Module):
@@ -133,6 +141,24 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+class Experts:
+    """Routes positions to their modality's weights: ``experts(x, f)`` is f(text block, x) at text positions and
+    f(image block, x) at image positions, each computed on its own positions only."""
+
+    def __init__(self, text: "Block", image: "Block", is_image: torch.Tensor):
+        self.blocks = (text, image)
+        flat = is_image.flatten()
+        self.index = ((~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))  # positions of each modality
+
+    def __call__(self, x: torch.Tensor, f) -> torch.Tensor:
+        flat = x.flatten(0, 1)
+        parts = [f(block, flat[index]) for block, index in zip(self.blocks, self.index)]
+        out = parts[0].new_empty(flat.shape[0], *parts[0].shape[1:])
+        for part, index in zip(parts, self.index):
+            out = out.index_copy(0, index, part)
+        return out.view(*x.shape[:2], *out.shape[1:])
+
+
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -141,13 +167,22 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        # Mixture-of-Transformers: these weights serve text; image positions use a block of their own
+        self.image = Block(replace(cfg, modality_experts=False)) if cfg.modality_experts else None
 
-    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
-        if self.norm_reorder:  # Chameleon: normalise the branch outputs
-            h = x + self.attention_norm(self.attention(x, rope, mask, cache))
-            return h + self.ffn_norm(self.ffn(h))
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
-        return h + self.ffn(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, rope, mask, cache=None, is_image: torch.Tensor | None = None) -> torch.Tensor:
+        if self.image is None or is_image is None:  # dense, or no image position in the batch
+            if self.norm_reorder:  # Chameleon: normalise the branch outputs
+                h = x + self.attention_norm(self.attention(x, rope, mask, cache))
+                return h + self.ffn_norm(self.ffn(h))
+            h = x + self.attention(self.attention_norm(x), rope, mask, cache)
+            return h + self.ffn(self.ffn_norm(h))
+        experts = Experts(self, self.image, is_image)
+        if self.norm_reorder:
+            h = x + experts(self.attention(x, rope, mask, cache, experts), lambda b, x: b.attention_norm(x))
+            return h + experts(h, lambda b, x: b.ffn_norm(b.ffn(x)))
+        h = x + self.attention(experts(x, lambda b, x: b.attention_norm(x)), rope, mask, cache, experts)
+        return h + experts(h, lambda b, x: b.ffn(b.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -158,6 +193,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.image_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.modality_experts else None
         self.reset_parameters()
 
         self.activation_checkpointing = False  # recompute each block in backward instead of storing it
@@ -172,14 +208,22 @@ class Transformer(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, std=self.init_std(name))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask, caches=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask, caches=None,
+                is_image: torch.Tensor | None = None) -> torch.Tensor:
+        """``is_image`` (B, L): the image positions, which take the image weights when ``modality_experts``."""
         if pos.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if not self.cfg.modality_experts or (is_image is not None and not is_image.any()):
+            is_image = None  # every position takes the (text) weights: the dense path
+        elif is_image is None:
+            raise ValueError("a transformer with modality_experts needs is_image, the image positions (B, L)")
         rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, None, is_image, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, None if caches is None else caches[i])
-        return self.norm(x)
+                x = layer(x, rope, mask, None if caches is None else caches[i], is_image)
+        if is_image is None:
+            return self.norm(x)
+        return torch.where(is_image[..., None], self.image_norm(x), self.norm(x))

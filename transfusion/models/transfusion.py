@@ -4,7 +4,8 @@ Text tokens enter through an embedding and leave through the LM head; the patche
 image latent enter through a patch encoder (with its timestep) and leave through a patch decoder as
 predicted noise. Attention is causal over the sequence and bidirectional inside each image.
 Loss = L_LM + lambda * L_DDPM (paper eq. 4); ``min_snr_gamma`` optionally weighs each image's L_DDPM by its
-timestep (Min-SNR), which the paper does not.
+timestep (Min-SNR), which the paper does not. With ``objective`` "flow" (rectified flow, ``transfusion.flow``)
+the patch decoder predicts the velocity noise - x0 instead, and L_DDPM (still named ``ddpm_loss``) is its MSE.
 
 A batch is a set of rows with image patches in place: ``tokens`` (B, L) holds text ids (anything at
 patch positions), ``image_ids`` (B, L) marks patch positions with the index of their image in the
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transfusion.diffusion import Diffusion
+from transfusion.flow import RectifiedFlow
 from transfusion.models.attention import block_mask, dense_mask, positions
 from transfusion.models.patch import build_patch_layers
 from transfusion.models.transformer import Transformer, TransformerConfig
@@ -42,6 +44,7 @@ class TransfusionConfig:
     min_snr_gamma: float | None = None  # None: plain epsilon MSE (paper); else Min-SNR-gamma weights per image
     bidirectional_images: bool = True  # False: plain causal attention everywhere (Table 5 ablation)
     num_timesteps: int = 1000
+    objective: str = "ddpm"  # "ddpm" (the paper's epsilon prediction) or "flow" (rectified flow, velocity prediction)
     attention: str = "auto"  # "auto": FlexAttention on CUDA, dense-mask SDPA elsewhere; or "sdpa" / "flex"
 
     def __post_init__(self):
@@ -55,6 +58,11 @@ class TransfusionConfig:
             raise ValueError(f"diffusion_lambda must be >= 0, got {self.diffusion_lambda}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
+        if self.objective not in ("ddpm", "flow"):
+            raise ValueError(f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
+        if self.objective == "flow" and self.min_snr_gamma is not None:
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma} weighs DDPM's epsilon loss; with objective 'flow' "
+                             "it must be None")
         if self.attention not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
 
@@ -75,7 +83,8 @@ class Transfusion(nn.Module):
             cfg.patch_encoder, cfg.latent_channels, cfg.patch_size, D, cfg.unet_channels
         )
         with torch.device("cpu"):  # a schedule, no parameters: real tensors even when the model is built on "meta"
-            self.diffusion = Diffusion(cfg.num_timesteps)
+            self.diffusion = (RectifiedFlow(cfg.num_timesteps) if cfg.objective == "flow"
+                              else Diffusion(cfg.num_timesteps))
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
 
@@ -118,7 +127,7 @@ class Transfusion(nn.Module):
         return build(doc_ids, image_ids, self.cfg.bidirectional_images)
 
     def forward(self, tokens, doc_ids, image_ids, x_t=None, t=None, mask=None, pos=None, caches=None):
-        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (None without images).
+        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (velocity for flow; None without images).
 
         ``pos`` (B, L) overrides the RoPE positions derived from ``doc_ids``; with ``caches`` (one per
         layer, see ``transfusion.kv_cache``) the inputs are only the new positions and ``mask`` covers
@@ -137,7 +146,7 @@ class Transfusion(nn.Module):
             h = h.masked_scatter(is_patch[..., None], patches.to(h.dtype))
         if mask is None:
             mask = self.attention_mask(doc_ids, image_ids)
-        hidden = self.transformer(h, positions(doc_ids) if pos is None else pos, mask, caches)
+        hidden = self.transformer(h, positions(doc_ids) if pos is None else pos, mask, caches, is_image=is_patch)
         eps = None
         if context is not None:
             N, n = x_t.shape[0], self.cfg.patches_per_image
@@ -149,7 +158,8 @@ class Transfusion(nn.Module):
              noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); timesteps (N,) and noise are
         drawn here unless given. ``max_t`` (N,): the largest timestep each image may draw; 0 makes an image enter
-        clean (t = 0: an editing source image, seen but never denoised) and leaves it out of L_DDPM."""
+        clean (t = 0: an editing source image, seen but never denoised) and leaves it out of L_DDPM. For flow,
+        L_DDPM (``ddpm_loss``, ``ddpm_per_image``) is the velocity MSE and t the float time s T."""
         N = latents.shape[0]
         if t is None:
             limit = None if max_t is None else torch.as_tensor(max_t, device=latents.device)
@@ -171,8 +181,9 @@ class Transfusion(nn.Module):
         lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
 
         noised = t > 0  # images entered clean (t = 0) are context, not denoising targets
-        if eps is not None and noised.any():  # per-image epsilon MSE, averaged over the noised images
-            per_image = F.mse_loss(eps[noised].float(), noise[noised].float(), reduction="none").flatten(1).mean(1)
+        if eps is not None and noised.any():  # per-image epsilon (velocity) MSE, averaged over the noised images
+            target = noise if self.cfg.objective == "ddpm" else self.diffusion.velocity(latents, noise)
+            per_image = F.mse_loss(eps[noised].float(), target[noised].float(), reduction="none").flatten(1).mean(1)
             if self.cfg.min_snr_gamma is not None:  # clean timesteps weigh gamma / SNR_t < 1 (see Diffusion)
                 ddpm_loss = (per_image * self.diffusion.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
             else:

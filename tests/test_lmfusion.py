@@ -1,0 +1,71 @@
+"""LMFusion through the CLI: a Hugging Face Llama folder starts a Mixture-of-Transformers Transfusion whose text
+weights stay frozen: text-only logits equal Hugging Face's before training and stay bit-identical after image
+training steps, while the image weights (copied from the text weights) and the patch layers train."""
+
+import pytest
+import torch
+
+from transfusion.cli import cli_main
+
+transformers = pytest.importorskip("transformers")
+
+
+@torch.no_grad()
+def text_logits(model, tokens):
+    hidden, _ = model(tokens, torch.zeros_like(tokens), torch.full_like(tokens, -1))
+    return model.lm_head(hidden)
+
+
+@pytest.mark.slow
+def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, tokenizer_path, autoencoder_ckpt):
+    from test_cli import _fit_args
+    from test_llama import make_llama
+
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    llama_dir = tmp_path / "llama"
+    llama_dir.mkdir()
+    hf = make_llama(llama_dir, tokenizer_path, max_position_embeddings=256)
+    tokens = torch.randint(0, hf.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+
+    options = ["--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true"]
+    start = TransfusionModule(tokenizer_path, autoencoder_ckpt, text_model=str(llama_dir), modality_experts=True)
+    start._load_text_model(str(llama_dir))  # what a fresh fit does first
+    before = text_logits(start.model, tokens)
+    V = hf.config.vocab_size  # our vocabulary adds the special tokens a Llama tokenizer lacks (this one has them)
+    assert start.config.vocab_size >= V
+    torch.testing.assert_close(before[..., :V], reference, atol=1e-5, rtol=0)
+    params = dict(start.model.named_parameters())
+    assert torch.equal(params["transformer.layers.0.image.ffn.w2.weight"], params["transformer.layers.0.ffn.w2.weight"])
+
+    cli = cli_main(["fit", *_fit_args(tmp_path / "run", tokenizer_path, autoencoder_ckpt, steps=3), *options,
+                    "--model.init_args.freeze_text", "true"])
+    trained = cli.model.model.cpu().eval()
+    after = text_logits(trained, tokens)
+    assert torch.equal(before, after)  # frozen text weights: bit for bit
+    after_params = dict(trained.named_parameters())
+    for name in ("transformer.layers.0.image.ffn.w2.weight", "patch_encoder.proj.weight"):
+        if name in after_params:
+            assert not torch.equal(after_params[name], params[name]), name  # the image side trained
+    assert cli.model.hparams.transformer["dim"] == 64  # the shape is recorded: a checkpoint rebuilds without the folder
+
+    # the same run without freezing: the text weights move
+    free = cli_main(["fit", *_fit_args(tmp_path / "free", tokenizer_path, autoencoder_ckpt, steps=3), *options])
+    assert not torch.equal(text_logits(free.model.model.cpu().eval(), tokens), before)
+
+
+def test_text_model_options_are_checked(tmp_path, tokenizer_path, autoencoder_ckpt):
+    from test_llama import make_llama
+
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    with pytest.raises(ValueError, match="freeze_text needs modality_experts"):
+        TransfusionModule(tokenizer_path, autoencoder_ckpt, freeze_text=True)
+    make_llama(tmp_path, tokenizer_path)
+    with pytest.raises(ValueError, match="differs from the text model's shape"):
+        TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), transformer={"dim": 32})
+    module = TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), modality_experts=True)
+    assert module.hparams.tokenizer == str(tmp_path / "tokenizer.model")
+    assert module.config.transformer.ffn_dim == 176 and module.config.transformer.modality_experts
