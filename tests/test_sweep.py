@@ -82,7 +82,14 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
         "ablations": [{"name": "intra-image attention", "size": "XS",
                        "settings": {"bidirectional": {}, "causal": {"model.init_args.bidirectional_images": False}}}],
         "lr_grid": {"values": [1e-3, 3e-3], "metrics": ["ppl", "cider_d"], "size": "XS", "budget": 2},
+        # a variant in Table 3, and a text model pretrained here (Hugging Face Llama layout) that an ablation names
+        "variants": {"transfusion_mot": {"config": "lightning_configs/transfusion_embedded.yaml", "overrides": {
+            **_common(64), "model.init_args.num_steps": 3, "model.init_args.modality_experts": True}}},
+        "text_model": {"config": "lightning_configs/text_model_embedded.yaml", "overrides": {
+            **_common(64), "model.init_args.preset": "debug", "trainer.max_steps": 2, "trainer.val_check_interval": 2}},
     }
+    config["ablations"].append({"name": "text weights", "model": "transfusion_mot", "size": "S", "settings": {
+        "scratch": {}, "LMFusion": {"model.init_args.text_model": "{text_model}", "model.init_args.freeze_text": True}}})
     path = out / "sweep.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # sizes in order, small to large
     main(["sweep", "--config", str(path)])
@@ -99,9 +106,9 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert list(rows[0])[-len(metrics) - len(parts) - 4:] == metrics[:5] + parts + metrics[5:] + [
         f"captions@shapes/{k}" for k in ("colour", "position", "shape", "size")]  # the CSV has every rate
     main_runs = {(r["model"], r["size"]) for r in rows if not r["ablation"]}
-    assert main_runs == {(m, s) for m in ("transfusion", "chameleon") for s in ("XS", "S")}
+    assert main_runs == {(m, s) for m in ("transfusion", "chameleon", "transfusion_mot") for s in ("XS", "S")}
     for run in {r["run"] for r in rows}:
-        mine = [r for r in rows if r["run"] == run and r["setting"] != "bidirectional"]
+        mine = [r for r in rows if r["run"] == run and r["setting"] not in ("bidirectional", "scratch")]  # reused runs once
         budget = int(mine[0]["budget"])
         assert [int(r["step"]) for r in mine] == [2, 3][:budget - 1], run  # every 2 steps, and at the last step
         flops = [float(r["flops"]) for r in mine]
@@ -114,7 +121,8 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
 
     # Table 3: one row per metric, in the paper's format, and the ratio the CSV implies
     table = (out / "table3.md").read_text().splitlines()
-    assert table[2] == "| metric | better | Transfusion | Chameleon | parity FLOP ratio |"
+    assert table[2] == ("| metric | better | Transfusion | Chameleon | parity FLOP ratio | transfusion_mot | "
+                        "transfusion_mot vs Chameleon | transfusion_mot vs Transfusion |")
     body = [line.split(" | ") for line in table[4:]]
     assert [b[0].strip("| ") for b in body] == ["perplexity", "CIDEr-D", "FID (64)", "CLIP score (test-clip)",
                                                 "prompt following (shapes)", "caption attributes (shapes)"]
@@ -133,6 +141,11 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         assert cells[4].rstrip(" |") == parity_ratio_text(expected, float(chameleon["flops"]))
         cell = r"(<= )?[0-9.e+-]+|not reached \(best .* FLOPs\)|n/a \(Chameleon at 0, the metric's floor\)"
         assert re.fullmatch(cell, cells[4].rstrip(" |"))
+        mot = [r for r in rows if r["model"] == "transfusion_mot" and not r["ablation"]]
+        against_tf = parity_flops([float(r["flops"]) for r in mot], [float(r[key]) for r in mot], line["transfusion"],
+                                  higher)
+        transfusion = [r for r in rows if r["run"] == "transfusion-S-3" and r["step"] == "3"][0]
+        assert cells[7].rstrip(" |") == parity_ratio_text(against_tf, float(transfusion["flops"]), "Transfusion")
 
     # the learning-rate grid ran first; each model's other runs trained at its rate with the best mean rank of final
     # perplexity and CIDEr-D: of two rates, the one with the lower perplexity (agreeing metrics, or a tie broken by it)
@@ -145,6 +158,11 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         for size in ("XS", "S"):
             record = json.loads((out / "runs" / f"{model}-{size}-3" / "evaluations.json").read_text())
             assert record["run"]["overrides"]["model.init_args.lr"] == chosen[model]
+    record = json.loads((out / "runs" / "transfusion_mot-S-3" / "evaluations.json").read_text())
+    assert record["run"]["overrides"]["model.init_args.lr"] == chosen["transfusion"]  # a variant: Transfusion's rate
+    mot, dense = (json.loads((out / "runs" / f"{m}-S-3" / "evaluations.json").read_text())["evaluations"][-1]
+                  for m in ("transfusion_mot", "transfusion"))
+    assert mot["params"] == dense["params"] and mot["flops"] == pytest.approx(dense["flops"], rel=0.2)  # same N
     assert "Learning rates: each model's best mean rank of final perplexity, CIDEr-D on the same grid (0.001, 0.003" in table[0]
 
     ablation = (out / "ablations.md").read_text()
@@ -152,6 +170,12 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert "| intra-image attention | transfusion | XS | 3 | bidirectional |" in ablation
     assert "| intra-image attention | transfusion | XS | 3 | causal |" in ablation
     assert len(result["ablations"][0]["settings"]) == 2
+    assert "| text weights | transfusion_mot | S | 3 | LMFusion |" in ablation
+    lmfusion = json.loads((out / "runs" / "transfusion_mot-S-3-text_weights-lmfusion" / "evaluations.json").read_text())
+    text_model = sweep_dir / "sweep" / "text_model" / "model"
+    assert f"--model.init_args.text_model={text_model}" in " ".join(lmfusion["args"]).replace(
+        "--model.init_args.text_model ", "--model.init_args.text_model=")
+    assert {p.name for p in text_model.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model"}
 
     with Image.open(out / "scaling.png") as image:
         assert image.format == "PNG" and image.width > 6 * image.height / 2  # six panels side by side
@@ -178,12 +202,14 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
     from transfusion.cli import cli_main
     from transfusion.sweep import parse_sweep
 
-    base = {"sweep_ablations.yaml": ["--config", str(CONFIGS / "sweep_micro.yaml")]}  # layered on the micro sweep
+    micro = ["--config", str(CONFIGS / "sweep_micro.yaml")]  # layered on the micro sweep
+    base = {"sweep_ablations.yaml": micro, "sweep_beyond.yaml": micro}
     sweep, _ = parse_sweep(base.get(config, []) + ["--config", str(CONFIGS / config)])
     assert sweep.reference_size in sweep.sizes
     if config == "sweep_ablations.yaml":
         assert {a.name for a in sweep.ablations} >= {"intra-image attention", "patch encoder", "patch size"}
-    prepared = {"tokenizer": "tokenizer.model", "autoencoder": "ae.ckpt", "vqvae": "vq.ckpt", "clip": "clip"}
+    prepared = {"tokenizer": "tokenizer.model", "autoencoder": "ae.ckpt", "vqvae": "vq.ckpt", "clip": "clip",
+                "text_model": "text_model"}
     for run in {r.name: r for r in sweep.runs}.values():  # every training run's command line is valid
         with pytest.raises(SystemExit) as exit_info:
             cli_main(sweep.fit_args(run, prepared) + ["--print_config"])
@@ -193,8 +219,8 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
         evaluation = printed["trainer"]["callbacks"][-1]
         assert evaluation["class_path"].endswith("Evaluation")
         assert evaluation["init_args"]["every_n_train_steps"] == sweep.eval_every
-        assert printed["model"]["class_path"].endswith("TransfusionModule" if run.model == "transfusion"
-                                                       else "ChameleonModule")
+        assert printed["model"]["class_path"].endswith("ChameleonModule" if run.model == "chameleon"
+                                                       else "TransfusionModule")
 
 
 def test_learning_rate_choice_by_mean_rank():

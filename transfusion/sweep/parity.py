@@ -72,10 +72,10 @@ def parity_flops(flops: list[float], values: list[float], target: float, higher_
     return Parity(math.exp(x0 + fraction * (x1 - x0)), "interpolated", best, best_flops)
 
 
-def parity_ratio_text(parity: Parity, chameleon_flops: float) -> str:
-    """The table cell: ratio, ``<= ratio`` or why there is none."""
+def parity_ratio_text(parity: Parity, chameleon_flops: float, target: str = "Chameleon") -> str:
+    """The table cell: ratio, ``<= ratio`` or why there is none (``target``: the model whose value is the target)."""
     if parity.status == "at_floor":
-        return "n/a (Chameleon at 0, the metric's floor)"
+        return f"n/a ({target} at 0, the metric's floor)"
     if parity.status == "not_reached":
         return f"not reached (best {parity.best:.4g} at {parity.best_flops:.2e} FLOPs)"
     ratio = parity.flops / chameleon_flops

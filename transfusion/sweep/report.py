@@ -37,24 +37,50 @@ def final(rows: list[dict], model: str, size: str, budget: int) -> dict:
     return max(mine, key=lambda r: r["step"])
 
 
+def variants(rows: list[dict]) -> list[str]:
+    """Transfusion variants in the main runs (e.g. ``transfusion_mot``), in order of appearance."""
+    return list(dict.fromkeys(r["model"] for r in main_rows(rows) if r["model"] not in ("transfusion", "chameleon")))
+
+
 def table3(rows: list[dict], reference_size: str, parity_curve: str = "all_sizes") -> dict:
-    """Transfusion vs Chameleon at the reference size's largest budget, and the parity FLOP ratio per metric."""
+    """Transfusion vs Chameleon at the reference size's largest budget, and the parity FLOP ratio per metric; each
+    variant's values and parity ratios against Chameleon and against Transfusion."""
     budget = max(r["budget"] for r in main_rows(rows) if r["size"] == reference_size)
     tf, ch = final(rows, "transfusion", reference_size, budget), final(rows, "chameleon", reference_size, budget)
-    curve = [r for r in main_rows(rows) if r["model"] == "transfusion"
-             and (parity_curve == "all_sizes" or r["size"] == reference_size)]
+
+    def curve(model):
+        return [r for r in main_rows(rows) if r["model"] == model
+                and (parity_curve == "all_sizes" or r["size"] == reference_size)]
+
+    def parity(model, key, target, higher):
+        points = curve(model)
+        return parity_flops([r["flops"] for r in points], [r.get(key, math.nan) for r in points], target, higher)
+
+    others = {v: final(rows, v, reference_size, budget) for v in variants(rows)}
     lines = []
     for key in metric_keys(rows):
         name, higher = metric_info(key)
         if not (_finite(tf.get(key)) and _finite(ch.get(key))):
             continue
-        parity = parity_flops([r["flops"] for r in curve], [r.get(key, math.nan) for r in curve], ch[key], higher)
-        lines.append({"metric": key, "name": name, "higher_is_better": higher, "transfusion": tf[key],
-                      "chameleon": ch[key], "parity_status": parity.status, "parity_flops": parity.flops,
-                      "parity_ratio": None if parity.flops is None else parity.flops / ch["flops"],
-                      "parity_text": parity_ratio_text(parity, ch["flops"]), "best_transfusion": parity.best,
-                      "best_transfusion_flops": parity.best_flops})
+        p = parity("transfusion", key, ch[key], higher)
+        line = {"metric": key, "name": name, "higher_is_better": higher, "transfusion": tf[key],
+                "chameleon": ch[key], "parity_status": p.status, "parity_flops": p.flops,
+                "parity_ratio": None if p.flops is None else p.flops / ch["flops"],
+                "parity_text": parity_ratio_text(p, ch["flops"]), "best_transfusion": p.best,
+                "best_transfusion_flops": p.best_flops, "variants": {}}
+        for v, last in others.items():
+            if not _finite(last.get(key)):
+                continue
+            vs_ch, vs_tf = parity(v, key, ch[key], higher), parity(v, key, tf[key], higher)
+            line["variants"][v] = {
+                "value": last[key], "parity_vs_chameleon": parity_ratio_text(vs_ch, ch["flops"]),
+                "parity_ratio_vs_chameleon": None if vs_ch.flops is None else vs_ch.flops / ch["flops"],
+                "parity_vs_transfusion": parity_ratio_text(vs_tf, tf["flops"], "Transfusion"),
+                "parity_ratio_vs_transfusion": None if vs_tf.flops is None else vs_tf.flops / tf["flops"]}
+        lines.append(line)
     return {"size": reference_size, "budget": budget, "parity_curve": parity_curve,
+            "variants": {v: {"params": last["params"], "tokens": last["tokens"], "flops": last["flops"]}
+                         for v, last in others.items()},
             "transfusion_flops": tf["flops"], "chameleon_flops": ch["flops"], "transfusion_params": tf["params"],
             "chameleon_params": ch["params"], "transfusion_tokens": tf["tokens"], "chameleon_tokens": ch["tokens"],
             "rows": lines}
@@ -74,10 +100,23 @@ def table3_markdown(t: dict) -> str:
         out[0] += (f" Learning rates: each model's best mean rank of final {names} on the same grid "
                    f"({', '.join(f'{v:g}' for v in lrs['values'])}; size {lrs['size']}, {lrs['budget']} steps; "
                    "`ablations.md`): " + ", ".join(f"{m} {lr:g}" for m, lr in lrs["chosen"].items()) + ".")
-    out += ["", "| metric | better | Transfusion | Chameleon | parity FLOP ratio |", "|---|---|---|---|---|"]
+    names = list(t.get("variants", {}))
+    for v in names:
+        out[0] += (f" {v}: {t['variants'][v]['params']:,} parameters a position uses, {t['variants'][v]['tokens']:,} "
+                   f"tokens, {t['variants'][v]['flops']:.3e} FLOPs, at Transfusion's learning rate; its parity ratios "
+                   "are against Chameleon's and against Transfusion's final values.")
+    head = "| metric | better | Transfusion | Chameleon | parity FLOP ratio |"
+    for v in names:
+        head += f" {v} | {v} vs Chameleon | {v} vs Transfusion |"
+    out += ["", head, "|---|---|---|---|---|" + "---|---|---|" * len(names)]
     for r in t["rows"]:
-        out.append(f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {r['transfusion']:.4g} | "
-                   f"{r['chameleon']:.4g} | {r['parity_text']} |")
+        line = (f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {r['transfusion']:.4g} | "
+                f"{r['chameleon']:.4g} | {r['parity_text']} |")
+        for v in names:
+            cell = r.get("variants", {}).get(v)
+            line += (f" {cell['value']:.4g} | {cell['parity_vs_chameleon']} | {cell['parity_vs_transfusion']} |"
+                     if cell else " - | - | - |")
+        out.append(line)
     return "\n".join(out) + "\n"
 
 
@@ -122,13 +161,14 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
     runs = sorted({(r["model"], r["size"], r["budget"]) for r in main_rows(rows)})
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     markers = "os^Dvp*"
+    palette = {"transfusion": "C0", "chameleon": "C3", **{v: f"C{i + 4}" for i, v in enumerate(variants(rows))}}
     for ax, key in zip(axes[0], keys):
         name, higher = metric_info(key)
         for model, size, budget in runs:
             points = sorted((r["flops"], r[key]) for r in main_rows(rows)
                             if (r["model"], r["size"], r["budget"]) == (model, size, budget) and _finite(r.get(key)))
             if points:
-                ax.plot(*zip(*points), color="C0" if model == "transfusion" else "C3",
+                ax.plot(*zip(*points), color=palette[model],
                         marker=markers[sizes.index(size) % len(markers)], markersize=4, linewidth=1,
                         label=f"{model} {size} ({budget} steps)")
         ax.set_xscale("log")

@@ -8,7 +8,11 @@ leaves ``runs/<run>/evaluations.json`` and is not trained again, so a stopped sw
 
 Ablations (paper Tables 5-8) are extra runs of one model at one size and budget, one per setting, each
 setting a set of overrides (``{model.init_args.bidirectional_images: false}``); a setting equal to a main
-run reuses it. ``transfusion.sweep.report`` turns the evaluations into Table 3, plots, CSV and JSON.
+run reuses it. Variants of Transfusion (``variants``: e.g. modality experts) are trained at every size and budget
+like the two main models, with Transfusion's autoencoder and learning rate, and join Table 3. Override values
+may name a prepared path, ``"{text_model}"`` (a text model pretrained here and saved in the Hugging Face Llama
+layout, for LMFusion-style runs). ``transfusion.sweep.report`` turns the evaluations into Table 3, plots, CSV
+and JSON.
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ class Sweep:
                  autoencoder: Prerequisite | None = None, vqvae: Prerequisite | None = None,
                  clip: Prerequisite | None = None, ablations: list[Ablation] | None = None,
                  lr_grid: LearningRateGrid | None = None, reference_size: str | None = None,
-                 parity_curve: str = "all_sizes"):
+                 parity_curve: str = "all_sizes", variants: dict[str, ModelRuns] | None = None,
+                 text_model: Prerequisite | None = None):
         """
         Args:
             transfusion, chameleon: each model's training YAML and overrides for all its runs.
@@ -138,6 +143,9 @@ class Sweep:
             reference_size: the size whose largest-budget runs Table 3 compares (default: the last size).
             parity_curve: Transfusion evaluations that make the parity curve: ``all_sizes`` (any size reaching
                 Chameleon's value counts) or ``same_size`` (only the reference size).
+            variants: more Transfusion models for Table 3 (name -> YAML and overrides), at Transfusion's learning rate.
+            text_model: a text model to pretrain (``config``: a text-only Transfusion fit, saved in the Hugging Face
+                Llama layout) or an existing Llama-layout folder (``path``); overrides name it ``"{text_model}"``.
         """
         if not sizes or not budgets:
             raise ValueError("sweep: `sizes` and `budgets` must not be empty")
@@ -148,12 +156,19 @@ class Sweep:
         if parity_curve not in ("all_sizes", "same_size"):
             raise ValueError(f"sweep: parity_curve must be 'all_sizes' or 'same_size', got {parity_curve!r}")
         self.models = {"transfusion": _as(ModelRuns, transfusion), "chameleon": _as(ModelRuns, chameleon)}
+        self.variants = {name: _as(ModelRuns, v) for name, v in (variants or {}).items()}
+        clash = set(self.variants) & set(MODELS)
+        if clash or any(not n.replace("_", "").isalnum() for n in self.variants):
+            raise ValueError(f"sweep: variant names must be new identifiers, got {sorted(self.variants)}")
+        self.models.update(self.variants)
         self.sizes, self.budgets, self.eval_every = sizes, sorted(budgets), eval_every_n_steps
         self.output = Path(output)
         self.evaluation = dict(evaluation or {})
         self.tokenizer, self.vocab_size = _as(Prerequisite, tokenizer), tokenizer_vocab_size
         self.prerequisites = {"autoencoder": _as(Prerequisite, autoencoder), "vqvae": _as(Prerequisite, vqvae),
                               "clip": _as(Prerequisite, clip)}
+        if text_model is not None:
+            self.prerequisites["text_model"] = _as(Prerequisite, text_model)
         self.ablations = [_as(Ablation, a) for a in ablations or []]
         self.lr_grid = None if lr_grid is None else _as(LearningRateGrid, lr_grid)
         if self.lr_grid is not None:
@@ -166,12 +181,12 @@ class Sweep:
     # ------------------------------------------------------------------ plan
     def _plan(self) -> list[Run]:
         runs = [Run(f"{model}-{size}-{budget}", model, size, budget, {})
-                for size in self.sizes for budget in self.budgets for model in MODELS]
+                for size in self.sizes for budget in self.budgets for model in self.models]
         runs += self._grid_runs()
         known = {r.key(): r for r in runs}
         for ab in self.ablations:
-            if ab.model not in MODELS:
-                raise ValueError(f"sweep: ablation {ab.name!r} names model {ab.model!r}; choose from {list(MODELS)}")
+            if ab.model not in self.models:
+                raise ValueError(f"sweep: ablation {ab.name!r} names model {ab.model!r}; choose from {list(self.models)}")
             size = ab.size or list(self.sizes)[0]
             if size not in self.sizes:
                 raise ValueError(f"sweep: ablation {ab.name!r} names size {size!r}, not one of {list(self.sizes)}")
@@ -252,7 +267,8 @@ class Sweep:
                 raise FileNotFoundError(f"sweep: tokenizer.path {tok!r} does not exist")
             tokenizer_main(["--output", tok, "--vocab_size", str(self.vocab_size)])
         prepared["tokenizer"] = tok
-        needed = ["autoencoder", "vqvae"] + (["clip"] if self.needs_clip else [])
+        needed = ["autoencoder", "vqvae"] + (["clip"] if self.needs_clip else []) + (
+            ["text_model"] if "text_model" in self.prerequisites else [])
         for name in needed:
             spec = self.prerequisites[name]
             if spec.path:
@@ -267,9 +283,16 @@ class Sweep:
             root = self.output / name
             rank_zero_info(f"sweep: training the {name} ({spec.config})")
             extra = ["--model.init_args.export_dir", str(root / "model")] if name == "clip" else []
+            if name == "text_model":  # trained with the sweep's tokenizer and Transfusion's autoencoder
+                extra = ["--model.init_args.tokenizer", tok, "--model.init_args.autoencoder", prepared["autoencoder"]]
             cli = cli_main(["fit", "--config", spec.config, *cli_args(spec.overrides), *extra,
                             "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
             prepared[name] = str(root / "model") if name == "clip" else cli.trainer.checkpoint_callback.last_model_path
+            if name == "text_model":  # the Hugging Face Llama layout: loaded as any pretrained Llama would be
+                from transfusion.models.llama import save_llama
+
+                save_llama(cli.model.model, tok, root / "model")
+                prepared[name] = str(root / "model")
             record.write_text(json.dumps(prepared, indent=2) + "\n")
         record.write_text(json.dumps(prepared, indent=2) + "\n")
         return prepared
@@ -286,8 +309,9 @@ class Sweep:
             if run not in grid and self.lr_grid is not None and not self.learning_rates:
                 self.learning_rates = self.choose_learning_rates(done)
                 rank_zero_info(f"sweep: learning rates from the grid: {self.learning_rates}")
-            if run not in grid and run.model in self.learning_rates:  # the grid's choice, unless the run sets its own
-                run.overrides = {"model.init_args.lr": self.learning_rates[run.model], **run.overrides}
+            lr_model = "transfusion" if run.model in self.variants else run.model  # variants: Transfusion's rate
+            if run not in grid and lr_model in self.learning_rates:  # the grid's choice, unless the run sets its own
+                run.overrides = {"model.init_args.lr": self.learning_rates[lr_model], **run.overrides}
             done[run.name] = self._run_once(run, prepared, f"{i + 1}/{len(unique)}")
         rows = []
         for run in self.runs:
@@ -319,14 +343,15 @@ class Sweep:
         """The ``transfusion fit`` command line of ``run``: model YAML, overrides, budget, Evaluation callback."""
         root = self.output / "runs" / run.name
         spec = self.models[run.model]
-        autoencoder = prepared["autoencoder" if run.model == "transfusion" else "vqvae"]
+        autoencoder = prepared["vqvae" if run.model == "chameleon" else "autoencoder"]
         evaluation = {**self.evaluation, "every_n_train_steps": self.eval_every, "at_train_end": True,
                       "on_test": False, "on_validation": False, "output_dir": str(root / "evaluation")}
         if self.needs_clip:
             evaluation["clip_model"] = prepared["clip"]
         callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
+        overrides = {k: _prepared_path(v, prepared) for k, v in run.overrides.items()}
         return ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
-                *cli_args(run.overrides),
+                *cli_args(overrides),
                 "--model.init_args.tokenizer", prepared["tokenizer"], "--model.init_args.autoencoder", autoencoder,
                 "--trainer.max_steps", str(run.budget), "--trainer.val_check_interval", str(run.budget),
                 "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
@@ -350,6 +375,13 @@ class Sweep:
 def _as(cls, value):
     """A dataclass from a dict (Python callers), itself, or its defaults for None."""
     return cls() if value is None else cls(**value) if isinstance(value, dict) else value
+
+
+def _prepared_path(value, prepared: dict):
+    """``"{text_model}"``: the path prepared under that name; any other value as it is."""
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] in prepared:
+        return prepared[value[1:-1]]
+    return value
 
 
 def _slug(text: str) -> str:
