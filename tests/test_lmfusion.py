@@ -30,7 +30,8 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, tokenizer_
     with torch.no_grad():
         reference = hf(tokens).logits
 
-    options = ["--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true"]
+    options = ["--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true",
+               "--model.init_args.preset", "null"]  # the shape is the text model's
     start = TransfusionModule(tokenizer_path, autoencoder_ckpt, text_model=str(llama_dir), modality_experts=True)
     start._load_text_model(str(llama_dir))  # what a fresh fit does first
     before = text_logits(start.model, tokens)
@@ -46,10 +47,18 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, tokenizer_
     after = text_logits(trained, tokens)
     assert torch.equal(before, after)  # frozen text weights: bit for bit
     after_params = dict(trained.named_parameters())
-    for name in ("transformer.layers.0.image.ffn.w2.weight", "patch_encoder.proj.weight"):
-        if name in after_params:
-            assert not torch.equal(after_params[name], params[name]), name  # the image side trained
-    assert cli.model.hparams.transformer["dim"] == 64  # the shape is recorded: a checkpoint rebuilds without the folder
+    for name in ("transformer.layers.0.image.ffn.w2.weight", "transformer.image_norm.weight"):
+        assert not torch.equal(after_params[name], params[name]), name  # the image side trained
+    assert any(not torch.equal(after_params[n], params[n]) for n in params if n.startswith("patch_encoder."))
+
+    # the checkpoint holds the weights and the shape: it loads without the text model's folder
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    for f in llama_dir.iterdir():
+        f.unlink()
+    reloaded = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    assert torch.equal(text_logits(reloaded.model, tokens), before)
+    llama_dir.rmdir()
+    hf = make_llama(llama_dir, tokenizer_path, max_position_embeddings=256)
 
     # the same run without freezing: the text weights move
     free = cli_main(["fit", *_fit_args(tmp_path / "free", tokenizer_path, autoencoder_ckpt, steps=3), *options])
@@ -64,8 +73,16 @@ def test_text_model_options_are_checked(tmp_path, tokenizer_path, autoencoder_ck
     with pytest.raises(ValueError, match="freeze_text needs modality_experts"):
         TransfusionModule(tokenizer_path, autoencoder_ckpt, freeze_text=True)
     make_llama(tmp_path, tokenizer_path)
-    with pytest.raises(ValueError, match="differs from the text model's shape"):
+    with pytest.raises(ValueError, match=r"differ from the shape of text_model .*'dim': \(32, 64\)"):
         TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), transformer={"dim": 32})
+    with pytest.raises(ValueError, match="differ from the shape of text_model"):
+        TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), preset="cpu-small")
+    with pytest.raises(ValueError, match="text_model and init_from both"):
+        TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), init_from="x.ckpt")
+    with pytest.raises(ValueError, match="not in transformer"):
+        TransfusionModule(tokenizer_path, autoencoder_ckpt, transformer={"modality_experts": True})
+    with pytest.raises(ValueError, match="sampler 'ddpm' cannot sample a model trained with objective 'flow'"):
+        TransfusionModule(tokenizer_path, autoencoder_ckpt, objective="flow")
     module = TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), modality_experts=True)
     assert module.hparams.tokenizer == str(tmp_path / "tokenizer.model")
     assert module.config.transformer.ffn_dim == 176 and module.config.transformer.modality_experts

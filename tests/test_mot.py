@@ -76,12 +76,14 @@ def test_each_position_passes_through_its_own_modality_only():
     assert torch.equal(hidden[0, :5], hidden2[0, :5]) and torch.equal(hidden[1, :10], hidden2[1, :10])
     assert not torch.allclose(hidden[0, 5:21], hidden2[0, 5:21]) and not torch.allclose(eps, eps2)
     assert not torch.allclose(hidden[0, 21:], hidden2[0, 21:])  # later text attends to the image's keys and values
-    # a text-only batch never touches the image weights: they get no gradient
-    mot.zero_grad()
+    # a text-only batch never touches the image weights: zero gradients, yet present, so that data-parallel
+    # processes reduce the same parameters whatever their rows hold
+    mot.zero_grad(set_to_none=True)
     out = mot.loss(tokens, doc, torch.full_like(img, -1), x_t[:0])
     out["loss"].backward()
     grads = {n: p.grad for n, p in mot.named_parameters()}
-    assert all(g is None or not g.any() for n, g in grads.items() if ".image." in n or "image_norm" in n)
+    image = [g for n, g in grads.items() if ".image." in n or "image_norm" in n]
+    assert image and all(g is not None and not g.any() for g in image)
     assert grads["transformer.layers.0.attention.wqkv.weight"].abs().sum() > 0
 
 
@@ -131,6 +133,17 @@ def test_cache_matches_recompute_with_experts(mot_module, prompt):
             assert a == b
         else:
             assert float((a - b).abs().max() / a.abs().max()) < 1e-9
+
+
+def test_checkpoints_from_before_the_options_load_as_dense_ddpm():
+    from transfusion.lightning.checkpoint import check_config, flatten_config
+
+    dense, mot = pair()
+    stored = {k: v for k, v in flatten_config(dense.cfg).items()
+              if k not in ("objective", "transformer.modality_experts")}  # written before the two options
+    check_config(stored, dense.cfg, "an old checkpoint", ("transformer", "objective"))
+    with pytest.raises(ValueError, match="transformer.modality_experts: checkpoint False != config True"):
+        check_config(stored, mot.cfg, "an old checkpoint", ("transformer", "objective"))
 
 
 def test_freezing_keeps_only_image_weights_and_patch_layers_trainable():

@@ -145,6 +145,11 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
         against_tf = parity_flops([float(r["flops"]) for r in mot], [float(r[key]) for r in mot], line["transfusion"],
                                   higher)
         transfusion = [r for r in rows if r["run"] == "transfusion-S-3" and r["step"] == "3"][0]
+        against_ch = parity_flops([float(r["flops"]) for r in mot], [float(r[key]) for r in mot], line["chameleon"],
+                                  higher)
+        mot_final = [r for r in mot if r["size"] == "S" and r["step"] == "3"][0]
+        assert float(cells[5]) == pytest.approx(float(mot_final[key]), rel=1e-3)
+        assert cells[6] == parity_ratio_text(against_ch, float(chameleon["flops"]))
         assert cells[7].rstrip(" |") == parity_ratio_text(against_tf, float(transfusion["flops"]), "Transfusion")
 
     # the learning-rate grid ran first; each model's other runs trained at its rate with the best mean rank of final
@@ -162,7 +167,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     assert record["run"]["overrides"]["model.init_args.lr"] == chosen["transfusion"]  # a variant: Transfusion's rate
     mot, dense = (json.loads((out / "runs" / f"{m}-S-3" / "evaluations.json").read_text())["evaluations"][-1]
                   for m in ("transfusion_mot", "transfusion"))
-    assert mot["params"] == dense["params"] and mot["flops"] == pytest.approx(dense["flops"], rel=0.2)  # same N
+    assert (mot["params"], mot["tokens"], mot["flops"]) == (dense["params"], dense["tokens"], dense["flops"])  # same N, D
     assert "Learning rates: each model's best mean rank of final perplexity, CIDEr-D on the same grid (0.001, 0.003" in table[0]
 
     ablation = (out / "ablations.md").read_text()
@@ -195,6 +200,11 @@ def test_sweep_rejects_bad_configs():
         Sweep(runs, runs, {"S": {}}, [4], 2, reference_size="L")
     with pytest.raises(ValueError, match="ablation 'a' names size 'L'"):
         Sweep(runs, runs, {"S": {}}, [4], 2, ablations=[{"name": "a", "settings": {}, "size": "L"}])
+    with pytest.raises(ValueError, match=r"override model.init_args.text_model: \{text_model\} names nothing"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, variants={"lmfusion": {"config": "x.yaml", "overrides": {
+            "model.init_args.text_model": "{text_model}"}}})
+    with pytest.raises(ValueError, match="variant names"):
+        Sweep(runs, runs, {"S": {}}, [4], 2, variants={"chameleon": runs})
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")))

@@ -3,7 +3,8 @@
 The module the checkpoint holds is loaded and written with its ``save_pretrained`` (``transfusion.lightning.hub``):
 ``model.safetensors``, ``config.json``, ``tokenizer.model`` and a model card. ``Module.from_pretrained(DIR)`` loads
 it back without unpickling anything; ``push_to_hub`` publishes it. Optimizer state is not exported: to continue
-training, use the checkpoint.
+training, use the checkpoint. ``--llama`` writes a Transfusion model's text weights as a Hugging Face Llama folder
+instead (``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def _load_class(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def export(ckpt_path: str | Path, output: str | Path) -> Path:
-    """Write the module of a Lightning checkpoint to ``output`` with ``save_pretrained``; ``output``."""
+def export(ckpt_path: str | Path, output: str | Path, llama: bool = False) -> Path:
+    """Write the module of a Lightning checkpoint to ``output`` with ``save_pretrained`` (``llama``: its text weights
+    in the Hugging Face Llama layout); ``output``."""
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
@@ -48,7 +50,15 @@ def export(ckpt_path: str | Path, output: str | Path) -> Path:
     if not issubclass(cls, HubMixin):
         raise ValueError(f"{class_path} has no save_pretrained: only Transfusion, Chameleon and autoencoder "
                          "checkpoints can be exported")
-    cls.load_from_checkpoint(ckpt_path, map_location="cpu").save_pretrained(output)
+    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if llama:
+        from transfusion.models.llama import save_llama
+
+        if not class_path.endswith("TransfusionModule"):
+            raise ValueError(f"--llama exports a Transfusion model's text weights; {ckpt_path} holds a {class_path}")
+        save_llama(module.model, module.tokenizer.path, output)
+    else:
+        module.save_pretrained(output)
     return output
 
 
@@ -57,9 +67,11 @@ def export_main(argv: list[str]) -> None:
                                      "safetensors, with config.json (and tokenizer.model) beside them.")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `transfusion fit`")
     parser.add_argument("--output", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--llama", action="store_true", help="a Transfusion model's text weights as a Hugging Face "
+                        "Llama folder (config.json, model.safetensors, tokenizer.model), for --model.init_args.text_model")
     args = parser.parse_args(argv)
     try:
-        output = export(args.ckpt_path, args.output)
+        output = export(args.ckpt_path, args.output, llama=args.llama)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"transfusion export: error: {error}\n")
     print(f"wrote {output / WEIGHTS} and {output / CONFIG}")

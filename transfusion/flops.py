@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from transfusion.models.transformer import is_image_weight
+
 EXCLUDED_PREFIXES = ("embedding.", "lm_head.")
 
 
@@ -27,7 +29,7 @@ def flop_parameters(model: nn.Module) -> int:
     """N: parameters a position passes through, outside the token embedding and LM head (one modality's weights
     of a Mixture-of-Transformers block: its image weights, ``.image.`` and ``image_norm``, are left out)."""
     return sum(p.numel() for name, p in model.named_parameters()
-               if not name.startswith(EXCLUDED_PREFIXES) and ".image." not in name and "image_norm" not in name)
+               if not name.startswith(EXCLUDED_PREFIXES) and not is_image_weight(name))
 
 
 def training_flops(params: int, tokens: int) -> float:

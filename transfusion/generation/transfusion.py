@@ -27,17 +27,21 @@ from transfusion.models.attention import dense_mask
 from transfusion.models.kv_cache import set_commit
 
 
+def check_sampler(objective: str, sampler: str) -> None:
+    """Euler for rectified flow, DDPM or DDIM for DDPM; anything else raises, naming the option to set."""
+    if (objective == "flow") != (sampler == "euler"):
+        fix = "euler" if objective == "flow" else "ddpm (or ddim)"
+        raise ValueError(f"sampler {sampler!r} cannot sample a model trained with objective {objective!r}: "
+                         f"use sampler {fix} (--model.init_args.sampler {fix.split()[0]})")
+
+
 class TransfusionGenerator(MixedModalGenerator):
     """Generates from a ``Transfusion`` model, a ``KLAutoencoder`` (its latent scale included) and a ``Tokenizer``."""
 
     def __init__(self, model, autoencoder, tokenizer, options=None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
         self.n = model.cfg.patches_per_image
-        objective, sampler = model.cfg.objective, self.options.sampler
-        if (objective == "flow") != (sampler == "euler"):
-            fix = "euler" if objective == "flow" else "ddpm (or ddim)"
-            raise ValueError(f"sampler {sampler!r} cannot sample a model trained with objective {objective!r}: "
-                             f"use sampler {fix} (--model.init_args.sampler {fix.split()[0]})")
+        check_sampler(model.cfg.objective, self.options.sampler)
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode_latents(pixels[None])[0]

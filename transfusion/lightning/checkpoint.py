@@ -71,9 +71,12 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
 def check_config(stored: dict, current: Any, what: str, fields: tuple[str, ...] | None = None) -> None:
     """Raise a ValueError naming every field whose value differs between ``stored`` and ``current``.
 
-    ``fields``: the prefixes that define the weights (None: all); other differences are allowed.
+    ``fields``: the prefixes that define the weights (None: all); other differences are allowed. A field the
+    stored config lacks (saved before the field existed) counts as its default, which is always the old behaviour.
     """
     old, new = flatten_config(stored), flatten_config(current)
+    if is_dataclass(current):
+        old = {**flatten_config(type(current)()), **old}
     names = sorted(set(old) | set(new))
     if fields is not None:
         names = [n for n in names if n.split(".")[0] in fields]

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopCounter, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
+from transfusion.generation.transfusion import check_sampler
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.generative import GenerativeModule
@@ -30,16 +31,11 @@ ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "
                 "unet_channels", "num_timesteps", "objective")  # a flow model read as DDPM would sample noise
 
 
-def _stored_architecture(checkpoint: dict) -> dict:
-    """A checkpoint's ``transfusion_config``; those saved before ``objective`` existed are DDPM."""
-    return {"objective": "ddpm", **checkpoint["transfusion_config"]}
-
-
 class TransfusionModule(GenerativeModule):
     generator_class = TransfusionGenerator
     image_sampling_fields = ("sampler", "num_steps", "clip_x0", "image_cfg_scale")  # reported by evaluations
 
-    def __init__(self, tokenizer: str | None, autoencoder: str | dict, preset: str = "debug", patch_size: int = 2,
+    def __init__(self, tokenizer: str | None, autoencoder: str | dict, preset: str | None = None, patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
                  min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto",
                  transformer: dict | None = None, modality_experts: bool = False, objective: str = "ddpm",
@@ -56,7 +52,8 @@ class TransfusionModule(GenerativeModule):
             autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
                 ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
                 ``from_pretrained``.)
-            preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B).
+            preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B); None: debug,
+                or the text model's shape.
             transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
             modality_experts: Mixture-of-Transformers (Liang et al. 2024): image positions get their own norms,
                 attention projections and FFN in every block; attention stays global. The same FLOPs per position.
@@ -65,8 +62,8 @@ class TransfusionModule(GenerativeModule):
             text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
                 ``tokenizer.model``) whose weights start a fresh ``fit`` (LMFusion, Shi et al. 2024); it sets the
                 transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
-                the tokenizer (special tokens appended). ``transformer`` then records the shape, so a checkpoint
-                rebuilds without the folder.
+                the tokenizer (special tokens appended). ``transformer`` then records the shape, and checkpoints
+                and exports hold the weights: they load without the folder (but for its tokenizer, unless exported).
             freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
                 stay exactly the text model's. Needs ``modality_experts``, whose image weights train.
             image_weights_from_text: the image weights start as copies of the text model's (LMFusion).
@@ -99,21 +96,30 @@ class TransfusionModule(GenerativeModule):
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
                                         sampler=sampler, clip_x0=clip_x0)
+        check_sampler(objective, sampler)
         if freeze_text and not modality_experts:
             raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
+        if "modality_experts" in (transformer or {}):
+            raise ValueError("set modality experts with model option modality_experts, not in transformer")
         text_vocab = 0
         if text_model is not None:  # the text model sets the shape; recorded in hparams for checkpoints and exports
+            if init_from:
+                raise ValueError("model options text_model and init_from both give the starting weights: set one")
             shape = read_llama_config(text_model)
             text_vocab = shape.pop("vocab_size")
             shape.pop("tie_word_embeddings", None)
-            if transformer and {k: v for k, v in transformer.items() if k != "modality_experts"} != shape:
-                raise ValueError(f"model option transformer {transformer} differs from the text model's shape {shape}")
+            if preset is not None or transformer:  # they may describe the text model's shape, not another one
+                asked = TransformerConfig.from_name(preset or "debug", **(transformer or {}))
+                differs = {k: (getattr(asked, k), v) for k, v in shape.items() if getattr(asked, k) != v}
+                if differs:
+                    raise ValueError(f"model options preset/transformer differ from the shape of text_model "
+                                     f"{text_model!r} (option, text model): {differs}; leave them out")
             transformer = self.hparams.transformer = dict(shape)
             tokenizer = tokenizer or str(Path(text_model) / "tokenizer.model")
             self.hparams.tokenizer = tokenizer
         if tokenizer is None:
             raise ValueError("model option tokenizer is required (a SentencePiece model) unless text_model is given")
-        transformer_config = TransformerConfig.from_name(preset, **{**(transformer or {}),
+        transformer_config = TransformerConfig.from_name(preset or "debug", **{**(transformer or {}),
                                                                      "modality_experts": modality_experts})
         self.tokenizer = Tokenizer(tokenizer)
         self.autoencoder = load_frozen(AutoencoderModule, autoencoder)
@@ -133,13 +139,15 @@ class TransfusionModule(GenerativeModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # FlopAccounting
+        if self.hparams.get("text_model") and "hyper_parameters" in checkpoint:  # its weights and shape are in here:
+            checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], "text_model": None}  # no folder needed
         checkpoint["transfusion_config"] = flatten_config(self.config)
         checkpoint["autoencoder_config"] = flatten_config(self.autoencoder.config)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of another architecture: a clear error naming the fields, not a shape mismatch."""
         if "transfusion_config" in checkpoint:
-            check_config(_stored_architecture(checkpoint), self.config, "this Transfusion checkpoint", ARCHITECTURE)
+            check_config(checkpoint["transfusion_config"], self.config, "this Transfusion checkpoint", ARCHITECTURE)
         if "autoencoder_config" in checkpoint:
             check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
         super().on_load_checkpoint(checkpoint)
@@ -293,6 +301,8 @@ class TransfusionModule(GenerativeModule):
 
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path is None:  # a fresh fit; a resumed one has its weights from the checkpoint
+            if self.hparams.freeze_text and not (self.hparams.text_model or self.hparams.init_from):
+                raise ValueError("freeze_text freezes pretrained text weights: set model option text_model (or init_from)")
             if self.hparams.init_from:
                 self._load_network(self.hparams.init_from)
             if self.hparams.text_model:
@@ -316,7 +326,7 @@ class TransfusionModule(GenerativeModule):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "transfusion_config" not in checkpoint:
             raise ValueError(f"init_from={path!r} is not a Transfusion checkpoint (no transfusion_config)")
-        check_config(_stored_architecture(checkpoint), self.config, f"init_from={path!r}", ARCHITECTURE)
+        check_config(checkpoint["transfusion_config"], self.config, f"init_from={path!r}", ARCHITECTURE)
         state = checkpoint["state_dict"]
         rename_legacy_keys(state, "autoencoder.")
         ours = self.autoencoder.state_dict()

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from transfusion.models.transformer import is_image_weight
+
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
 INDEX = "model.safetensors.index.json"  # the shards of a sharded checkpoint
 ARCHITECTURE = "LlamaForCausalLM"
@@ -133,7 +135,7 @@ def transfusion_to_llama(state: dict, n_layers: int) -> dict:
     names = _name_map(n_layers)
 
     def ignored(k: str) -> bool:
-        return k.startswith(TEXT_ONLY_PREFIXES) or ".image." in k or "image_norm" in k
+        return k.startswith(TEXT_ONLY_PREFIXES) or is_image_weight(k)
 
     _check_names(state, set(names), ignored, "the Transfusion weights")
     out = {}

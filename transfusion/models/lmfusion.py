@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from transfusion.models.transformer import is_image_weight
+
 
 def is_text_weight(name: str) -> bool:
     """Parameters a text position passes through: all but the image weights and the patch layers."""
-    return not (".image." in name or "image_norm" in name or name.startswith(("patch_encoder.", "patch_decoder.")))
+    return not (is_image_weight(name) or name.startswith(("patch_encoder.", "patch_decoder.")))
 
 
 @torch.no_grad()

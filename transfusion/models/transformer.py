@@ -118,14 +118,15 @@ class Attention(nn.Module):
         return torch.stack([self.q_norm(q), self.k_norm(k), v], dim=-3)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, cache=None,
-                experts: "Experts | None" = None) -> torch.Tensor:
+                route=None) -> torch.Tensor:
+        """``route(x, f)``: f(block, x) with each modality's block (modality experts; None: this one's weights)."""
         B, L, D = x.shape
-        qkv = self.project(x) if experts is None else experts(x, lambda b, x: b.attention.project(x))  # (B, L, 3, H, Dh)
+        qkv = self.project(x) if route is None else route(x, lambda b, x: b.attention.project(x))  # (B, L, 3, H, Dh)
         q, k, v = apply_rope(qkv.permute(2, 0, 3, 1, 4)[:2], *rope).unbind(0) + (qkv[:, :, 2].transpose(1, 2),)
         if cache is not None:  # prepend cached keys/values of earlier positions
             k, v = cache(k, v)
         out = attend(q, k, v, mask).transpose(1, 2).reshape(B, L, D)  # (B, H, L, Dh) -> (B, L, D)
-        return self.wo(out) if experts is None else experts(out, lambda b, x: b.attention.wo(x))
+        return self.wo(out) if route is None else route(out, lambda b, x: b.attention.wo(x))
 
 
 class FeedForward(nn.Module):
@@ -141,18 +142,22 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-class Experts:
-    """Routes positions to their modality's weights: ``experts(x, f)`` is f(text block, x) at text positions and
-    f(image block, x) at image positions, each computed on its own positions only."""
+def is_image_weight(name: str) -> bool:
+    """A parameter name of the image weights of a model with modality experts (``Block.image``, ``image_norm``)."""
+    return ".image." in name or "image_norm" in name
 
-    def __init__(self, text: "Block", image: "Block", is_image: torch.Tensor):
-        self.blocks = (text, image)
+
+class Experts:
+    """Routes positions to their modality's weights: ``experts(blocks, x, f)`` is f(text block, x) at text positions
+    and f(image block, x) at image positions, each computed on its own positions only. Built once per forward."""
+
+    def __init__(self, is_image: torch.Tensor):
         flat = is_image.flatten()
         self.index = ((~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1))  # positions of each modality
 
-    def __call__(self, x: torch.Tensor, f) -> torch.Tensor:
+    def __call__(self, blocks: tuple["Block", "Block"], x: torch.Tensor, f) -> torch.Tensor:
         flat = x.flatten(0, 1)
-        parts = [f(block, flat[index]) for block, index in zip(self.blocks, self.index)]
+        parts = [f(block, flat[index]) for block, index in zip(blocks, self.index)]
         out = parts[0].new_empty(flat.shape[0], *parts[0].shape[1:])
         for part, index in zip(parts, self.index):
             out = out.index_copy(0, index, part)
@@ -170,19 +175,21 @@ class Block(nn.Module):
         # Mixture-of-Transformers: these weights serve text; image positions use a block of their own
         self.image = Block(replace(cfg, modality_experts=False)) if cfg.modality_experts else None
 
-    def forward(self, x: torch.Tensor, rope, mask, cache=None, is_image: torch.Tensor | None = None) -> torch.Tensor:
-        if self.image is None or is_image is None:  # dense, or no image position in the batch
+    def forward(self, x: torch.Tensor, rope, mask, cache=None, experts: Experts | None = None) -> torch.Tensor:
+        if self.image is None or experts is None:  # dense, or no image position in the batch
             if self.norm_reorder:  # Chameleon: normalise the branch outputs
                 h = x + self.attention_norm(self.attention(x, rope, mask, cache))
                 return h + self.ffn_norm(self.ffn(h))
             h = x + self.attention(self.attention_norm(x), rope, mask, cache)
             return h + self.ffn(self.ffn_norm(h))
-        experts = Experts(self, self.image, is_image)
+        def route(x, f):
+            return experts((self, self.image), x, f)
+
         if self.norm_reorder:
-            h = x + experts(self.attention(x, rope, mask, cache, experts), lambda b, x: b.attention_norm(x))
-            return h + experts(h, lambda b, x: b.ffn_norm(b.ffn(x)))
-        h = x + self.attention(experts(x, lambda b, x: b.attention_norm(x)), rope, mask, cache, experts)
-        return h + experts(h, lambda b, x: b.ffn(b.ffn_norm(x)))
+            h = x + route(self.attention(x, rope, mask, cache, route), lambda b, x: b.attention_norm(x))
+            return h + route(h, lambda b, x: b.ffn_norm(b.ffn(x)))
+        h = x + self.attention(route(x, lambda b, x: b.attention_norm(x)), rope, mask, cache, route)
+        return h + route(h, lambda b, x: b.ffn(b.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -213,17 +220,17 @@ class Transformer(nn.Module):
         """``is_image`` (B, L): the image positions, which take the image weights when ``modality_experts``."""
         if pos.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
-        if not self.cfg.modality_experts or (is_image is not None and not is_image.any()):
-            is_image = None  # every position takes the (text) weights: the dense path
-        elif is_image is None:
+        if self.cfg.modality_experts and is_image is None:
             raise ValueError("a transformer with modality_experts needs is_image, the image positions (B, L)")
+        # no image position (text, or a decoding step): every position takes the text weights, the dense path
+        experts = Experts(is_image) if self.cfg.modality_experts and is_image.any() else None
         rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, rope, mask, None, is_image, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, None, experts, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, None if caches is None else caches[i], is_image)
-        if is_image is None:
+                x = layer(x, rope, mask, None if caches is None else caches[i], experts)
+        if experts is None:
             return self.norm(x)
         return torch.where(is_image[..., None], self.image_norm(x), self.norm(x))

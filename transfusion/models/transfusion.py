@@ -28,7 +28,7 @@ from transfusion.diffusion import Diffusion
 from transfusion.flow import RectifiedFlow
 from transfusion.models.attention import block_mask, dense_mask, positions
 from transfusion.models.patch import build_patch_layers
-from transfusion.models.transformer import Transformer, TransformerConfig
+from transfusion.models.transformer import Transformer, TransformerConfig, is_image_weight
 
 
 @dataclass
@@ -188,14 +188,16 @@ class Transfusion(nn.Module):
                 ddpm_loss = (per_image * self.diffusion.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
             else:
                 ddpm_loss = per_image.mean()
-        else:  # keep the patch layers in the graph so data-parallel gradients stay in step
+        else:  # keep the image-only weights in the graph so data-parallel gradients stay in step
             per_image = latents.new_zeros(0)
-            ddpm_loss = sum(p.sum() for p in self._patch_parameters()) * 0.0
+            ddpm_loss = sum(p.sum() for p in self._image_parameters()) * 0.0
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
         return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
                 "text_tokens": lm_positions.sum().detach(), "images": noised.sum().detach(),
                 "ddpm_per_image": per_image.detach(), "t": t[noised]}
 
-    def _patch_parameters(self):
+    def _image_parameters(self):
+        """What only images use: the patch layers and, with modality experts, the image weights."""
         yield from self.patch_encoder.parameters()
         yield from self.patch_decoder.parameters()
+        yield from (p for name, p in self.transformer.named_parameters() if is_image_weight(name))

@@ -177,6 +177,7 @@ class Sweep:
         self.reference_size = reference_size or list(sizes)[-1]
         self.parity_curve = parity_curve
         self.runs = self._plan()
+        self._check_prepared_names()
 
     # ------------------------------------------------------------------ plan
     def _plan(self) -> list[Run]:
@@ -200,6 +201,16 @@ class Sweep:
                 runs.append(run)
                 known.setdefault(run.key(), run)
         return runs
+
+    def _check_prepared_names(self) -> None:
+        """Every ``"{name}"`` in an override names something the sweep prepares."""
+        known = {"tokenizer", *self.prerequisites}
+        for overrides in [m.overrides for m in self.models.values()] + list(self.sizes.values()) + [
+                r.overrides for r in self.runs]:
+            for key, value in overrides.items():
+                if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] not in known:
+                    raise ValueError(f"sweep: override {key}: {value} names nothing the sweep prepares; known: "
+                                     f"{sorted(known)} (add a `{value[1:-1]}:` section to prepare it)")
 
     def _grid_runs(self) -> list[Run]:
         grid = self.lr_grid
@@ -349,9 +360,9 @@ class Sweep:
         if self.needs_clip:
             evaluation["clip_model"] = prepared["clip"]
         callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
-        overrides = {k: _prepared_path(v, prepared) for k, v in run.overrides.items()}
-        return ["fit", "--config", spec.config, *cli_args(spec.overrides), *cli_args(self.sizes[run.size]),
-                *cli_args(overrides),
+        model, size, own = ({k: _prepared_path(v, prepared) for k, v in overrides.items()}
+                             for overrides in (spec.overrides, self.sizes[run.size], run.overrides))
+        return ["fit", "--config", spec.config, *cli_args(model), *cli_args(size), *cli_args(own),
                 "--model.init_args.tokenizer", prepared["tokenizer"], "--model.init_args.autoencoder", autoencoder,
                 "--trainer.max_steps", str(run.budget), "--trainer.val_check_interval", str(run.budget),
                 "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
