@@ -51,8 +51,17 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, tokenizer_
         assert not torch.equal(after_params[name], params[name]), name  # the image side trained
     assert any(not torch.equal(after_params[n], params[n]) for n in params if n.startswith("patch_encoder."))
 
-    # the checkpoint holds the weights and the shape: it loads without the text model's folder
+    # `transfusion export --llama`: the text weights as a Llama folder that transformers reads, logits unchanged
+    from transfusion.export import export_main
+
     ckpt = cli.trainer.checkpoint_callback.last_model_path
+    export_main(["--ckpt_path", ckpt, "--output", str(tmp_path / "exported"), "--llama"])
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported", attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, reference, atol=1e-5, rtol=0)
+
+    # the checkpoint holds the weights and the shape: it loads without the text model's folder
     for f in llama_dir.iterdir():
         f.unlink()
     reloaded = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
