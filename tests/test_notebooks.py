@@ -25,6 +25,7 @@ def test_comparison_notebook_reads_the_committed_sweep():
     printed = "\n".join(_execute("comparison.ipynb", NOTEBOOKS))
     assert "| metric | better | Transfusion | Chameleon | parity FLOP ratio |" in printed
     assert "prompt following (shapes)" in printed and "| intra-image attention |" in printed
+    assert "| objective |" in printed and "transfusion_mot vs Transfusion" in printed
 
 
 @pytest.mark.slow
