@@ -154,14 +154,15 @@ def _generator(module, **options):
                                 SamplingOptions(**{"max_new_tokens": 0, "num_steps": 3, **options}))
 
 
-def _probe(generator, prompts, monkeypatch) -> list[torch.Tensor]:
-    """The guided noise at fixed points (x, t) for each of the prompts' images, and the final latents."""
+def _probe(generator, prompts, monkeypatch, times=(900, 300, 10)) -> list[torch.Tensor]:
+    """The guided prediction (noise; velocity for flow, ``times`` floats s T) at fixed points (x, t) for each of the
+    prompts' images, and the final latents."""
     diffusion, probes = generator.model.diffusion, []
     sample = type(diffusion).sample
 
     def probing(eps_fn, shape, *args, **kwargs):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        probes.extend(eps_fn(x, torch.full((shape[0],), t, dtype=torch.long)) for t in (900, 300, 10))
+        probes.extend(eps_fn(x, torch.full((shape[0],), t)) for t in times)  # int: long; float: float32
         return sample(diffusion, eps_fn, shape, *args, **kwargs)
 
     monkeypatch.setattr(diffusion, "sample", probing)

@@ -232,18 +232,9 @@ def _generator(module, **options):
 
 def _probe(generator, prompts, monkeypatch) -> list[torch.Tensor]:
     """The guided velocity at fixed (x, t) for the prompts' images (t a float s T), then the sampled latents."""
-    flow, probes = generator.model.diffusion, []
-    sample = type(flow).sample
+    from test_edits import _probe as probe
 
-    def probing(velocity_fn, shape, *args, **kwargs):
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-        probes.extend(velocity_fn(x, torch.full((shape[0],), t)) for t in (1000.0, 512.25, 3.5))
-        return sample(flow, velocity_fn, shape, *args, **kwargs)
-
-    monkeypatch.setattr(flow, "sample", probing)
-    latents = generator.generate(prompts, seeds=[1] * len(prompts), decode=False)
-    monkeypatch.undo()
-    return probes + [torch.stack([out[0] for out in latents])]
+    return probe(generator, prompts, monkeypatch, times=(1000.0, 512.25, 3.5))
 
 
 def test_guidance_combines_the_predicted_velocities(module, monkeypatch):

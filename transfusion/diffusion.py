@@ -32,6 +32,28 @@ def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tens
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
+def start_noise(shape, x_T=None, generator=None, device=None, dtype=torch.float32) -> tuple[torch.Tensor, tuple]:
+    """(x_T, shape) where a sampler starts: ``x_T`` checked against ``shape``, or drawn N(0, I) (see ``randn``)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1:
+        raise ValueError(f"shape must start with the batch size N, got {shape}")
+    if x_T is None:
+        return randn(shape, generator, torch.device(device) if device is not None else torch.device("cpu"), dtype), shape
+    if tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T shape {tuple(x_T.shape)} must match shape {shape}")
+    return x_T.to(device=device if device is not None else x_T.device, dtype=dtype), shape
+
+
+def steps(levels: list, progress: bool = False, desc: str = "sampling") -> list:
+    """Consecutive pairs (level, next level) of a sampler's chain, under a progress bar if asked."""
+    pairs = list(zip(levels[:-1], levels[1:]))
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(pairs, desc=desc, total=len(pairs))
+    return pairs
+
+
 class Diffusion:
     """DDPM schedule over integer timesteps 0..T with DDPM and DDIM samplers."""
 
@@ -276,26 +298,10 @@ class Diffusion:
         """Run the reverse chain from x_T ~ N(0, I) (or the given x_T) to x_0, calling eps_fn(x_t, t) per step."""
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1:
-            raise ValueError(f"shape must start with the batch size N, got {shape}")
         timesteps = self.timesteps_for_inference(num_steps).tolist() + [0]
-
-        if x_T is None:
-            device = torch.device(device) if device is not None else torch.device("cpu")
-            x = randn(shape, generator, device, dtype)
-        else:
-            if tuple(x_T.shape) != shape:
-                raise ValueError(f"x_T shape {tuple(x_T.shape)} must match shape {shape}")
-            x = x_T.to(device=device if device is not None else x_T.device, dtype=dtype)
-
-        pairs = list(zip(timesteps[:-1], timesteps[1:]))
-        if progress:
-            from tqdm.auto import tqdm
-
-            pairs = tqdm(pairs, desc=f"{sampler} sampling", total=len(pairs))
+        x, shape = start_noise(shape, x_T, generator, device, dtype)
         step = self.ddpm_step if sampler == "ddpm" else self.ddim_step
-        for t, t_prev in pairs:
+        for t, t_prev in steps(timesteps, progress, f"{sampler} sampling"):
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
             eps = eps_fn(x, t_batch)
             x = step(x, eps, t, t_prev, generator=generator, clip_x0=clip_x0)

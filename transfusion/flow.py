@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from transfusion.diffusion import randn
+from transfusion.diffusion import start_noise, steps
 
 
 class RectifiedFlow:
@@ -147,23 +147,9 @@ class RectifiedFlow:
             raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"clip_x0 must be > 0 or None, got {clip_x0!r}")
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1:
-            raise ValueError(f"shape must start with the batch size N, got {shape}")
-        if x_T is None:
-            x = randn(shape, generator, torch.device(device) if device is not None else torch.device("cpu"), dtype)
-        else:
-            if tuple(x_T.shape) != shape:
-                raise ValueError(f"x_T shape {tuple(x_T.shape)} must match shape {shape}")
-            x = x_T.to(device=device if device is not None else x_T.device, dtype=dtype)
-
+        x, shape = start_noise(shape, x_T, generator, device, dtype)
         levels = [k / num_steps for k in range(num_steps, -1, -1)]  # 1 = s_S > ... > s_0 = 0
-        pairs = list(zip(levels[:-1], levels[1:]))
-        if progress:
-            from tqdm.auto import tqdm
-
-            pairs = tqdm(pairs, desc=f"{sampler} sampling", total=len(pairs))
-        for s, s_prev in pairs:
+        for s, s_prev in steps(levels, progress, f"{sampler} sampling"):
             v = velocity_fn(x, torch.full((shape[0],), s * self.num_timesteps, dtype=torch.float32, device=x.device))
             if v.shape != x.shape:
                 raise ValueError(f"velocity shape {tuple(v.shape)} must match x shape {tuple(x.shape)}")

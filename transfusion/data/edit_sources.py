@@ -18,7 +18,6 @@ warned about with its row and file (``strict=True``: an error instead); no usabl
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import datasets
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from transfusion.data.pairs import BadDataError, CheckedRows, describe
 from transfusion.data.preprocess import BadRecord, clean_caption
-from transfusion.data.sources import read_metadata, split_folder
+from transfusion.data.sources import load_files, read_metadata, split_folder
 
 IMAGES = ("source", "target")  # the two image columns of an edit
 SETTINGS = {"source": "source_column", "instructions": "instruction_column", "target": "target_column"}
@@ -85,14 +84,8 @@ class EditFilesSource(EditSource):
         self.columns = {"source": source_column, "instructions": instruction_column, "target": target_column}
 
     def load(self, split: str) -> datasets.Dataset | None:
-        files = self.files["train" if split == "train" else "validation"]
-        if files is None:
-            return None
-        patterns = [files] if isinstance(files, str) else list(files)
-        if not any(glob.glob(p) for p in patterns):
-            raise FileNotFoundError(f"no file matches {patterns}")
-        ds = datasets.load_dataset(self.format, data_files=patterns, split="train")
-        return _normalise(ds, self.columns, f"{self.format} files {patterns}")
+        loaded = load_files(self.format, self.files["train" if split == "train" else "validation"])
+        return None if loaded is None else _normalise(loaded[0], self.columns, loaded[1])
 
 
 class EditFolderSource(EditSource):

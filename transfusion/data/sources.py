@@ -93,6 +93,17 @@ def split_folder(data_dir: Path, split: str) -> Path | None:
     return data_dir if split == "train" and not has_splits else None
 
 
+def load_files(format: str, files: str | list[str] | None) -> tuple[datasets.Dataset, str] | None:
+    """(the rows of ``files``, glob patterns, read by the ``datasets`` builder ``format``, a description for
+    messages); None without files."""
+    if files is None:
+        return None
+    patterns = [files] if isinstance(files, str) else list(files)
+    if not any(glob.glob(p) for p in patterns):
+        raise FileNotFoundError(f"no file matches {patterns}")
+    return datasets.load_dataset(format, data_files=patterns, split="train"), f"{format} files {patterns}"
+
+
 def read_metadata(folder: Path, strict: bool, what: str, rows: str) -> tuple[datasets.Dataset, Path]:
     """A folder's ``metadata.jsonl`` or ``metadata.csv`` as a table, and its path; invalid UTF-8 is replaced (warned;
     an error if ``strict``). ``what`` names the folder and ``rows`` what a row holds, in the error for a missing file."""
@@ -194,14 +205,8 @@ class FilesSource(ImageCaptionSource):
         self.format, self.image_column, self.caption_column = format, image_column, caption_column
 
     def load(self, split: str) -> datasets.Dataset | None:
-        files = self.files["train" if split == "train" else "validation"]
-        if files is None:
-            return None
-        patterns = [files] if isinstance(files, str) else list(files)
-        if not any(glob.glob(p) for p in patterns):
-            raise FileNotFoundError(f"no file matches {patterns}")
-        ds = datasets.load_dataset(self.format, data_files=patterns, split="train")
-        return _normalise(ds, self.image_column, self.caption_column, f"{self.format} files {patterns}")
+        loaded = load_files(self.format, self.files["train" if split == "train" else "validation"])
+        return None if loaded is None else _normalise(loaded[0], self.image_column, self.caption_column, loaded[1])
 
 
 class HubSource(ImageCaptionSource):
