@@ -6,6 +6,8 @@ A saved folder (or Hub repo) holds
 * ``config.json``: ``{"class_path", "init_args", "config"}``: the module's arguments (the frozen autoencoder's as
   its settings, the tokenizer as the file beside it) and its resolved architecture, checked again on load;
 * ``tokenizer.model``: the SentencePiece model (modules with a tokenizer), so the folder is self-contained;
+* ``vae/``: a diffusers ``AutoencoderKL`` used as the frozen autoencoder, in the diffusers layout (its weights are
+  then not in ``model.safetensors``);
 * ``README.md``: the model card.
 
 Loading unpickles nothing. Optimizer state is not saved: to continue training, use the Lightning checkpoint.
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from transfusion.lightning.checkpoint import check_config, flatten_config
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.model"
+WEIGHTS, CONFIG, TOKENIZER, VAE = "model.safetensors", "config.json", "tokenizer.model", "vae"
 PAPER = "https://arxiv.org/abs/2408.11039"
 MODEL_CARD = """---
 {{ card_data }}
@@ -65,10 +67,14 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         if "tokenizer" in init_args:  # self-contained: no paths to other files
             (save_directory / TOKENIZER).write_bytes(self.tokenizer.sp.serialized_model_proto())
             init_args["tokenizer"] = TOKENIZER
-        if "autoencoder" in init_args:  # a checkpoint path (or settings): its settings; its weights are in ours
+        skip = ()  # prefixes of tensors saved elsewhere
+        if hasattr(getattr(self, "autoencoder", None), "save_folder"):  # a diffusers VAE: in its own layout, vae/
+            self.autoencoder.save_folder(save_directory / VAE)
+            init_args["autoencoder"], skip = {**self.autoencoder.hparams, "path": VAE}, ("autoencoder.",)
+        elif "autoencoder" in init_args:  # a checkpoint path (or settings): its settings; its weights are in ours
             init_args["autoencoder"] = {k: v for k, v in self.autoencoder.hparams.items() if not k.startswith("_")}
         class_path = f"{type(self).__module__}.{type(self).__qualname__}"
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
         save_file(state, save_directory / WEIGHTS, metadata={"format": "pt", "class_path": class_path})
         config = {"class_path": class_path, "init_args": init_args, "config": flatten_config(self.config)}
         (save_directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -100,10 +106,18 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         init_args = dict(config["init_args"])
         if "tokenizer" in init_args:
             init_args["tokenizer"] = str(fetch(TOKENIZER))
+        vae = isinstance(init_args.get("autoencoder"), dict) and init_args["autoencoder"].get("path") == VAE
+        if vae:  # the diffusers folder beside ours (fetched file by file from a Hub repo)
+            from transfusion.models.diffusers_vae import CONFIG as VAE_CONFIG, WEIGHTS as VAE_WEIGHTS
+
+            folder = fetch(f"{VAE}/{VAE_CONFIG}").parent
+            fetch(f"{VAE}/{VAE_WEIGHTS}")
+            init_args["autoencoder"] = {**init_args["autoencoder"], "path": str(folder)}
         module = cls(**init_args)
         check_config(config["config"], module.config, f"the model in {model_id!r}")
         module.configure_model()  # modules that build their network lazily (TransfusionModule) build it now
         missing, unexpected = module.load_state_dict(load_file(fetch(WEIGHTS)), strict=False)
+        missing = [k for k in missing if not (vae and k.startswith("autoencoder."))]  # loaded from vae/
         if missing or unexpected:
             raise ValueError(f"the weights of {model_id!r} do not fit {cls.__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")

@@ -49,7 +49,9 @@ class TransfusionModule(GenerativeModule):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one); None: the text model's.
-            autoencoder: path of a trained ``AutoencoderModule`` checkpoint; kept frozen. (A dict of
+            autoencoder: path of a trained ``AutoencoderModule`` checkpoint, or of a diffusers ``AutoencoderKL``
+                folder (SD, SDXL, SD3, FLUX VAEs; ``{path: FOLDER, image_size: N}`` for images of another size than
+                its ``sample_size``: ``transfusion.models.diffusers_vae``); kept frozen. (A dict of
                 ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
                 ``from_pretrained``.)
             preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B); None: debug,

@@ -1,0 +1,191 @@
+"""A diffusers ``AutoencoderKL`` folder as Transfusion's frozen autoencoder (``transfusion.models.diffusers_vae``):
+encode / decode equal diffusers' own with the pipelines' scaling and shift, the latent-cache fingerprint covers the
+weights and the normalisation, bad folders are refused by file and field, and a folder trains through
+`transfusion fit`, generates, and round-trips through `transfusion export` / ``from_pretrained`` (``vae/`` inside).
+
+The VAEs are tiny (8 and 16 channels, 16px, one downsampling) with random weights, written with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def make_vae(folder: Path, latent_channels: int = 4, seed: int = 0, **config) -> Path:
+    """A random 16px ``AutoencoderKL`` (downsampling 2) written to ``folder`` in the diffusers layout."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                        latent_channels=latent_channels, sample_size=16, **config)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def _load(option):
+    from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
+
+    return load_frozen(AutoencoderModule, option)
+
+
+# SD 1/2 (4 channels, scale only), SD3 / FLUX (16 channels, scale and shift), SDXL-style per-channel mean and std
+CASES = {"sd": dict(latent_channels=4, scaling_factor=0.18215),
+         "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+         "per_channel": dict(latent_channels=4, scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0],
+                             latents_std=[1.5, 0.5, 2.0, 1.0])}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encode_and_decode_equal_diffusers_with_the_pipelines_normalisation(case, tmp_path):
+    from diffusers import AutoencoderKL
+
+    settings = CASES[case]
+    folder = make_vae(tmp_path / "vae", **settings)
+    ae = _load(str(folder))
+    assert not ae.training and not any(p.requires_grad for p in ae.parameters())
+    z_ch = settings["latent_channels"]
+    assert (ae.config.latent_channels, ae.config.image_size, ae.config.downsample_factor, ae.config.latent_size) == (
+        z_ch, 16, 2, 8)
+
+    ref = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    scale, shift = settings["scaling_factor"], settings.get("shift_factor", 0.0)
+    mean = torch.tensor(settings.get("latents_mean", [shift] * z_ch)).view(1, z_ch, 1, 1)
+    std = torch.tensor(settings.get("latents_std", [1.0] * z_ch)).view(1, z_ch, 1, 1)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():  # as diffusers pipelines: (z - shift) * scale; z / scale + shift (SDXL: mean and std)
+        expected_z = (ref.encode(x).latent_dist.mean - mean) * scale / std
+        z = ae.encode_latents(x)
+        expected_x = ref.decode(z * std / scale + mean).sample.clamp(-1, 1)
+        decoded = ae.decode_latents(z)
+    assert z.shape == (2, z_ch, 8, 8) and z.dtype == torch.float32
+    torch.testing.assert_close(z, expected_z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoded, expected_x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ae.encode_latents(x), z)  # the posterior mean: deterministic
+
+    ae.to(torch.float64)  # dtype handled: inputs follow the weights, outputs are float32
+    assert ae.encode_latents(x).dtype == torch.float32 and ae.decode_latents(z).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 16, 16\)"):
+        ae.encode_latents(torch.zeros(1, 3, 32, 32))
+
+
+def test_image_size_option_and_check(tmp_path):
+    folder = make_vae(tmp_path / "vae")
+    ae = _load({"path": str(folder), "image_size": 32})  # any multiple of the downsampling factor
+    assert ae.config.image_size == 32 and ae.config.latent_size == 16
+    assert ae.encode_latents(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"image_size \(15\) must be a positive multiple of .* downsampling factor 2"):
+        _load({"path": str(folder), "image_size": 15})
+    with pytest.raises(ValueError, match=r"takes path and image_size, got \['scale'\]"):
+        _load({"path": str(folder), "scale": 1.0})
+
+
+def test_fingerprint_covers_weights_and_normalisation(tmp_path):
+    from transfusion.data.latent_cache import autoencoder_fingerprint
+
+    folder = make_vae(tmp_path / "vae")
+    base = autoencoder_fingerprint(_load(str(folder)))
+    assert autoencoder_fingerprint(_load(str(folder))) == base  # a hash of the folder, not of the load
+
+    other = make_vae(tmp_path / "reseeded", seed=1)  # other weights
+    assert autoencoder_fingerprint(_load(str(other))) != base
+    for field, value in (("scaling_factor", 0.5), ("shift_factor", 0.25)):
+        changed = tmp_path / field
+        changed.mkdir()
+        (changed / "diffusion_pytorch_model.safetensors").write_bytes(
+            (folder / "diffusion_pytorch_model.safetensors").read_bytes())
+        config = json.loads((folder / "config.json").read_text())
+        (changed / "config.json").write_text(json.dumps({**config, field: value}))
+        assert autoencoder_fingerprint(_load(str(changed))) != base, field
+
+
+def test_invalid_folders_are_refused_by_file_and_field(tmp_path):
+    from diffusers import VQModel
+
+    from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/config\.json' does not exist"):
+        _load(str(tmp_path / "empty"))
+
+    VQModel(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, num_vq_embeddings=16).save_pretrained(
+        tmp_path / "vq")
+    with pytest.raises(ValueError, match=r"vq/config\.json': _class_name is 'VQModel', expected 'AutoencoderKL'"):
+        _load(str(tmp_path / "vq"))
+    with pytest.raises(ValueError, match=r"Chameleon's VQ tokenizer must be a VQAutoencoderModule checkpoint"):
+        load_frozen(VQAutoencoderModule, str(tmp_path / "vq"))
+
+    folder = make_vae(tmp_path / "vae")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "latent_channels": 16}))  # the weights have 4
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors' do not fit .*config\.json' "
+                                         r"\(latent_channels 16"):
+        _load(str(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "in_channels": 1}))
+    with pytest.raises(ValueError, match=r"config\.json': in_channels is 1, Transfusion's images are RGB"):
+        _load(str(folder))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors' does not exist"):
+        _load(str(folder))
+
+
+@pytest.mark.slow
+def test_fit_generate_export_and_from_pretrained_with_a_diffusers_vae(tmp_path, tokenizer_path):
+    """`transfusion fit` with the folder as autoencoder; the checkpoint generates; `transfusion export` writes
+    a folder with vae/ inside that reloads (without the original folder) to the same generations; the latent
+    cache made with the folder trains, and is refused after the folder's scaling changes."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from transfusion.cli import cli_main, main
+    from transfusion.export import export
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    from test_real_data import coco_fit_args
+
+    folder = make_vae(tmp_path / "sd-vae", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+    _, args = coco_fit_args(tmp_path, "transfusion_real_cpu.yaml", tokenizer_path, str(folder))
+    args += ["--model.init_args.num_steps", "4", "--trainer.limit_val_batches", "1",
+             "--trainer.enable_progress_bar", "false"]
+    steps = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
+    cli = cli_main(["fit", *args, *steps])
+    assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert cli.model.config.latent_channels == 16 and cli.model.config.latent_size == 8
+
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    module = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    captions, seeds = ["a red circle", "a blue square"], [3, 4]
+    images = module.generate_images(captions, seeds)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+    out = export(ckpt, tmp_path / "export")
+    assert (out / "vae" / "config.json").is_file() and (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not any(k.startswith("autoencoder.") for k in load_file(out / "model.safetensors"))  # in vae/ only
+    assert json.loads((out / "config.json").read_text())["init_args"]["autoencoder"] == {"path": "vae",
+                                                                                           "image_size": 16}
+    shutil.move(folder, tmp_path / "moved")  # self-contained: the original folder is not needed
+    loaded = TransfusionModule.from_pretrained(out)
+    assert torch.equal(loaded.generate_images(captions, seeds), images)
+    assert loaded.autoencoder_fingerprint == module.autoencoder_fingerprint
+    shutil.move(tmp_path / "moved", folder)
+
+    # the latent cache: made with the folder, trained from, refused once the folder's scaling changes
+    main(["cache-latents", *args, "--output", str(tmp_path / "latents"), "--batch_size", "8"])
+    meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
+    assert meta["kind"] == "latents" and meta["latent_shape"] == [16, 8, 8]
+    assert meta["autoencoder_fingerprint"] == module.autoencoder_fingerprint
+    cached = ["--data.init_args.latent_cache", str(tmp_path / "latents"), "--trainer.max_steps", "1",
+              "--trainer.val_check_interval", "1"]
+    assert cli_main(["fit", *args, *cached]).trainer.global_step == 1
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    with pytest.raises(ValueError, match="made by another autoencoder"):
+        cli_main(["fit", *args, *cached])
