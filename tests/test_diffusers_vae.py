@@ -175,6 +175,12 @@ def test_fit_generate_export_and_from_pretrained_with_a_diffusers_vae(tmp_path, 
     loaded = TransfusionModule.from_pretrained(out)
     assert torch.equal(loaded.generate_images(captions, seeds), images)
     assert loaded.autoencoder_fingerprint == module.autoencoder_fingerprint
+    repo = tmp_path / "hf" / "models--someone--tiny" / "snapshots" / ("0" * 40)  # a Hub repo id: file by file
+    loaded.save_pretrained(repo)
+    (repo.parents[1] / "refs").mkdir()
+    (repo.parents[1] / "refs" / "main").write_text("0" * 40)
+    from_hub = TransfusionModule.from_pretrained("someone/tiny", cache_dir=tmp_path / "hf", local_files_only=True)
+    assert torch.equal(from_hub.generate_images(captions, seeds), images)
     shutil.move(tmp_path / "moved", folder)
 
     # the latent cache: made with the folder, trained from, refused once the folder's scaling changes
