@@ -29,6 +29,20 @@ def make_vae(folder: Path, latent_channels: int = 4, seed: int = 0, **config) ->
     return folder
 
 
+def make_vq(folder: Path, seed: int = 0, **config) -> Path:
+    """A random 16px ``VQModel`` (downsampling 2, 32 codebook entries) written to ``folder``."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    vq = VQModel(**{**dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                           latent_channels=4, num_vq_embeddings=32, sample_size=16), **config})
+    with torch.no_grad():  # entries spread like the encoder's outputs, so images use many of them
+        vq.quantize.embedding.weight.normal_(0, 0.5)
+    vq.save_pretrained(folder)
+    return folder
+
+
 def _load(option):
     from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen
 
@@ -75,6 +89,34 @@ def test_encode_and_decode_equal_diffusers_with_the_pipelines_normalisation(case
         ae.encode_latents(torch.zeros(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("config", [{}, {"lookup_from_codebook": True},
+                                    {"norm_type": "spatial", "block_out_channels": (32, 32)}],  # GroupNorm(32)
+                         ids=["vq", "lookup_from_codebook", "movq"])
+def test_vq_codes_and_decoding_equal_diffusers(config, tmp_path):
+    """A VQModel folder as Chameleon's tokenizer: the codes are the entries diffusers' quantizer picks (raster
+    order), decoding them equals diffusers' decode of the unquantized latents (which quantizes them)."""
+    from diffusers import VQModel
+
+    from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
+
+    folder = make_vq(tmp_path / "vq", **config)
+    vq = load_frozen(VQAutoencoderModule, str(folder))
+    assert (vq.codebook_size, vq.model.tokens_per_image, vq.config.image_size) == (32, 64, 16)
+    ref = VQModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        h = ref.encode(x).latents  # (N, D, h, w)
+        _, _, (_, _, expected_codes) = ref.quantize(h)
+        expected = ref.decode(h).sample.clamp(-1, 1)
+    codes = vq.encode_codes(x)
+    assert codes.shape == (2, 64) and codes.dtype == torch.long and len(codes.unique()) > 2
+    assert torch.equal(codes, expected_codes.view(2, 64))
+    assert torch.equal(vq.model.encode_tokens(x), codes)  # the generators' names
+    torch.testing.assert_close(vq.decode_codes(codes), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
+        vq.decode_codes(torch.full((1, 64), 32))
+
+
 def test_image_size_option_and_check(tmp_path):
     folder = make_vae(tmp_path / "vae")
     ae = _load({"path": str(folder), "image_size": 32})  # any multiple of the downsampling factor
@@ -106,20 +148,19 @@ def test_fingerprint_covers_weights_and_normalisation(tmp_path):
 
 
 def test_invalid_folders_are_refused_by_file_and_field(tmp_path):
-    from diffusers import VQModel
-
     from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config\.json' does not exist"):
         _load(str(tmp_path / "empty"))
 
-    VQModel(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, num_vq_embeddings=16).save_pretrained(
-        tmp_path / "vq")
-    with pytest.raises(ValueError, match=r"vq/config\.json': _class_name is 'VQModel', expected 'AutoencoderKL'"):
+    make_vq(tmp_path / "vq")
+    with pytest.raises(ValueError, match=r"vq/config\.json': _class_name is 'VQModel', expected 'AutoencoderKL' "
+                                         r"\(a VQModel is Chameleon's autoencoder\)"):
         _load(str(tmp_path / "vq"))
-    with pytest.raises(ValueError, match=r"Chameleon's VQ tokenizer must be a VQAutoencoderModule checkpoint"):
-        load_frozen(VQAutoencoderModule, str(tmp_path / "vq"))
+    make_vae(tmp_path / "kl")
+    with pytest.raises(ValueError, match=r"kl/config\.json': _class_name is 'AutoencoderKL', expected 'VQModel'"):
+        load_frozen(VQAutoencoderModule, str(tmp_path / "kl"))
 
     folder = make_vae(tmp_path / "vae")
     config = json.loads((folder / "config.json").read_text())
@@ -128,7 +169,7 @@ def test_invalid_folders_are_refused_by_file_and_field(tmp_path):
                                          r"\(latent_channels 16"):
         _load(str(folder))
     (folder / "config.json").write_text(json.dumps({**config, "in_channels": 1}))
-    with pytest.raises(ValueError, match=r"config\.json': in_channels is 1, Transfusion's images are RGB"):
+    with pytest.raises(ValueError, match=r"config\.json': in_channels is 1, the images are RGB \(3\)"):
         _load(str(folder))
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "diffusion_pytorch_model.safetensors").unlink()
@@ -195,3 +236,36 @@ def test_fit_generate_export_and_from_pretrained_with_a_diffusers_vae(tmp_path, 
     (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
     with pytest.raises(ValueError, match="made by another autoencoder"):
         cli_main(["fit", *args, *cached])
+
+
+@pytest.mark.slow
+def test_chameleon_fit_generate_export_and_code_cache_with_a_diffusers_vqmodel(tmp_path, tokenizer_path):
+    """Chameleon with a VQModel folder as its tokenizer: `transfusion fit`, generation from the checkpoint, the
+    exported folder (vae/ inside) reloads to the same images, and `transfusion cache-latents` writes its codes."""
+    from test_real_data import coco_fit_args
+
+    from transfusion.cli import cli_main, main
+    from transfusion.export import export
+    from transfusion.lightning.chameleon import ChameleonModule
+
+    folder = make_vq(tmp_path / "vq")
+    _, args = coco_fit_args(tmp_path, "chameleon_real_cpu.yaml", tokenizer_path, str(folder))
+    args += ["--data.init_args.seq_len", "96", "--trainer.limit_val_batches", "1",  # 64 codes an image
+             "--trainer.enable_progress_bar", "false"]
+    cli = cli_main(["fit", *args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert (cli.model.config.codebook_size, cli.model.config.image_tokens) == (32, 64)
+
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    module = ChameleonModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    captions, seeds = ["a red circle", "a blue square"], [3, 4]
+    images = module.generate_images(captions, seeds)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    out = export(ckpt, tmp_path / "export")
+    assert (out / "vae" / "config.json").is_file()
+    assert torch.equal(ChameleonModule.from_pretrained(out).generate_images(captions, seeds), images)
+
+    main(["cache-latents", *args, "--output", str(tmp_path / "codes"), "--batch_size", "8"])
+    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
+    assert meta["kind"] == "codes" and meta["latent_shape"] == [64]
+    assert meta["autoencoder_fingerprint"] == module.autoencoder_fingerprint

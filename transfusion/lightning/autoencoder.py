@@ -15,7 +15,7 @@ from transfusion.lightning.hub import HubMixin
 from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.autoencoder import AutoencoderConfig, KLAutoencoder
-from transfusion.models.diffusers_vae import DiffusersAutoencoder, is_diffusers_option, load_diffusers_autoencoder
+from transfusion.models.diffusers_vae import is_diffusers_option, load_diffusers_autoencoder
 from transfusion.models.vq import VQAutoencoder
 
 
@@ -213,7 +213,7 @@ def rename_legacy_keys(state: dict, prefix: str) -> None:
             state[prefix + "model." + rest] = state.pop(key)
 
 
-def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderModule | DiffusersAutoencoder:
+def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderModule:
     """A trained autoencoder on the CPU, frozen and in eval mode: from checkpoint ``path``, or built from its
     settings when ``path`` is a dict (an export's ``config.json``: the weights come with the model's).
 
@@ -221,15 +221,11 @@ def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderMo
     to every LightningModule constructed meanwhile (a context variable), which would replace the
     autoencoder's own.
 
-    A folder (or ``{path: FOLDER, image_size: N}``) is a diffusers ``AutoencoderKL``
-    (``transfusion.models.diffusers_vae``), for Transfusion only.
+    A folder (or ``{path: FOLDER, image_size: N}``) is a diffusers ``AutoencoderKL`` (``VQModel`` for
+    ``VQAutoencoderModule``), behind the same interface (``transfusion.models.diffusers_vae``).
     """
     if is_diffusers_option(path):
-        if cls is VQAutoencoderModule:  # Chameleon reads its codebook and code <-> image mapping from our VQ-VAE
-            raise ValueError(f"autoencoder {path!r} is a folder; Chameleon's VQ tokenizer must be a "
-                             "VQAutoencoderModule checkpoint (vqvae_embedded.yaml): diffusers VQModel folders are "
-                             "not supported (docs/beyond.md)")
-        return load_diffusers_autoencoder(path)
+        return load_diffusers_autoencoder(path, vq=cls is VQAutoencoderModule)
     if isinstance(path, dict):  # as load_from_checkpoint: only the class's own arguments (hparams also hold its base's)
         settings = {k: v for k, v in path.items() if k in inspect.signature(cls.__init__).parameters}
         return contextvars.Context().run(cls, **settings).requires_grad_(False).eval()

@@ -34,8 +34,8 @@ class ChameleonModule(GenerativeModule):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer``).
-            autoencoder: path of a trained ``VQAutoencoderModule`` checkpoint; kept frozen (or its settings, as in
-                an export).
+            autoencoder: path of a trained ``VQAutoencoderModule`` checkpoint, or of a diffusers ``VQModel`` folder
+                (``transfusion.models.diffusers_vae``); kept frozen (or its settings, as in an export).
             preset, transformer: transformer size and overrides, as for ``TransfusionModule``.
             qk_norm, norm_reorder, z_loss_weight: Chameleon's stability changes (paper: on, on, 1e-5).
             lr: the paper's Chameleon learning rate is 1e-4; the rest of the optimisation as Transfusion's.
