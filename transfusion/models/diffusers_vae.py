@@ -55,7 +55,8 @@ def read_config(folder: str | Path, class_name: str) -> dict:
     path = folder / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist: a diffusers {class_name} folder holds {CONFIG} and "
-                                f"{WEIGHTS} (as written by {class_name}.save_pretrained; for a pipeline, its vae/)")
+                                f"{WEIGHTS} (as written by {class_name}.save_pretrained; for a pipeline, its vae/; "
+                                f"a sharded checkpoint folder: `transfusion consolidate` it)")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -209,13 +210,15 @@ class DiffusersVQTokenizer(_DiffusersFolder):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (N, h * w) in raster order -> images (N, 3, H, W) clamped to [-1, 1], float32."""
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), "
+                             f"got [{int(codes.min())}, {int(codes.max())}]")
         s = self.config.latent_size
         shape = (codes.shape[0], s, s, self.vae.quantize.vq_embed_dim)  # (N, h, w, D)
         if self.vae.config.lookup_from_codebook:  # its decode looks the codes up itself
             out = self.vae.decode(codes.reshape(-1), force_not_quantize=True, shape=shape)
         else:
-            out = self.vae.decode(self.vae.quantize.get_codebook_entry(codes.reshape(-1), shape), force_not_quantize=True)
+            quant = self.vae.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (N, D, h, w)
+            out = self.vae.decode(quant, force_not_quantize=True)
         return out.sample.float().clamp(-1, 1)
 
     encode_tokens, decode_tokens = encode_codes, decode_codes  # the generators' names (VQAutoencoder's)
@@ -228,6 +231,7 @@ def load_diffusers_autoencoder(option: str | dict, vq: bool = False) -> Diffuser
     if isinstance(option, dict):
         unknown = set(option) - {"path", "image_size"}
         if unknown:
-            raise ValueError(f"autoencoder option for a diffusers folder takes path and image_size, got {sorted(unknown)}")
+            raise ValueError(f"autoencoder option for a diffusers folder takes path and image_size, "
+                             f"got {sorted(unknown)}")
         return cls.from_folder(option["path"], option.get("image_size"))
     return cls.from_folder(option)
