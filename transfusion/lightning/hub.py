@@ -6,8 +6,8 @@ A saved folder (or Hub repo) holds
 * ``config.json``: ``{"class_path", "init_args", "config"}``: the module's arguments (the frozen autoencoder's as
   its settings, the tokenizer as the file beside it) and its resolved architecture, checked again on load;
 * ``tokenizer.model``: the SentencePiece model (modules with a tokenizer), so the folder is self-contained;
-* ``vae/``: a diffusers ``AutoencoderKL`` used as the frozen autoencoder, in the diffusers layout (its weights are
-  then not in ``model.safetensors``);
+* ``vae/``: a diffusers ``AutoencoderKL`` (``VQModel``) used as the frozen autoencoder, in the diffusers layout
+  (its weights are then not in ``model.safetensors``);
 * ``README.md``: the model card.
 
 Loading unpickles nothing. Optimizer state is not saved: to continue training, use the Lightning checkpoint.
