@@ -2,6 +2,7 @@
 encode / decode equal diffusers' own with the pipelines' scaling and shift, the latent-cache fingerprint covers the
 weights and the normalisation, bad folders are refused by file and field, and a folder trains through
 `transfusion fit`, generates, and round-trips through `transfusion export` / ``from_pretrained`` (``vae/`` inside).
+A ``VQModel`` folder does the same for Chameleon: its codes are the ones diffusers' quantizer picks.
 
 The VAEs are tiny (8 and 16 channels, 16px, one downsampling) with random weights, written with ``save_pretrained``.
 """
