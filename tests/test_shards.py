@@ -246,6 +246,10 @@ def test_index_of_foreign_sets(tmp_path):
     assert index["kind"] == "webdataset" and index["content"] == "pairs" and index["image"] == "pixels"
     assert index["shards"] == [{"path": "00000.tar", "samples": 3}, {"path": "00001.tar", "samples": 2}]
     assert fmt.parse_index((tars / "index.json").read_text(), "here")["shards"] == index["shards"]
+    from transfusion.data.shards.load import read_records
+
+    stored = read_records(str(tars))[1]  # the set now reads as any other
+    assert len(stored) == 5 and stored[0]["captions"] == ["x"] and stored[0]["image"] == jpeg.getvalue()
 
     parquet = tmp_path / "parquet"
     parquet.mkdir()
@@ -259,5 +263,7 @@ def test_index_of_foreign_sets(tmp_path):
     index = json.loads((parquet / "index.json").read_text())
     assert index["kind"] == "parquet" and index["content"] == "pairs"
     assert index["shards"] == [{"path": "part-0.parquet", "samples": 4}, {"path": "part-1.parquet", "samples": 7}]
+    stored = read_records(str(parquet))[1]
+    assert len(stored) == 11 and stored[-1]["captions"] == ["c"] and stored[-1]["image"] == jpeg.getvalue()
     with pytest.raises(SystemExit):  # refuses to replace an index
         main(["shards", "--index", str(parquet)])

@@ -27,10 +27,9 @@ def has_index(url: str) -> bool:
 
 
 def captions_of(members: dict, where: str) -> list[str]:
-    if "json" in members:
-        meta = json.loads(members["json"])
-        captions = meta.get("captions", meta.get("caption"))
-    else:
+    meta = json.loads(members["json"]) if "json" in members else {}
+    captions = meta.get("captions", meta.get("caption")) if isinstance(meta, dict) else None
+    if captions is None:  # img2dataset's json may carry no caption: then the .txt
         captions = members.get("txt", b"").decode("utf-8")
     captions = [captions] if isinstance(captions, str) else captions
     if not captions:
