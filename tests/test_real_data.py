@@ -304,8 +304,9 @@ def test_latent_cache_matches_on_the_fly_and_checks_the_autoencoder(tmp_path, to
 
     coco, args = coco_fit_args(tmp_path, "transfusion_real_cpu.yaml", tokenizer_path, autoencoder_ckpt)
     main(["cache-latents", *args, "--output", str(tmp_path / "latents"), "--batch_size", "2"])
-    meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
-    assert meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [4, 4, 4]
+    index = {s: json.loads((tmp_path / "latents" / s / "index.json").read_text()) for s in ("train", "validation")}
+    assert {s: sum(x["samples"] for x in i["shards"]) for s, i in index.items()} == {"train": 3, "validation": 1}
+    assert index["train"]["image"] == "latents" and index["train"]["latent_shape"] == [4, 4, 4]
 
     module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
     layout = module.sequence_layout()
@@ -343,8 +344,9 @@ def test_vq_code_cache_matches_on_the_fly_and_trains_chameleon(tmp_path, tokeniz
 
     coco, args = coco_fit_args(tmp_path, "chameleon_real_cpu.yaml", tokenizer_path, vq_ckpt)
     main(["cache-latents", *args, "--output", str(tmp_path / "codes"), "--batch_size", "2"])
-    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
-    assert meta["kind"] == "codes" and meta["count"] == {"train": 3, "validation": 1} and meta["latent_shape"] == [16]
+    index = {s: json.loads((tmp_path / "codes" / s / "index.json").read_text()) for s in ("train", "validation")}
+    assert {s: sum(x["samples"] for x in i["shards"]) for s, i in index.items()} == {"train": 3, "validation": 1}
+    assert index["train"]["image"] == "codes" and index["train"]["latent_shape"] == [16]
 
     module = ChameleonModule(tokenizer_path, vq_ckpt, preset="debug")
     layout = module.sequence_layout()

@@ -6,8 +6,8 @@ and data classes are chosen by ``class_path`` in the YAML. More subcommands:
 * ``transfusion tokenizer --output PATH [--text_files ... | --hub NAME] [--captions_from DIR ...]``: train the
   SentencePiece tokenizer on a text source (default: the embedded text);
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
-* ``transfusion cache-latents --config X.yaml --output DIR``: encode a config's images once with its autoencoder
-  (see ``transfusion.data.latent_cache``);
+* ``transfusion shards --config X.yaml --output DIR``: write a config's data as WebDataset / Parquet shard sets
+  (see ``transfusion.data.shards.write``); ``cache-latents`` is its ``--encode`` case (``transfusion.data.latent_cache``);
 * ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
 * ``transfusion sweep --config lightning_configs/sweep_micro.yaml``: Transfusion vs Chameleon (``transfusion.sweep``);
 * ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
@@ -188,37 +188,29 @@ def consolidate_main(argv: list[str]) -> None:
 
 
 def cache_latents_main(argv: list[str]) -> None:
-    import torch
-
+    """`transfusion shards --encode --format parquet` under its earlier name and flags."""
     from transfusion.data import latent_cache
+    from transfusion.data.shards.write import add_writer_options, write_config_shards
 
     parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=latent_cache.__doc__.split("\n\n")[0] +
                                      " Other arguments are the config and overrides of `transfusion fit`.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", required=True, help="cache folder (then data.init_args.latent_cache)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--encode_workers", type=int, default=0, help="DataLoader workers decoding images")
+    add_writer_options(parser, kind="parquet")
+    parser.add_argument("--encode_workers", type=int, default=0, help="processes decoding images (as --workers)")
     args, rest = parser.parse_known_args(argv)
-    cli = cli_main(rest, run=False)
-    module, data = cli.model, cli.datamodule
-    if not hasattr(data, "uncached_pairs"):
-        raise ValueError(f"cache-latents needs an ImageTextDataModule config, got {type(data).__name__}")
-    if not hasattr(module, "autoencoder"):
-        raise ValueError(f"cache-latents needs a model with a frozen autoencoder, got {type(module).__name__}")
-    data.layout = module.sequence_layout()
-    pairs = {split: data.uncached_pairs(split) for split in ("train", "validation")}
-    if torch.cuda.is_available():
-        module.autoencoder.cuda()
-    meta = latent_cache.write_cache(pairs, module.autoencoder, args.output, args.batch_size, module.hparams.autoencoder
-                       if isinstance(module.hparams.autoencoder, str) else None, args.encode_workers)
-    print(f"wrote {args.output}: {meta['count']} {meta['kind']} of shape {meta['latent_shape']} "
-          f"(autoencoder {meta['autoencoder_fingerprint'][:12]})")
+    args.workers = max(args.workers, args.encode_workers)
+    try:
+        write_config_shards(rest, args, encode=True, content="pairs")
+    except (ValueError, FileExistsError) as error:
+        print(f"transfusion cache-latents: error: {error}", file=sys.stderr)
+        raise ConfigError(2) from error
 
 
 # the subcommands besides LightningCLI's: name -> (module, function taking the remaining arguments), imported on use
 SUBCOMMANDS = {
     "tokenizer": ("transfusion.cli", "tokenizer_main"),
     "cache-latents": ("transfusion.cli", "cache_latents_main"),
+    "shards": ("transfusion.data.shards.write", "shards_main"),
     "export": ("transfusion.export", "export_main"),
     "quickstart": ("transfusion.quickstart", "quickstart_main"),
     "fid-weights": ("transfusion.evaluation.fid", "main"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from transfusion.data.datamodule import RowsDataModule
-from transfusion.data.latent_cache import LatentPairs
+from transfusion.data.latent_cache import LatentPairs, is_cache
 from transfusion.data.pairs import BadDataWarning, ImageCaptionPairs
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
 from transfusion.data.sequences import SequenceLayout, TransfusionRows
@@ -57,7 +57,7 @@ class ImageTextDataModule(RowsDataModule):
             min_image_size, max_image_pixels: images smaller on a side / larger in area are skipped.
             max_text_tokens: cap on the training text stream (a streamed corpus is read only this far).
             cache_dir: where tokenized text streams are kept (memory-mapped) between runs.
-            latent_cache: a ``transfusion cache-latents`` folder: train on its latents (checked against the model's
+            latent_cache: a ``transfusion cache-latents`` folder (or ``transfusion shards --encode`` output): train on its latents (checked against the model's
                 autoencoder) instead of encoding images every step; when it does not exist, images are encoded on the fly.
             predict_examples: held-out pairs as ``predict`` prompts (caption -> image, image -> caption with all
                 its captions as references), unless ``prompts`` names a prompt file.
@@ -111,7 +111,7 @@ class ImageTextDataModule(RowsDataModule):
             return None
         if split not in self.pairs:
             cache, layout = self.hparams.latent_cache, self._layout()
-            if cache is not None and (Path(cache) / "meta.json").is_file():
+            if cache is not None and is_cache(cache):
                 self.pairs[split] = LatentPairs(cache, split, layout.autoencoder_fingerprint, layout.image_size)
             else:
                 if cache is not None:
