@@ -95,3 +95,54 @@ def test_text_model_options_are_checked(tmp_path, tokenizer_path, autoencoder_ck
     module = TransfusionModule(None, autoencoder_ckpt, text_model=str(tmp_path), modality_experts=True)
     assert module.hparams.tokenizer == str(tmp_path / "tokenizer.model")
     assert module.config.transformer.ffn_dim == 176 and module.config.transformer.modality_experts
+
+
+def test_frozen_text_weights_train_only_the_special_rows(one_thread):
+    """AdamW with weight decay and gradient clipping: the special rows move, every other row stays bit for bit; the
+    state dict keeps nn.Embedding / nn.Linear's layout and loads into a frozen or a plain model alike."""
+    from test_mot import batch, pair
+
+    from transfusion.lightning.optim import adamw_cosine
+    from transfusion.models.lmfusion import SpecialRows, freeze_text_weights
+
+    _, mot = pair()
+    plain_keys = {k: v.shape for k, v in mot.state_dict().items()}
+    start = {k: v.clone() for k, v in mot.state_dict().items()}
+    special = [4, 5, 97, 98, 99]  # BOI, EOI inside the vocabulary (as reserved by `transfusion tokenizer`), appended
+    trainable = freeze_text_weights(mot, special)
+    assert isinstance(mot.embedding, SpecialRows) and isinstance(mot.lm_head, SpecialRows)
+    assert mot.embedding.special_rows.requires_grad and not mot.embedding.weight.requires_grad
+    assert trainable == sum(p.numel() for p in mot.parameters() if p.requires_grad)
+    assert freeze_text_weights(mot, special) == trainable  # again: nothing changes
+    assert {k: v.shape for k, v in mot.state_dict().items()} == plain_keys
+
+    tokens, doc, img, latents, t = batch()
+    tokens[:, ::3] = torch.tensor(special).repeat(14)[: tokens[:, ::3].numel()].view(2, -1)  # inputs and targets
+    text = torch.randint(6, 97, (2, 30), generator=torch.Generator().manual_seed(3))  # text: no special among them
+    before = text_logits(mot, text)
+    optimizer = adamw_cosine(mot.parameters(), 1e-2, (0.9, 0.95), 1e-8, 0.1, 0, 0.05, 10)["optimizer"]
+    for _ in range(3):
+        loss = mot.loss(tokens, doc, img, latents, t.clamp(max=999))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(mot.parameters(), 1e-3)  # clipping scales every gradient
+        optimizer.step()
+
+    frozen = [i for i in range(100) if i not in special]
+    after = mot.state_dict()
+    for name in ("embedding.weight", "lm_head.weight"):
+        assert torch.equal(after[name][frozen], start[name][frozen]), name  # bit for bit, weight decay or not
+        assert (after[name][special] != start[name][special]).any(dim=1).all(), name  # every special row moved
+    assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("transformer.layers.0.attention."))
+    assert torch.equal(text_logits(mot, text)[..., frozen], before[..., frozen])  # text logits, but the specials'
+
+    plain = pair()[1]
+    plain.load_state_dict(after)  # an unfrozen model reads the checkpoint of a frozen one
+    ours, theirs = text_logits(mot, text), text_logits(plain, text)
+    assert torch.equal(ours[..., frozen], theirs[..., frozen])
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)  # special columns: their own (smaller) matmul
+    refrozen = pair()[1]
+    freeze_text_weights(refrozen, special)
+    refrozen.load_state_dict(plain.state_dict())  # and the other way
+    assert torch.equal(refrozen.lm_head.special_rows, mot.lm_head.special_rows)
+    assert torch.equal(text_logits(refrozen, text), text_logits(mot, text))
