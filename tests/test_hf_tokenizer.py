@@ -1,6 +1,7 @@
 """Hugging Face ``tokenizer.json`` tokenizers (the Llama 3 / Qwen kind): our ``Tokenizer`` encodes and decodes as
 ``transformers`` does, appends the specials a family lacks after its vocabulary, and saved folders load back."""
 
+import json
 import unicodedata
 from pathlib import Path
 
@@ -116,3 +117,27 @@ def test_bare_tokenizer_json_and_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="'.*empty' has no tokenizer: neither the SentencePiece tokenizer.model"):
         Tokenizer(tmp_path / "empty")
+
+
+def test_save_pretrained_carries_the_tokenizer_json(llama3_like, tmp_path, autoencoder_ckpt, one_thread):
+    """A module with a tokenizer.json (and frozen text weights, whose special rows are parameters of their own) saves
+    a self-contained folder that loads back with the same ids and weights."""
+    import torch
+
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    directory, _ = llama3_like
+    module = TransfusionModule(str(directory / "tokenizer.json"), autoencoder_ckpt, preset="debug",
+                               modality_experts=True, freeze_text=True)
+    with torch.no_grad():
+        module.model.lm_head.special_rows.add_(1.0)  # trained special rows: saved inside lm_head.weight
+    module.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["init_args"]["tokenizer"] == "tokenizer.json"
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    loaded = TransfusionModule.from_pretrained(tmp_path / "saved")
+    assert loaded.tokenizer.kind == "tokenizer.json"
+    assert all(loaded.tokenizer.encode(t, bos=True) == module.tokenizer.encode(t, bos=True) for t in corpus())
+    a, b = module.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loaded.model.lm_head.special_rows, module.model.lm_head.special_rows)
