@@ -60,8 +60,8 @@ class TransfusionModule(GenerativeModule):
             objective: "ddpm" (the paper's noise prediction) or "flow" (rectified flow: velocity prediction, logit-normal
                 timesteps, Euler sampler: set ``sampler: euler``).
             text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
-                ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al. 2024); it sets the
-                transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
+                ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al.
+                2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
                 the tokenizer (special tokens appended). ``transformer`` then records the shape, and checkpoints
                 and exports hold the weights: they load without the folder (but for its tokenizer, unless exported).
             freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs

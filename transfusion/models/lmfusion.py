@@ -13,6 +13,8 @@ and merges them back into ``weight`` in state dicts, whose layout stays that of 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ class SpecialRows(nn.Module):
         from torch.distributed.tensor import DTensor
 
         if isinstance(layer.weight, DTensor):
-            raise NotImplementedError("freeze_text with a sharded model (FSDP2): train on one device or with DDP")
+            raise NotImplementedError("SpecialRows of a sharded (FSDP2) layer")
         if getattr(layer, "bias", None) is not None or getattr(layer, "padding_idx", None) is not None:
             raise ValueError("SpecialRows takes a bias-free nn.Linear or an nn.Embedding without padding_idx")
         self.is_embedding = isinstance(layer, nn.Embedding)
@@ -101,9 +103,14 @@ class SpecialRows(nn.Module):
 def freeze_text_weights(model: nn.Module, special_ids=()) -> int:
     """Stop training the text weights but for the embedding and LM head rows of ``special_ids`` (``SpecialRows``);
     returns how many parameters stay trainable."""
+    from torch.distributed.tensor import DTensor
+
     for name, p in model.named_parameters():
         p.requires_grad_(not is_text_weight(name) or name.endswith(".special_rows"))
-    if len(special_ids):
+    sharded = any(isinstance(getattr(model, n).weight, DTensor) for n in ("embedding", "lm_head"))
+    if sharded and len(special_ids):  # FSDP2 manages the parameters it sharded: no new ones after it
+        warnings.warn("freeze_text with a sharded model (FSDP2): the special tokens' rows stay frozen too")
+    elif len(special_ids):
         for name in ("embedding", "lm_head"):
             layer = getattr(model, name)
             if not isinstance(layer, SpecialRows):
