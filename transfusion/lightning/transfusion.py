@@ -39,7 +39,8 @@ class TransfusionModule(GenerativeModule):
                  min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto",
                  transformer: dict | None = None, modality_experts: bool = False, objective: str = "ddpm",
                  text_model: str | None = None, freeze_text: bool = False, image_weights_from_text: bool = True,
-                 text_lr: float | None = None, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 text_lr: float | None = None, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
@@ -61,9 +62,10 @@ class TransfusionModule(GenerativeModule):
                 timesteps, Euler sampler: set ``sampler: euler``).
             text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
                 ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al.
-                2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
-                the tokenizer (special tokens appended). ``transformer`` then records the shape, and checkpoints
-                and exports hold the weights: they load without the folder (but for its tokenizer, unless exported).
+                2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless
+                ``tokenizer`` is given, the tokenizer (special tokens appended). ``transformer`` then records the
+                shape, and checkpoints and exports hold the weights: they load without the folder (but for its
+                tokenizer, unless exported).
             freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
                 stay exactly the text model's. Needs ``modality_experts``, whose image weights train. The embedding
                 and LM head rows of BOI, EOI and the specials appended to the tokenizer train (to start images).
