@@ -101,3 +101,33 @@ def test_transfusion_module_optimizes_the_network_with_its_options(tokenizer_pat
     assert all(wd == (0.0 if n in no_decay else 0.2) for n, wd in decay.items())
     lrs = _lrs(config, 41)
     assert lrs[0] == pytest.approx(2e-3) and lrs[40] == pytest.approx(2e-3 * 0.25)
+
+
+def test_text_lr_gives_the_text_weights_their_own_groups(tokenizer_path, autoencoder_ckpt):
+    from transfusion.lightning.transfusion import TransfusionModule
+    from transfusion.models.lmfusion import is_text_weight
+
+    module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", modality_experts=True, lr=3e-3,
+                               text_lr=3e-4, warmup_steps=0, min_lr_ratio=0.1)
+    network = module.model
+    module.trainer = SimpleNamespace(estimated_stepping_batches=20)
+    config = module.configure_optimizers()
+    optimizer = config["optimizer"]
+    names = {id(p): n for n, p in network.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(lr_of) == set(names.values())
+    assert {n for n, lr in lr_of.items() if lr == 3e-4} == {n for n in lr_of if is_text_weight(n)}
+    assert {"transformer.layers.0.image.ffn.w2.weight", "patch_encoder.proj.weight"} & set(lr_of) <= {
+        n for n, lr in lr_of.items() if lr == 3e-3}
+    decay = _groups_by_name(network, optimizer)
+    no_decay = _no_decay_names(network)
+    assert all(wd == (0.0 if n in no_decay else 0.1) for n, wd in decay.items())
+    for _ in range(20):  # one schedule scales both: the ratio stays 10, the floor is min_lr_ratio of each
+        assert len({round(g["lr"] / g["initial_lr"], 12) for g in optimizer.param_groups}) == 1
+        optimizer.step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([3e-5, 3e-4])
+    with pytest.raises(ValueError, match="text_lr must be > 0"):
+        TransfusionModule(tokenizer_path, autoencoder_ckpt, text_lr=0.0)
+    with pytest.raises(ValueError, match="text_lr is for text weights that train"):
+        TransfusionModule(tokenizer_path, autoencoder_ckpt, modality_experts=True, freeze_text=True, text_lr=1e-4)

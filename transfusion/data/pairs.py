@@ -139,7 +139,7 @@ class ImageCaptionPairs(CheckedRows):
             if text and self.tokenizer is not None and self.max_caption_tokens is not None:
                 ids = self.tokenizer.encode(text)
                 if len(ids) > self.max_caption_tokens:
-                    text, cut = self.tokenizer.sp.decode(ids[:self.max_caption_tokens]).strip(), True
+                    text, cut = self.tokenizer.decode(ids[:self.max_caption_tokens]).strip(), True
             if cut:
                 self._note(image, "caption cut or re-encoded")
             if text:

@@ -5,7 +5,8 @@ A saved folder (or Hub repo) holds
 * ``model.safetensors``: every tensor of the module (the frozen autoencoder's too);
 * ``config.json``: ``{"class_path", "init_args", "config"}``: the module's arguments (the frozen autoencoder's as
   its settings, the tokenizer as the file beside it) and its resolved architecture, checked again on load;
-* ``tokenizer.model``: the SentencePiece model (modules with a tokenizer), so the folder is self-contained;
+* the tokenizer (modules with one), so the folder is self-contained: the SentencePiece ``tokenizer.model``, or the
+  Hugging Face ``tokenizer.json`` with its ``tokenizer_config.json``;
 * ``vae/``: a diffusers ``AutoencoderKL`` (``VQModel``) used as the frozen autoencoder, in the diffusers layout
   (its weights are then not in ``model.safetensors``);
 * ``README.md``: the model card.
@@ -23,9 +24,10 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 
+from transfusion.data.tokenizer import HF_CONFIG, HUGGING_FACE
 from transfusion.lightning.checkpoint import check_config, flatten_config
 
-WEIGHTS, CONFIG, TOKENIZER, VAE = "model.safetensors", "config.json", "tokenizer.model", "vae"
+WEIGHTS, CONFIG, VAE = "model.safetensors", "config.json", "vae"
 PAPER = "https://arxiv.org/abs/2408.11039"
 MODEL_CARD = """---
 {{ card_data }}
@@ -65,8 +67,7 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
             if init_args.get(start):
                 init_args[start] = None
         if "tokenizer" in init_args:  # self-contained: no paths to other files
-            (save_directory / TOKENIZER).write_bytes(self.tokenizer.sp.serialized_model_proto())
-            init_args["tokenizer"] = TOKENIZER
+            init_args["tokenizer"] = self.tokenizer.save(save_directory)  # its file name
         skip = ()  # prefixes of tensors saved elsewhere
         if hasattr(getattr(self, "autoencoder", None), "save_folder"):  # a diffusers VAE: in its own layout, vae/
             self.autoencoder.save_folder(save_directory / VAE)
@@ -104,8 +105,10 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
             raise ValueError(f"{model_id!r} holds a {saved} ({config['class_path']}), not a {cls.__name__}: "
                              f"load it with {saved}.from_pretrained")
         init_args = dict(config["init_args"])
-        if "tokenizer" in init_args:
-            init_args["tokenizer"] = str(fetch(TOKENIZER))
+        if "tokenizer" in init_args:  # tokenizer.model, or tokenizer.json with tokenizer_config.json beside it
+            if init_args["tokenizer"] == HUGGING_FACE:
+                fetch(HF_CONFIG)
+            init_args["tokenizer"] = str(fetch(init_args["tokenizer"]))
         vae = isinstance(init_args.get("autoencoder"), dict) and init_args["autoencoder"].get("path") == VAE
         if vae:  # the diffusers folder beside ours (fetched file by file from a Hub repo)
             from transfusion.models.diffusers_vae import CONFIG as VAE_CONFIG, WEIGHTS as VAE_WEIGHTS

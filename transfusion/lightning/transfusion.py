@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
-from transfusion.data.tokenizer import Tokenizer
+from transfusion.data.tokenizer import Tokenizer, find_tokenizer
 from transfusion.flops import FlopCounter, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.generation.transfusion import check_sampler
@@ -20,7 +19,7 @@ from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.parallel import fully_shard_blocks
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.llama import load_llama, read_llama_config
-from transfusion.models.lmfusion import freeze_text_weights, load_text_weights
+from transfusion.models.lmfusion import freeze_text_weights, is_text_weight, load_text_weights
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -40,7 +39,8 @@ class TransfusionModule(GenerativeModule):
                  min_snr_gamma: float | None = None, bidirectional_images: bool = True, attention: str = "auto",
                  transformer: dict | None = None, modality_experts: bool = False, objective: str = "ddpm",
                  text_model: str | None = None, freeze_text: bool = False, image_weights_from_text: bool = True,
-                 lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 text_lr: float | None = None, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
@@ -48,7 +48,8 @@ class TransfusionModule(GenerativeModule):
                  compile: bool = False, init_from: str | None = None):
         """
         Args:
-            tokenizer: path of the SentencePiece model (``transfusion tokenizer`` trains one); None: the text model's.
+            tokenizer: path of the tokenizer: a SentencePiece model (``transfusion tokenizer`` trains one) or a Hugging
+                Face ``tokenizer.json`` (its ``tokenizer_config.json`` beside it); None: the text model's.
             autoencoder: path of a trained ``AutoencoderModule`` checkpoint, or of a diffusers ``AutoencoderKL``
                 folder (SD, SDXL, SD3, FLUX VAEs; ``{path: FOLDER, image_size: N}`` for images of another size than
                 its ``sample_size``: ``transfusion.models.diffusers_vae``); kept frozen. (A dict of
@@ -62,13 +63,17 @@ class TransfusionModule(GenerativeModule):
             objective: "ddpm" (the paper's noise prediction) or "flow" (rectified flow: velocity prediction, logit-normal
                 timesteps, Euler sampler: set ``sampler: euler``).
             text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
-                ``tokenizer.model``) whose weights start a fresh ``fit`` (LMFusion, Shi et al. 2024); it sets the
-                transformer's shape (``preset`` and ``transformer`` are not used) and, unless ``tokenizer`` is given,
-                the tokenizer (special tokens appended). ``transformer`` then records the shape, and checkpoints
-                and exports hold the weights: they load without the folder (but for its tokenizer, unless exported).
+                ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al.
+                2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless
+                ``tokenizer`` is given, the tokenizer (special tokens appended). ``transformer`` then records the
+                shape, and checkpoints and exports hold the weights: they load without the folder (but for its
+                tokenizer, unless exported).
             freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
-                stay exactly the text model's. Needs ``modality_experts``, whose image weights train.
+                stay exactly the text model's. Needs ``modality_experts``, whose image weights train. The embedding
+                and LM head rows of BOI, EOI and the specials appended to the tokenizer train (to start images).
             image_weights_from_text: the image weights start as copies of the text model's (LMFusion).
+            text_lr: learning rate of the text weights (pretrained: ``text_model`` or ``init_from``) when they train;
+                the other weights (image weights, patch layers) take ``lr``; the schedule scales both. None: ``lr``.
             patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
             diffusion_lambda: weight of the DDPM loss (paper: 5).
             min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
@@ -94,13 +99,15 @@ class TransfusionModule(GenerativeModule):
         super().__init__()
         self.save_hyperparameters()
         # options first, files after: a bad option is reported before anything is read
-        self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio)
+        self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio, text_lr)
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
                                         sampler=sampler, clip_x0=clip_x0)
         check_sampler(objective, sampler)
         if freeze_text and not modality_experts:
             raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
+        if freeze_text and text_lr is not None:
+            raise ValueError("model option text_lr is for text weights that train: it has no use with freeze_text")
         if "modality_experts" in (transformer or {}):
             raise ValueError("set modality experts with model option modality_experts, not in transformer")
         text_vocab = 0
@@ -117,10 +124,11 @@ class TransfusionModule(GenerativeModule):
                     raise ValueError(f"model options preset/transformer differ from the shape of text_model "
                                      f"{text_model!r} (option, text model): {differs}; leave them out")
             transformer = self.hparams.transformer = dict(shape)
-            tokenizer = tokenizer or str(Path(text_model) / "tokenizer.model")
+            tokenizer = tokenizer or str(find_tokenizer(text_model))  # tokenizer.model, else tokenizer.json
             self.hparams.tokenizer = tokenizer
         if tokenizer is None:
-            raise ValueError("model option tokenizer is required (a SentencePiece model) unless text_model is given")
+            raise ValueError("model option tokenizer is required (tokenizer.model or tokenizer.json) unless text_model "
+                             "is given")
         transformer_config = TransformerConfig.from_name(preset or "debug", **{**(transformer or {}),
                                                                      "modality_experts": modality_experts})
         self.tokenizer = Tokenizer(tokenizer)
@@ -175,7 +183,7 @@ class TransfusionModule(GenerativeModule):
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights(torch.initial_seed())
         if self.hparams.freeze_text:  # before configure_optimizers, which takes the trainable parameters only
-            trainable = freeze_text_weights(model)
+            trainable = freeze_text_weights(model, self.special_ids)
             rank_zero_info(f"text weights frozen: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
                            "parameters train")
         model.transformer.activation_checkpointing = self.hparams.activation_checkpointing
@@ -183,6 +191,20 @@ class TransfusionModule(GenerativeModule):
             for block in model.transformer.layers:
                 block.compile()  # in place: parameter names and checkpoints stay the same
         self.model = model
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids whose embedding and LM head rows train with frozen text weights: BOI, EOI and appended specials."""
+        return sorted({self.tokenizer.boi_id, self.tokenizer.eoi_id, *self.tokenizer.appended_ids})
+
+    def configure_optimizers(self):
+        """AdamW over the network; with ``text_lr`` the text weights (``is_text_weight``) have groups of their own."""
+        if self.hparams.text_lr is None:
+            return super().configure_optimizers()
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if is_text_weight(n)], "lr": self.hparams.text_lr},
+                  {"params": [p for n, p in named if not is_text_weight(n)]}]
+        return self.optim.configure(groups, self.trainer.estimated_stepping_batches)
 
     @property
     def positions_per_image(self) -> int:

@@ -1,7 +1,8 @@
 """Hugging Face Llama checkpoints <-> the Transfusion text model (embedding, transformer, LM head).
 
 A Llama folder holds ``config.json``, ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``)
-and the SentencePiece ``tokenizer.model``. Weights map one to one onto our blocks (same rotate-half RoPE):
+and the tokenizer (SentencePiece ``tokenizer.model`` or Hugging Face ``tokenizer.json``). Weights map one to one
+onto our blocks (same rotate-half RoPE):
 
 * ``model.embed_tokens`` -> ``embedding``; ``lm_head`` (the embedding when tied) -> ``lm_head``;
 * per layer: ``q_proj``, ``k_proj``, ``v_proj`` -> ``attention.wqkv`` (rows concatenated), ``o_proj`` ->
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from transfusion.data.tokenizer import Tokenizer, find_tokenizer
 from transfusion.models.transformer import is_image_weight
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.model"
@@ -160,26 +161,21 @@ def _read_weights(directory: Path) -> dict:
 
 def load_llama(directory: str | os.PathLike) -> tuple[dict, dict]:
     """(config, state) of a Llama folder: ``read_llama_config``'s dict plus ``tokenizer_path`` (the folder's
-    required ``tokenizer.model``), and the weights under our names (``llama_to_transfusion``)."""
+    ``tokenizer.model`` or ``tokenizer.json``), and the weights under our names (``llama_to_transfusion``)."""
     directory = Path(directory)
     config = read_llama_config(directory)
-    tokenizer = directory / TOKENIZER
-    if not tokenizer.is_file():
-        raise FileNotFoundError(f"{str(tokenizer)!r} does not exist: the SentencePiece tokenizer.model is required "
-                                f"(tokenizer.json-only models are not supported)")
+    tokenizer = find_tokenizer(directory)  # tokenizer.model, else tokenizer.json
     state = llama_to_transfusion(_read_weights(directory), config["n_layers"], config["tie_word_embeddings"])
     return {**config, "tokenizer_path": str(tokenizer)}, state
 
 
 def llama_config(model, tokenizer_path: str | os.PathLike) -> dict:
     """The ``config.json`` (a ``LlamaConfig``) of a ``Transfusion`` model's text part."""
-    import sentencepiece as spm
-
     cfg = model.cfg.transformer
     if cfg.qk_norm or cfg.norm_reorder:
         raise ValueError("qk_norm / norm_reorder (Chameleon) have no Llama equivalent; this model cannot be saved "
                          "as a Llama checkpoint")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    tokenizer = Tokenizer(tokenizer_path)
     dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
     return {
         "architectures": [ARCHITECTURE],
@@ -199,15 +195,15 @@ def llama_config(model, tokenizer_path: str | os.PathLike) -> dict:
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None,
-        "eos_token_id": sp.eos_id() if sp.eos_id() >= 0 else None,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
         "dtype": dtype,
     }
 
 
 def save_llama(model, tokenizer_path: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Write a ``Transfusion`` model's text part as a Llama folder: ``config.json``, ``model.safetensors`` and a
-    copy of ``tokenizer_path`` as ``tokenizer.model``."""
+    copy of the tokenizer (``tokenizer.model``, or ``tokenizer.json`` and its ``tokenizer_config.json``)."""
     tokenizer_path, directory = Path(tokenizer_path), Path(directory)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer model {str(tokenizer_path)!r} does not exist")
@@ -216,5 +212,4 @@ def save_llama(model, tokenizer_path: str | os.PathLike, directory: str | os.Pat
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    if not (directory / TOKENIZER).exists() or not (directory / TOKENIZER).samefile(tokenizer_path):
-        shutil.copyfile(tokenizer_path, directory / TOKENIZER)
+    Tokenizer(tokenizer_path).save(directory)  # tokenizer.model, or tokenizer.json and tokenizer_config.json

@@ -4,12 +4,20 @@ The text model's weights (token embedding, LM head, every block's norms, attenti
 the final norm) become the text weights of a Mixture-of-Transformers Transfusion; the image weights of each
 block start as copies of them, and the patch layers from scratch. Frozen text weights keep text ability
 exactly: a text-only sequence passes only through them, so its logits never change.
+
+Frozen, the embedding and the LM head still train the rows of Transfusion's own tokens (BOI, EOI, and the specials
+appended after the text model's vocabulary), so the model learns to start an image: ``SpecialRows`` holds them as
+a parameter of their own beside the frozen table (so weight decay and gradient clipping cannot touch the other rows)
+and merges them back into ``weight`` in state dicts, whose layout stays that of ``nn.Embedding`` / ``nn.Linear``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from transfusion.models.transformer import is_image_weight
 
@@ -26,7 +34,7 @@ def load_text_weights(model: nn.Module, state: dict[str, torch.Tensor], image_fr
     initialisation. ``image_from_text``: the image weights start as copies of the text weights."""
     params = dict(model.named_parameters())
     unknown = sorted(set(state) - set(params))
-    missing = sorted(n for n in params if is_text_weight(n) and n not in state)
+    missing = sorted(n for n in params if is_text_weight(n) and n not in state and not n.endswith(".special_rows"))
     if unknown or missing:
         raise ValueError(f"the text model does not fit this Transfusion: unknown {unknown[:5]}, missing {missing[:5]}")
     for name, value in state.items():
@@ -36,6 +44,9 @@ def load_text_weights(model: nn.Module, state: dict[str, torch.Tensor], image_fr
         if value.shape[1:] != p.shape[1:] or rows > p.shape[0] or (rows != p.shape[0] and not extendable):
             raise ValueError(f"text model weight {name} has shape {tuple(value.shape)}, this model {tuple(p.shape)}")
         p[:rows].copy_(value.to(p.dtype))
+    for layer in model.modules():  # frozen text weights: the trained rows start as loaded (or initialised)
+        if isinstance(layer, SpecialRows):
+            layer.special_rows.copy_(layer.weight[layer.ids])
     if image_from_text:
         for name, p in params.items():
             if ".image." in name:
@@ -44,8 +55,64 @@ def load_text_weights(model: nn.Module, state: dict[str, torch.Tensor], image_fr
                 p.copy_(params[name.replace("image_norm", "norm")])
 
 
-def freeze_text_weights(model: nn.Module) -> int:
-    """Stop training the text weights; returns how many parameters stay trainable."""
+class SpecialRows(nn.Module):
+    """A frozen embedding table or LM head (``weight``, (V, D)) whose rows ``ids`` train, as ``special_rows``."""
+
+    def __init__(self, layer: nn.Embedding | nn.Linear, ids):
+        super().__init__()
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(layer.weight, DTensor):
+            raise NotImplementedError("SpecialRows of a sharded (FSDP2) layer")
+        if getattr(layer, "bias", None) is not None or getattr(layer, "padding_idx", None) is not None:
+            raise ValueError("SpecialRows takes a bias-free nn.Linear or an nn.Embedding without padding_idx")
+        self.is_embedding = isinstance(layer, nn.Embedding)
+        self.weight = layer.weight.requires_grad_(False)
+        ids = torch.as_tensor(sorted(set(int(i) for i in ids)), dtype=torch.long, device=self.weight.device)
+        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.weight.shape[0]:
+            raise ValueError(f"special rows {ids.tolist()} must be non-empty rows of a table of {self.weight.shape[0]}")
+        self.register_buffer("ids", ids, persistent=False)
+        row_of = torch.full((self.weight.shape[0],), -1, dtype=torch.long, device=ids.device)
+        self.register_buffer("row_of", row_of.index_copy(0, ids, torch.arange(len(ids), device=ids.device)),
+                             persistent=False)  # id -> its row in special_rows, -1 for frozen ids
+        self.special_rows = nn.Parameter(self.weight.detach()[ids].clone())
+        self.register_state_dict_post_hook(self._merge)
+        self.register_load_state_dict_pre_hook(self._split)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_embedding:  # tokens (...) -> (..., D): special ids from special_rows
+            row = self.row_of[x]
+            special = F.embedding(row.clamp_min(0), self.special_rows)
+            return torch.where((row >= 0).unsqueeze(-1), special, F.embedding(x, self.weight))
+        logits = F.linear(x, self.weight)  # hidden (..., D) -> (..., V): the special columns from special_rows
+        return logits.index_copy(-1, self.ids, F.linear(x, self.special_rows).to(logits.dtype))
+
+    @staticmethod
+    def _merge(module, state_dict, prefix, local_metadata) -> None:
+        """State dicts hold one ``weight`` with the special rows in place, as the layer it replaced had."""
+        rows = state_dict.pop(prefix + "special_rows")
+        state_dict[prefix + "weight"] = state_dict[prefix + "weight"].detach().index_copy(0, module.ids, rows.detach())
+
+    @staticmethod
+    def _split(module, state_dict, prefix, *args) -> None:
+        if prefix + "weight" in state_dict and prefix + "special_rows" not in state_dict:
+            weight = state_dict[prefix + "weight"]
+            state_dict[prefix + "special_rows"] = weight[module.ids.to(weight.device)]
+
+
+def freeze_text_weights(model: nn.Module, special_ids=()) -> int:
+    """Stop training the text weights but for the embedding and LM head rows of ``special_ids`` (``SpecialRows``);
+    returns how many parameters stay trainable."""
+    from torch.distributed.tensor import DTensor
+
     for name, p in model.named_parameters():
-        p.requires_grad_(not is_text_weight(name))
+        p.requires_grad_(not is_text_weight(name) or name.endswith(".special_rows"))
+    sharded = any(isinstance(getattr(model, n).weight, DTensor) for n in ("embedding", "lm_head"))
+    if sharded and len(special_ids):  # FSDP2 manages the parameters it sharded: no new ones after it
+        warnings.warn("freeze_text with a sharded model (FSDP2): the special tokens' rows stay frozen too")
+    elif len(special_ids):
+        for name in ("embedding", "lm_head"):
+            layer = getattr(model, name)
+            if not isinstance(layer, SpecialRows):
+                setattr(model, name, SpecialRows(layer, special_ids))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
