@@ -79,7 +79,7 @@ def test_config_maps_llama_fields(llama_dir, tokenizer_path):
                       "max_seq_len": 128, "vocab_size": vocab, "tie_word_embeddings": False,
                       # a plain Llama: the switches of the newer families keep their defaults
                       "n_kv_heads": None, "head_width": None, "qkv_bias": False, "qk_rmsnorm": False,
-                      "rope_scaling": None, "architecture": None}
+                      "rope_type": "default", "architecture": None}
     assert TransformerConfig(**{k: v for k, v in config.items() if k in TransformerConfig.__dataclass_fields__}) \
         == TransformerConfig.from_name("debug", n_layers=2, ffn_dim=176, rope_theta=500.0, max_seq_len=128)
 

@@ -101,7 +101,11 @@ def cached_greedy(model: Transfusion, tokens: torch.Tensor, steps: int) -> tuple
 
 def test_configs_map_the_family_switches(folders):
     shapes = {f: read_llama_config(folders[f][0]) for f in FAMILIES}
-    assert shapes["llama3"]["rope_scaling"] == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert {k: v for k, v in shapes["llama3"].items() if k.startswith("rope_")} == {
+        "rope_theta": 1e4, "rope_type": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 32}
+    assert TransformerConfig(**{k: v for k, v in shapes["llama3"].items() if k in TransformerConfig.__dataclass_fields__}
+                             ).rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
     assert shapes["llama3"]["architecture"] is None and shapes["mistral"]["architecture"] == "MistralForCausalLM"
     assert all(s["n_kv_heads"] == 2 for s in shapes.values())
     assert (shapes["qwen2"]["qkv_bias"], shapes["qwen2"]["tie_word_embeddings"], shapes["qwen2"]["rope_theta"]) == (
@@ -138,7 +142,7 @@ def test_llama3_rope_scaling_changes_the_result(folders, one_thread):
                                hf.model.rotary_emb.inv_freq, atol=0, rtol=0)
     tokens = prompts(1)
     scaled = our_logits(model, tokens)
-    cfg.rope_scaling = None  # the same weights with plain RoPE
+    cfg.rope_type = "default"  # the same weights with plain RoPE
     assert (our_logits(model, tokens) - scaled).abs().max() > 1e-2
 
 
@@ -195,7 +199,7 @@ def test_gqa_config_parameters_and_defaults():
     with pytest.raises(ValueError, match="exclude each other"):
         TransformerConfig(qk_norm=True, qk_rmsnorm=True)
     with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        TransformerConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+        TransformerConfig(rope_type="yarn")
 
 
 @pytest.mark.parametrize("field, value, family", [
@@ -222,3 +226,78 @@ def test_save_refuses_a_switch_the_family_lacks(folders, tmp_path):
     model.cfg.transformer.qk_rmsnorm = True
     with pytest.raises(ValueError, match="qk_rmsnorm=True cannot be saved as MistralForCausalLM"):
         save_llama(model, folders["mistral"][0] / "tokenizer.json", tmp_path)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 4.0},
+                                  LLAMA3_ROPE])
+def test_rope_frequencies_equal_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = transformers.LlamaConfig(**{**COMMON, "head_dim": 32, "rope_parameters": {"rope_theta": 10_000.0, **rope}})
+    expected, attention_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert attention_factor == 1.0
+    torch.testing.assert_close(rope_inv_freq(32, 10_000.0, scaling), expected, atol=0, rtol=0)
+
+
+def test_stored_configs_without_the_new_fields_still_match():
+    """A checkpoint's transfusion_config written before these fields: they count as their defaults (today's block);
+    a config with them set round-trips through the flat form the checkpoints store."""
+    from transfusion.lightning.checkpoint import check_config, flatten_config
+
+    new_fields = ("n_kv_heads", "head_width", "qkv_bias", "qk_rmsnorm", "rope_type", "rope_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len", "architecture")
+    plain = TransfusionConfig(transformer=TransformerConfig.from_name("cpu-small"))
+    old = {k: v for k, v in flatten_config(plain).items() if k.removeprefix("transformer.") not in new_fields}
+    check_config(old, plain, "an old checkpoint")
+    gqa = TransfusionConfig(transformer=TransformerConfig.from_name("cpu-small", n_kv_heads=2, rope_type="llama3",
+                                                                    rope_factor=8.0))
+    check_config(flatten_config(gqa), gqa, "a new checkpoint")
+    with pytest.raises(ValueError, match="transformer.n_kv_heads: checkpoint None != config 2"):
+        check_config(old, gqa, "an old checkpoint")
+
+
+def test_generator_cache_matches_recompute_with_gqa_and_experts(tokenizer_path, autoencoder_ckpt, one_thread):
+    """The mixed-modal generator (text, then an image by diffusion) with grouped-query attention, Qwen3's QK-norm,
+    q/k/v biases and modality experts: the KV cache (K/V heads only) changes nothing."""
+    from transfusion.generation import IMAGE, SamplingOptions, TransfusionGenerator
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    torch.manual_seed(0)
+    module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", modality_experts=True,
+                               transformer={"n_kv_heads": 2, "qk_rmsnorm": True, "qkv_bias": True, "head_width": 8})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as test_mot: non-degenerate text and images from an untrained model
+        for name, p in module.model.named_parameters():
+            if name.startswith(("lm_head", "patch_decoder.proj")) or ".image." in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    model = module.model.double().eval()
+    assert model.transformer.layers[0].image.attention.wqkv.weight.shape == ((4 + 2 * 2) * 8, 64)  # MoT: same shapes
+    outs = []
+    for use_cache in (True, False):
+        options = SamplingOptions(num_steps=3, max_new_tokens=4, cfg_scale=3.0, use_cache=use_cache)
+        generator = TransfusionGenerator(model, module.autoencoder.model.double(), module.tokenizer, options)
+        outs.append(generator.generate([["a large blue square", IMAGE]], seeds=[5], decode=False)[0])
+    assert len(outs[0]) == len(outs[1]) and any(isinstance(a, torch.Tensor) for a in outs[0])
+    for a, b in zip(*outs):
+        if isinstance(a, str):
+            assert a == b
+        else:
+            assert float((a - b).abs().max() / a.abs().max()) < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit internals of the compile
+def test_flex_attention_with_gqa_matches_dense_mask():
+    """FlexAttention (compiled; forward only on CPU) with enable_gqa equals the dense-mask SDPA path."""
+    from test_attention import FB, FDh, FL, flex_batch, flex_or_skip
+
+    from transfusion.models.attention import block_mask
+
+    torch.manual_seed(0)
+    _, doc_ids, image_ids, _ = flex_batch()
+    q, k, v = (torch.randn(FB, h, FL, FDh) for h in (4, 2, 2))
+    out_flex = flex_or_skip(lambda: attend(q, k, v, block_mask(doc_ids, image_ids, block_size=128)))
+    out_dense = attend(q, k, v, dense_mask(doc_ids, image_ids))
+    torch.testing.assert_close(out_flex, out_dense, rtol=0, atol=1e-5)
+    assert out_flex.shape == (FB, 4, FL, FDh)

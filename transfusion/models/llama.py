@@ -83,21 +83,19 @@ def read_llama_config(directory: str | os.PathLike) -> dict:
         refuse("head_dim", f"is needed: hidden_size={dim} is not a multiple of num_attention_heads={n_heads}")
     max_seq_len = config.get("max_position_embeddings", 2048)
     _check_sliding_window(config, max_seq_len, refuse)
-    rope_theta, rope_scaling = _rope(config, max_seq_len, refuse)
     return {
         "n_layers": required("num_hidden_layers"),
         "dim": dim,
         "n_heads": n_heads,
         "ffn_dim": required("intermediate_size"),
         "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
-        "rope_theta": rope_theta,
         "max_seq_len": max_seq_len,
+        **_rope(config, max_seq_len, refuse),  # rope_theta, rope_type and its parameters
         # the defaults (None / False) where the family's attention is the original one: they equal a preset's
         "n_kv_heads": None if n_kv_heads == n_heads else n_kv_heads,
         "head_width": None if dim % n_heads == 0 and head_dim == dim // n_heads else head_dim,
         "qkv_bias": qkv_bias,
         "qk_rmsnorm": qk_rmsnorm,
-        "rope_scaling": rope_scaling,
         "architecture": None if architecture == ARCHITECTURE else architecture,
         "vocab_size": required("vocab_size"),
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
@@ -116,9 +114,9 @@ def _check_sliding_window(config: dict, max_seq_len: int, refuse) -> None:
                                  f"attention; our attention is causal over the whole document")
 
 
-def _rope(config: dict, max_seq_len: int, refuse) -> tuple[float, dict | None]:
-    """The RoPE base and scaling (``TransformerConfig.rope_scaling``): ``rope_parameters`` (transformers 5) or
-    ``rope_theta`` and ``rope_scaling`` (4)."""
+def _rope(config: dict, max_seq_len: int, refuse) -> dict:
+    """``TransformerConfig``'s RoPE fields (base, ``rope_type`` and its parameters) from ``rope_parameters``
+    (transformers 5) or ``rope_theta`` and ``rope_scaling`` (4)."""
     def kind_of(params: dict) -> str:
         return params.get("rope_type", params.get("type", "default"))
 
@@ -134,15 +132,17 @@ def _rope(config: dict, max_seq_len: int, refuse) -> tuple[float, dict | None]:
         refuse("partial_rotary_factor", "partial rotary embeddings are not supported")
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(field, "partial rotary embeddings (partial_rotary_factor) are not supported")
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
-    if kind == "default":
-        return theta, None
-    values = {"original_max_position_embeddings": max_seq_len} if kind == "llama3" else {}
-    values.update({k: params[k] for k in ROPE_SCALING[kind] if k in params})
-    missing = [k for k in ROPE_SCALING[kind] if k not in values]
+    theta = params.get("rope_theta", config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta")))
+    fields = {"rope_theta": float(10_000.0 if theta is None else theta), "rope_type": kind}
+    missing = [k for k in ROPE_SCALING.get(kind, ()) if k not in params and k != "original_max_position_embeddings"]
     if missing:
         refuse(field, f"RoPE type {kind!r} needs {missing}")
-    return theta, {"rope_type": kind, **values}
+    ours = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+            "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_seq_len"}
+    fields.update({ours[k]: params[k] for k in ROPE_SCALING.get(kind, ()) if k in params})
+    if fields.get("rope_original_max_seq_len") == max_seq_len:
+        fields["rope_original_max_seq_len"] = None  # the default
+    return fields
 
 
 def _name_map(n_layers: int, tie_word_embeddings: bool = False, qkv_bias: bool = False,

@@ -5,7 +5,8 @@ hidden states; each model owns its modality-specific inputs and outputs. Switche
 represent current open LLM families exactly (``transfusion.models.llama``): grouped-query attention
 (``n_kv_heads`` key/value heads shared by groups of query heads; caches hold only those), a head width other
 than D / H (``head_width``), q/k/v biases (``qkv_bias``, Qwen2), a per-head RMSNorm on queries and keys
-before RoPE (``qk_rmsnorm``, Qwen3) and RoPE scaling (``rope_scaling``, as ``transformers`` computes it).
+before RoPE (``qk_rmsnorm``, Qwen3) and RoPE scaling (``rope_type`` and its ``rope_*`` parameters, as
+``transformers`` computes it).
 Chameleon's stability changes are switches too: ``qk_norm`` (LayerNorm on queries and keys) and ``norm_reorder``
 (h = x + norm(attn(x)); out = h + norm(ffn(h))). ``modality_experts`` (Mixture-of-Transformers, Liang et al.
 2024) gives image positions their own norms, Q/K/V/O projections and FFN (``Block.image``, a block of the same
@@ -43,10 +44,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
     if kind == "default":
         return inv_freq
     if kind not in ROPE_SCALING:
-        raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported; choose one of {sorted(ROPE_SCALING)}")
+        raise ValueError(f"rope_type {kind!r} is not supported; choose 'default' or one of {sorted(ROPE_SCALING)}")
     missing = [k for k in ROPE_SCALING[kind] if k not in scaling]
     if missing:
-        raise ValueError(f"rope_scaling: rope_type {kind!r} needs {missing}")
+        raise ValueError(f"rope_type {kind!r} needs {missing}")
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind == "dynamic":
@@ -80,7 +81,11 @@ class TransformerConfig:
     head_width: int | None = None  # Dh (None: dim / n_heads)
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
     qk_rmsnorm: bool = False  # per-head RMSNorm (with weights) on q and k before RoPE (Qwen3); not Chameleon's qk_norm
-    rope_scaling: dict | None = None  # transformers' rope_parameters less rope_theta: rope_type llama3 / linear / dynamic
+    rope_type: str = "default"  # RoPE scaling as transformers' rope_parameters: default, llama3, linear or dynamic
+    rope_factor: float = 1.0  # llama3, linear, dynamic: the context extension factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_seq_len: int | None = None  # llama3: the pretraining context (None: max_seq_len)
     architecture: str | None = None  # the Hugging Face class the text weights came from, for export (None: Llama)
 
     def __post_init__(self):
@@ -95,7 +100,7 @@ class TransformerConfig:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.qk_norm and self.qk_rmsnorm:
             raise ValueError("qk_norm (Chameleon's LayerNorm) and qk_rmsnorm (Qwen3's RMSNorm) exclude each other")
-        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # checks rope_scaling
+        rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)  # checks rope_type
         if self.ffn_dim is None:
             self.ffn_dim = self.ffn_multiple_of * math.ceil(8 * self.dim / 3 / self.ffn_multiple_of)
 
@@ -106,6 +111,16 @@ class TransformerConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """The RoPE scaling parameters in transformers' names (None: plain RoPE)."""
+        if self.rope_type == "default":
+            return None
+        names = {"factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+                 "high_freq_factor": self.rope_high_freq_factor,
+                 "original_max_position_embeddings": self.rope_original_max_seq_len or self.max_seq_len}
+        return {"rope_type": self.rope_type, **{k: names[k] for k in ROPE_SCALING.get(self.rope_type, names)}}
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "TransformerConfig":
