@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import transfusion  # noqa: F401  (torchvision shim before transformers)
-from transfusion.flops import flop_parameters
+from transfusion.flops import attention_width, flop_parameters
 from transfusion.models.attention import attend, dense_mask
 from transfusion.models.kv_cache import make_caches
 from transfusion.models.llama import load_llama, read_llama_config, save_llama
@@ -193,6 +193,7 @@ def test_gqa_config_parameters_and_defaults():
     # FLOPs' N counts the smaller K/V projections (and the wider heads): per layer, wqkv + wo + biases
     per_layer = (256 * 64 + 256 + 64 * 128) - (3 * 64 * 64 + 64 * 64)
     assert flop_parameters(model) - flop_parameters(plain) == 2 * per_layer
+    assert attention_width(cfg) == 4 * 32 and attention_width(plain.cfg.transformer) == 64  # score/value matmuls
     assert TransformerConfig().kv_heads == 4 and TransformerConfig().head_dim == 16  # defaults: today's block
     with pytest.raises(ValueError, match="n_kv_heads=3 must divide n_heads=4"):
         TransformerConfig(n_kv_heads=3)
@@ -301,3 +302,36 @@ def test_flex_attention_with_gqa_matches_dense_mask():
     out_dense = attend(q, k, v, dense_mask(doc_ids, image_ids))
     torch.testing.assert_close(out_flex, out_dense, rtol=0, atol=1e-5)
     assert out_flex.shape == (FB, 4, FL, FDh)
+
+
+def test_lmfusion_starts_from_a_llama3_folder_and_exports_it(tmp_path, tokenizer_path, autoencoder_ckpt, one_thread):
+    """``text_model`` with grouped-query attention and llama3 RoPE scaling: the module takes the folder's shape (MoT
+    image weights of the same shapes, copied from the text ones), text logits equal transformers', and the text
+    weights save back as a LlamaForCausalLM folder with the same logits."""
+    from test_llama import make_llama
+
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    source = tmp_path / "llama3"
+    source.mkdir()
+    hf = make_llama(source, tokenizer_path, num_key_value_heads=2, max_position_embeddings=256,
+                    rope_parameters={**LLAMA3_ROPE, "rope_theta": 500.0})
+    module = TransfusionModule(None, autoencoder_ckpt, text_model=str(source), modality_experts=True)
+    assert (module.config.transformer.kv_heads, module.config.transformer.rope_type) == (2, "llama3")
+    module.configure_model()
+    module._load_text_model(str(source))  # what a fresh fit does first
+    params = dict(module.model.named_parameters())
+    assert torch.equal(params["transformer.layers.1.image.attention.wqkv.weight"],
+                       params["transformer.layers.1.attention.wqkv.weight"])
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    V = hf.config.vocab_size
+    with torch.no_grad():
+        reference = hf(tokens).logits
+    model = module.model.eval()
+    torch.testing.assert_close(our_logits(model, tokens)[..., :V], reference, atol=1e-5, rtol=0)
+
+    save_llama(model, module.tokenizer.path, tmp_path / "exported")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits[..., :V], reference, atol=1e-5, rtol=0)
