@@ -335,3 +335,12 @@ def test_lmfusion_starts_from_a_llama3_folder_and_exports_it(tmp_path, tokenizer
     assert type(exported).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(exported(tokens).logits[..., :V], reference, atol=1e-5, rtol=0)
+
+
+def test_transformers_4_rope_fields_read_the_same(folders, tmp_path):
+    """A Llama 3.1 config.json as transformers 4 wrote it (rope_theta and rope_scaling, no rope_parameters)."""
+    config = json.loads((folders["llama3"][0] / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    old = {**config, "rope_theta": params.pop("rope_theta"), "rope_scaling": params}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert read_llama_config(tmp_path) == read_llama_config(folders["llama3"][0])
