@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         r["ratio_to_mha"] = mha["committed_bytes"] / r["committed_bytes"]
-        print(f"| {r['kv_heads']} / {r['n_heads']} | {tuple(r['cache_shape'])} | {r['committed_bytes'] / 2**20:.2f} MiB "
+        print(f"| {r['kv_heads']} / {r['n_heads']} | {tuple(r['cache_shape'])} "
+              f"| {r['committed_bytes'] / 2**20:.2f} MiB "
               f"| {r['allocated_bytes'] / 2**20:.2f} MiB | {r['ratio_to_mha']:.2f}x | {r['kv_projection_params']:,} "
               f"| {r['seconds_per_image']:.2f} |")
     results = {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "rows": rows}

@@ -104,8 +104,8 @@ def test_configs_map_the_family_switches(folders):
     assert {k: v for k, v in shapes["llama3"].items() if k.startswith("rope_")} == {
         "rope_theta": 1e4, "rope_type": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 1.0,
         "rope_high_freq_factor": 4.0, "rope_original_max_seq_len": 32}
-    assert TransformerConfig(**{k: v for k, v in shapes["llama3"].items() if k in TransformerConfig.__dataclass_fields__}
-                             ).rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    fields = TransformerConfig.__dataclass_fields__
+    assert TransformerConfig(**{k: v for k, v in shapes["llama3"].items() if k in fields}).rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
     assert shapes["llama3"]["architecture"] is None and shapes["mistral"]["architecture"] == "MistralForCausalLM"
     assert all(s["n_kv_heads"] == 2 for s in shapes.values())
     assert (shapes["qwen2"]["qkv_bias"], shapes["qwen2"]["tie_word_embeddings"], shapes["qwen2"]["rope_theta"]) == (

@@ -133,7 +133,8 @@ class TransfusionModule(GenerativeModule):
         )
         with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
             params = flop_parameters(Transfusion(self.config))
-        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers, attention_width(self.config.transformer))
+        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers,
+                                        attention_width(self.config.transformer))
         self.eval_lm_loss, self.eval_ddpm_loss = MeanMetric(), MeanMetric()
         self.eval_ddpm_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(TIMESTEP_BUCKETS))
 

@@ -137,8 +137,8 @@ def _rope(config: dict, max_seq_len: int, refuse) -> dict:
     missing = [k for k in ROPE_SCALING.get(kind, ()) if k not in params and k != "original_max_position_embeddings"]
     if missing:
         refuse(field, f"RoPE type {kind!r} needs {missing}")
-    ours = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
-            "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_seq_len"}
+    ours = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor", "high_freq_factor":
+            "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_seq_len"}
     fields.update({ours[k]: params[k] for k in ROPE_SCALING.get(kind, ()) if k in params})
     if fields.get("rope_original_max_seq_len") == max_seq_len:
         fields["rope_original_max_seq_len"] = None  # the default
@@ -324,8 +324,8 @@ def save_llama(model, tokenizer_path: str | os.PathLike, directory: str | os.Pat
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     name = TOKENIZER if tokenizer_path.suffix == ".model" else TOKENIZER_JSON
-    copies = [(tokenizer_path, directory / name)] + [(tokenizer_path.parent / f, directory / f) for f in SPECIAL_FILES
-                                                      if name == TOKENIZER_JSON and (tokenizer_path.parent / f).is_file()]
+    beside = [f for f in SPECIAL_FILES if name == TOKENIZER_JSON and (tokenizer_path.parent / f).is_file()]
+    copies = [(tokenizer_path, directory / name)] + [(tokenizer_path.parent / f, directory / f) for f in beside]
     for source, target in copies:
         if not target.exists() or not target.samefile(source):
             shutil.copyfile(source, target)
