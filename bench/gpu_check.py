@@ -12,7 +12,9 @@ traceback, and the exit status is 1):
    ``dense_mask``) on one packed batch (4 documents a row, 2 images of 256 patches each, a padded tail),
    forward and backward, fp32 and bf16; both against float64 SDPA on the same inputs. Error = max |x - ref| /
    max |ref| over the output and the gradients of q, k and v; tolerances 1e-4 (fp32), 5e-2 (bf16). Times are
-   the median forward and forward + backward milliseconds. (No FlexAttention backward exists on CPU.)
+   the median forward and forward + backward milliseconds. (No FlexAttention backward exists on CPU.) On CUDA,
+   both again with grouped-query attention (``enable_gqa``: H / 4 K/V heads against the float64 reference over
+   them repeated to H).
 2. ``training``: ``TransfusionModule`` under a Lightning ``Trainer`` with ``precision="bf16-mixed"`` on rows of
    4096 positions laid out as above (the paper's 32x32x8 latents, patch 2): the 0.16B preset without and with
    ``compile`` (each block), and the 0.37B preset under ``FSDP2Strategy`` on one device. Median step time after
@@ -249,7 +251,43 @@ def check_attention(report: Report, sizes: Sizes, device: torch.device) -> None:
             diff = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(results["flex"], results["sdpa"])]
             report.row("attention", f"FlexAttention vs SDPA {name}", "max rel diff " + "/".join(f"{d:.1e}" for d in diff),
                        f"<= {2 * TOLERANCE[dtype]:g}", max(diff) <= 2 * TOLERANCE[dtype])
+    if device.type == "cuda":  # grouped-query attention (a further compile: not in the CPU dry run)
+        check_gqa_attention(report, masks, q, k, v, dout)
     report.row("attention", "layout", layout)
+
+
+def check_gqa_attention(report: Report, masks: dict, q, k, v, dout) -> None:
+    """FlexAttention and SDPA with ``enable_gqa`` (H / 4 K/V heads, never repeated) against float64 SDPA over the K/V
+    heads repeated to H, forward and backward."""
+    from transfusion.models.attention import attend
+
+    groups = next(g for g in (4, 2, 1) if q.shape[1] % g == 0)
+
+    k, v = k[:, ::groups].contiguous(), v[:, ::groups].contiguous()  # (B, H / groups, L, Dh)
+
+    def forward_backward(kind: str, dtype: torch.dtype):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+        if kind == "ref":
+            out = F.scaled_dot_product_attention(leaves[0], *(x.repeat_interleave(groups, 1) for x in leaves[1:]),
+                                                 attn_mask=masks["sdpa"])
+        else:
+            out = attend(*leaves, masks[kind])
+        out.backward(dout.to(dtype))
+        return [out.double()] + [x.grad.double() for x in leaves]
+
+    reference = forward_backward("ref", torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for kind in ("flex", "sdpa"):
+            with report.section("attention", f"{kind} gqa {name}"):
+                errors = [float((a - b).abs().max() / b.abs().max())
+                          for a, b in zip(forward_backward(kind, dtype), reference)]
+                report.details["attention"]["runs"].append({"kernel": f"{kind} gqa", "dtype": name,
+                                                            "errors_out_dq_dk_dv": errors})
+                report.row("attention", f"{'FlexAttention' if kind == 'flex' else 'SDPA'} GQA ({q.shape[1]} query / "
+                           f"{k.shape[1]} K/V heads) {name}", "error vs float64 out/dq/dk/dv "
+                           + "/".join(f"{e:.1e}" for e in errors), f"<= {TOLERANCE[dtype]:g}",
+                           max(errors) <= TOLERANCE[dtype])
 
 
 # ---------------------------------------------------------------------------------------- 2. training

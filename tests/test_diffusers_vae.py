@@ -227,8 +227,8 @@ def test_fit_generate_export_and_from_pretrained_with_a_diffusers_vae(tmp_path, 
 
     # the latent cache: made with the folder, trained from, refused once the folder's scaling changes
     main(["cache-latents", *args, "--output", str(tmp_path / "latents"), "--batch_size", "8"])
-    meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
-    assert meta["kind"] == "latents" and meta["latent_shape"] == [16, 8, 8]
+    meta = json.loads((tmp_path / "latents" / "train" / "index.json").read_text())  # a shard set per split
+    assert meta["image"] == "latents" and meta["latent_shape"] == [16, 8, 8]
     assert meta["autoencoder_fingerprint"] == module.autoencoder_fingerprint
     cached = ["--data.init_args.latent_cache", str(tmp_path / "latents"), "--trainer.max_steps", "1",
               "--trainer.val_check_interval", "1"]
@@ -267,6 +267,6 @@ def test_chameleon_fit_generate_export_and_code_cache_with_a_diffusers_vqmodel(t
     assert torch.equal(ChameleonModule.from_pretrained(out).generate_images(captions, seeds), images)
 
     main(["cache-latents", *args, "--output", str(tmp_path / "codes"), "--batch_size", "8"])
-    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
-    assert meta["kind"] == "codes" and meta["latent_shape"] == [64]
+    meta = json.loads((tmp_path / "codes" / "train" / "index.json").read_text())
+    assert meta["image"] == "codes" and meta["latent_shape"] == [64]
     assert meta["autoencoder_fingerprint"] == module.autoencoder_fingerprint

@@ -76,7 +76,12 @@ def test_config_maps_llama_fields(llama_dir, tokenizer_path):
     config = read_llama_config(llama_dir)
     vocab = spm.SentencePieceProcessor(model_file=tokenizer_path).get_piece_size()
     assert config == {"n_layers": 2, "dim": 64, "n_heads": 4, "ffn_dim": 176, "norm_eps": 1e-5, "rope_theta": 500.0,
-                      "max_seq_len": 128, "vocab_size": vocab, "tie_word_embeddings": False}
+                      "max_seq_len": 128, "vocab_size": vocab, "tie_word_embeddings": False,
+                      # a plain Llama: the switches of the newer families keep their defaults
+                      "n_kv_heads": None, "head_width": None, "qkv_bias": False, "qk_rmsnorm": False,
+                      "rope_type": "default", "architecture": None}
+    assert TransformerConfig(**{k: v for k, v in config.items() if k in TransformerConfig.__dataclass_fields__}) \
+        == TransformerConfig.from_name("debug", n_layers=2, ffn_dim=176, rope_theta=500.0, max_seq_len=128)
 
 
 def test_logits_match_hugging_face(llama_dir, one_thread):
@@ -146,15 +151,17 @@ def test_missing_and_unexpected_tensors_named(llama_dir):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("num_key_value_heads", 2),
-    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}),
+    ("num_key_value_heads", 3),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "longrope", "rope_theta": 500.0, "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}),  # no low/high_freq_factor
+    ("partial_rotary_factor", 0.5),
     ("attention_bias", True),
     ("mlp_bias", True),
     ("hidden_act", "gelu"),
-    ("head_dim", 32),
-    ("model_type", "mistral"),
+    ("model_type", "gemma"),
     ("architectures", ["LlamaModel"]),
+    ("architectures", ["MistralForCausalLM"]),
 ])
 def test_refusals_name_the_field(llama_dir, tmp_path, field, value):
     config = json.loads((llama_dir / "config.json").read_text())

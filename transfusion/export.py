@@ -3,8 +3,9 @@
 The module the checkpoint holds is loaded and written with its ``save_pretrained`` (``transfusion.lightning.hub``):
 ``model.safetensors``, ``config.json``, ``tokenizer.model`` and a model card. ``Module.from_pretrained(DIR)`` loads
 it back without unpickling anything; ``push_to_hub`` publishes it. Optimizer state is not exported: to continue
-training, use the checkpoint. ``--llama`` writes a Transfusion model's text weights as a Hugging Face Llama folder
-instead (``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from.
+training, use the checkpoint. ``--llama`` (alias ``--text_model``) writes a Transfusion model's text weights as a
+Hugging Face causal-LM folder instead, in the family layout it was started from (Llama, Mistral, Qwen2, Qwen3;
+``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from, and what ``transformers`` reads.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _load_class(class_path: str):
 
 def export(ckpt_path: str | Path, output: str | Path, llama: bool = False) -> Path:
     """Write the module of a Lightning checkpoint to ``output`` with ``save_pretrained`` (``llama``: its text weights
-    in the Hugging Face Llama layout); ``output``."""
+    as a Hugging Face causal-LM folder of its family); ``output``."""
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
@@ -67,8 +68,10 @@ def export_main(argv: list[str]) -> None:
                                      "safetensors, with config.json (and tokenizer.model) beside them.")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `transfusion fit`")
     parser.add_argument("--output", required=True, help="folder to write (created if missing)")
-    parser.add_argument("--llama", action="store_true", help="a Transfusion model's text weights as a Hugging Face "
-                        "Llama folder (config.json, model.safetensors, tokenizer.model), for --model.init_args.text_model")
+    parser.add_argument("--llama", "--text_model", dest="llama", action="store_true", help="a Transfusion model's "
+                        "text weights as a Hugging Face causal-LM folder in the layout of the family it started from "
+                        "(Llama, Mistral, Qwen2, Qwen3: config.json, model.safetensors, the tokenizer), for "
+                        "--model.init_args.text_model or transformers")
     args = parser.parse_args(argv)
     try:
         output = export(args.ckpt_path, args.output, llama=args.llama)

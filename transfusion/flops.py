@@ -8,7 +8,9 @@ not counted a second time, so MoT and the dense model of the same size have the 
 patches (Transfusion) or image codes (Chameleon), not padding. 6 = 2 (multiply-add) x 3 (forward +
 backward). The exact variant adds attention scores and weighted sums, which 6ND leaves out:
 12 * layers * width FLOPs for each (query, key) pair attention allows (forward 2 matmuls of 2 FLOPs per
-pair and channel, x3 with backward).
+pair and channel, x3 with backward), the width being the query heads' H * Dh (``attention_width``: D unless the
+head width is set apart). Grouped-query attention shares each key/value head among H / Hkv query heads: N counts
+its smaller K/V projections, while the score and value matmuls still run for every query head.
 
 ``FlopCounter`` keeps the running totals in buffers, so they are in every checkpoint and survive resume.
 
@@ -37,6 +39,11 @@ def training_flops(params: int, tokens: int) -> float:
     return 6.0 * params * tokens
 
 
+def attention_width(cfg) -> int:
+    """Channels of attention's score and value matmuls for a ``TransformerConfig``: H * Dh (query heads)."""
+    return cfg.n_heads * cfg.head_dim
+
+
 def attention_flops(n_layers: int, dim: int, pairs: int) -> float:
     """Training FLOPs of attention's score and value matmuls over ``pairs`` allowed (query, key) pairs."""
     return 12.0 * n_layers * dim * pairs
@@ -56,7 +63,8 @@ def attention_pairs(doc_ids: torch.Tensor, image_ids: torch.Tensor, real: torch.
 
 
 class FlopCounter(nn.Module):
-    """Running totals of positions and attention pairs trained on; ``flops`` is 6 * N * D."""
+    """Running totals of positions and attention pairs trained on; ``flops`` is 6 * N * D (``dim``: the attention
+    width, ``attention_width``)."""
 
     def __init__(self, params: int, n_layers: int, dim: int):
         super().__init__()

@@ -12,7 +12,7 @@ import math
 import torch
 
 from transfusion.data.tokenizer import Tokenizer
-from transfusion.flops import FlopCounter, flop_parameters
+from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation import ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
 from transfusion.lightning.generative import GenerativeModule
@@ -61,7 +61,7 @@ class ChameleonModule(GenerativeModule):
         )
         self.model = Chameleon(self.config)
         self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
-                                        self.config.transformer.dim)  # N: the transformer body
+                                        attention_width(self.config.transformer))  # N: the transformer body
 
     @property
     def positions_per_image(self) -> int:

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from transfusion.data.tokenizer import Tokenizer, find_tokenizer
-from transfusion.flops import FlopCounter, flop_parameters
+from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.generation.transfusion import check_sampler
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
@@ -143,7 +143,8 @@ class TransfusionModule(GenerativeModule):
         )
         with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
             params = flop_parameters(Transfusion(self.config))
-        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers, self.config.transformer.dim)
+        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers,
+                                        attention_width(self.config.transformer))
         self.eval_lm_loss, self.eval_ddpm_loss = MeanMetric(), MeanMetric()
         self.eval_ddpm_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(TIMESTEP_BUCKETS))
 

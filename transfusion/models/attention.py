@@ -7,7 +7,8 @@ serves any number of images and packed documents per row. Two implementations sh
 * ``dense_mask``: a boolean (B, 1, L, L) mask for ``scaled_dot_product_attention`` (CPU, reference);
 * ``block_mask``: a FlexAttention ``BlockMask`` (GPU, compiled; skips fully masked blocks).
 
-Legend: B batch rows, L sequence length, H heads, Dh head width.
+Legend: B batch rows, L sequence length, H heads, Hkv key/value heads (grouped-query attention: each serves H / Hkv
+query heads; the keys and values are never repeated to H heads), Dh head width.
 ``doc_ids`` (B, L): document of each token (padding gets its own id). ``image_ids`` (B, L): image of
 each patch, -1 for text; image ids are unique within a row.
 """
@@ -80,15 +81,17 @@ class RowGroups:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Attention over (B, H, L, Dh) tensors with a dense boolean mask, ``RowGroups`` of one, or a BlockMask."""
+    """Attention of q (B, H, Lq, Dh) over k, v (B, Hkv, L, Dh) with a dense boolean mask, ``RowGroups`` of one, or a
+    BlockMask."""
     if isinstance(mask, RowGroups):
         return torch.cat([attend(q[a:b], k[a:b, :, s:], v[a:b, :, s:], mask.mask[a:b, :, :, s:])
                           for a, b, s in mask.groups])
     if isinstance(mask, torch.Tensor) and q.device.type == "cpu" and q.shape[2] >= 2 * QUERY_CHUNK:
         return chunked_attention(q, k, v, mask)
+    gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, torch.Tensor) or mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return _compiled_flex_attention()(q, k, v, block_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 def chunked_attention(q, k, v, mask: torch.Tensor, chunk: int = QUERY_CHUNK) -> torch.Tensor:
@@ -104,7 +107,7 @@ def chunked_attention(q, k, v, mask: torch.Tensor, chunk: int = QUERY_CHUNK) -> 
         seen = rows.flatten(0, 2).any(0).nonzero()  # keys any query of the chunk attends
         k0, k1 = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, k.shape[2])
         out.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k[:, :, k0:k1], v[:, :, k0:k1],
-                                                  attn_mask=rows[..., k0:k1]))
+                                                  attn_mask=rows[..., k0:k1], enable_gqa=k.shape[1] != q.shape[1]))
     return torch.cat(out, dim=2)
 
 

@@ -1,6 +1,7 @@
 """Key/value cache for one attention layer, in a preallocated buffer.
 
-Called by ``Attention.forward`` with the new positions' keys and values (B, H, Lq, Dh); writes them after the
+Called by ``Attention.forward`` with the new positions' keys and values (B, Hkv, Lq, Dh): with grouped-query
+attention only the Hkv key/value heads are stored, never repeated to the H query heads; writes them after the
 cached ones and returns views of all of them (no concatenation: a decoding step copies only its own Lq
 positions). With ``commit`` False (a diffusion step over noisy patches) the new entries are written past the
 committed length but not counted, so the next call overwrites them: noisy states never enter the cache.
@@ -16,7 +17,7 @@ MIN_CAPACITY = 256
 
 class KVCache:
     def __init__(self):
-        self.k: torch.Tensor | None = None  # (B, H, capacity, Dh); positions [0, len) are committed
+        self.k: torch.Tensor | None = None  # (B, Hkv, capacity, Dh); positions [0, len) are committed
         self.v: torch.Tensor | None = None
         self.length = 0
         self.commit = True
