@@ -280,3 +280,44 @@ def test_sigkill_then_resume_streams_the_same_losses(tmp_path, tokenizer_path, a
     assert min(_losses(killed_root, "1")) == saved["global_step"]  # continued from the checkpoint
     for step, values in after.items():
         assert set(values) == set(reference[step]), (step, values, reference[step])
+
+
+def test_datamodule_holds_out_validation_and_serves_evaluation(tmp_path):
+    from transfusion.data.shards import StreamingDataModule
+
+    write_set(tmp_path / "pairs", [6, 5, 4])
+    dm = StreamingDataModule([{"url": str(tmp_path / "pairs"), "weight": 1.0}], seq_len=48, batch_size=2,
+                             rows_per_epoch=6, val_rows=2, layout=LAYOUT)
+    dm.setup("fit")
+    assert dm.train_set.sources[0].shards.samples == [6, 5] and dm.val_shards.samples == [4]  # last shard held out
+    assert len(dm.val_set) == 2 and all(r["images"].shape[1:] == (3, 8, 8) for r in dm.val_set)
+    examples = dm.evaluation_examples(3)
+    assert [e["caption"] for e in examples] == ["sample 11", "sample 12", "sample 13"]
+    assert examples[0]["image"].shape == (3, 8, 8) and examples[0]["references"] == ["sample 11", "picture 11"]
+    assert [p["kind"] for p in next(iter(dm.predict_dataloader()))] == ["text-to-image", "image-to-text"]
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3 and "stream" in batches[0]
+    for batch in batches:  # what Lightning does before each step: the position is recorded, the batch stripped
+        assert "stream" not in dm.on_before_batch_transfer(batch, 0)
+    assert dm._position["batch"] == 3 and dm.realised["rows"] == {str(tmp_path / "pairs"): 1.0}
+    with pytest.raises(ValueError, match="2 processes x 1 data workers, this run has 1 x 1"):
+        dm.load_state_dict({"world_size": 2, "workers": 1, "positions": [{}, {}]})
+
+
+def test_latents_of_another_autoencoder_are_refused(tmp_path):
+    from transfusion.data.shards import StreamingDataModule
+
+    write_set(tmp_path / "latents", [3, 3], image="latents", fingerprint="a" * 64)
+    layout = SequenceLayout(tokenizer=TOK, patches_per_image=4, image_size=8, autoencoder_fingerprint="b" * 64)
+    dm = StreamingDataModule([str(tmp_path / "latents")], seq_len=48, batch_size=2, rows_per_epoch=4, layout=layout)
+    with pytest.raises(ValueError, match="holds latents of another autoencoder .*aaaaaaaaaaaa"):
+        dm.setup("fit")
+    layout.autoencoder_fingerprint = "a" * 64
+    dm.setup("fit")
+    assert dm.val_set[0]["images"].shape[1:] == (4, 2, 2)
+    with pytest.raises(NotImplementedError, match="interleaved-document"):
+        write_set(tmp_path / "docs", [2], content="pairs")
+        import json
+        index = json.loads((tmp_path / "docs" / "index.json").read_text())
+        (tmp_path / "docs" / "index.json").write_text(json.dumps({**index, "content": "documents"}))
+        Consumer([Source("d", 1.0, open_shard_set(str(tmp_path / "docs")))], _ctx(), 0, 1)
