@@ -321,3 +321,27 @@ def test_latents_of_another_autoencoder_are_refused(tmp_path):
         index = json.loads((tmp_path / "docs" / "index.json").read_text())
         (tmp_path / "docs" / "index.json").write_text(json.dumps({**index, "content": "documents"}))
         Consumer([Source("d", 1.0, open_shard_set(str(tmp_path / "docs")))], _ctx(), 0, 1)
+
+
+def test_transient_read_errors_are_retried_then_name_the_shard(tmp_path, monkeypatch):
+    import transfusion.data.shards.stream as stream
+
+    write_set(tmp_path / "set", [4, 4])
+    shard_set = open_shard_set(str(tmp_path / "set"))
+    real_open, calls = stream._open, []
+
+    def flaky(url, options, failures):
+        calls.append(url)
+        if len(calls) <= failures:
+            raise ConnectionResetError("connection reset by peer")
+        return real_open(url, options)
+
+    reference = _rows(Consumer([Source("p", 1.0, shard_set)], _ctx(), 0, 1), 2)
+    monkeypatch.setattr(stream.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(stream, "_open", lambda url, options: flaky(url, options, 2))
+    for a, b in zip(reference, _rows(Consumer([Source("p", 1.0, shard_set)], _ctx(), 0, 1), 2)):
+        assert torch.equal(a["tokens"], b["tokens"])  # 2 failures, then read as if nothing happened
+    calls.clear()
+    monkeypatch.setattr(stream, "_open", lambda url, options: flaky(url, options, 99))
+    with pytest.raises(OSError, match=r"shard .*shard-00000[01].tar: read failed 4 times \(ConnectionResetError"):
+        _rows(Consumer([Source("p", 1.0, shard_set)], _ctx(), 0, 1), 2)

@@ -31,6 +31,11 @@ from transfusion.data.shards.format import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, 
                                             parse_index, read_array, split_member)
 
 RETRIES = 3  # attempts after the first, with backoff 0.5 s, 1 s, 2 s
+try:  # fsspec's http filesystem lets some aiohttp errors through unwrapped
+    from aiohttp import ClientError as _ClientError
+except ImportError:  # pragma: no cover
+    _ClientError = OSError
+TRANSIENT = (OSError, TimeoutError, _ClientError)  # FileNotFoundError excepted: a missing shard is no glitch
 
 
 class TruncatedRecord(Exception):
@@ -71,7 +76,7 @@ def retry(action, what: str, attempts: int = RETRIES):
             return action()
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{what}: not found ({error})") from None
-        except (OSError, TimeoutError) as error:  # aiohttp / botocore errors are wrapped as OSError by fsspec
+        except TRANSIENT as error:
             if attempt == attempts:
                 raise OSError(f"{what}: read failed after {attempts + 1} attempts ({type(error).__name__}: {error})") from error
             time.sleep(0.5 * 2 ** attempt)
@@ -183,7 +188,7 @@ def read_records(shard_set: ShardSet, shard: int, first: int, end: int):
             return
         except FileNotFoundError:
             raise FileNotFoundError(f"shard {url} is missing (listed in the set {shard_set.name!r})") from None
-        except (OSError, TimeoutError) as error:
+        except TRANSIENT as error:
             failures += 1
             if failures > RETRIES:
                 raise OSError(f"shard {url}: read failed {failures} times ({type(error).__name__}: {error})") from error
