@@ -46,8 +46,8 @@ class StreamingDataModule(RowsDataModule):
             sources: shard sets to train on: ``{"url": folder URL with index.json | glob | [shard URLs], "weight": w,
                 "name": optional}`` or just the URL (weight 1). Contents ``pairs`` or ``text``.
             val: the validation shard set (pairs); None holds out the last shard of the first pair source.
-            text_file: a local one-document-per-line text file (``transfusion.data.text``) mixed in with
-                ``text_weight``; its last 10% of documents are held out for perplexity.
+            text_file: a local one-document-per-line text file (``transfusion.data.text``; None: the embedded news
+                corpus) mixed in with ``text_weight`` (0: none); its last 10% of documents are held out for perplexity.
             rows_per_epoch: rows of one Trainer epoch over all processes; the data streams on, pass after pass.
             strict: raise at the first bad record instead of counting and skipping it.
             storage_options: fsspec options (credentials, endpoint) for every URL.
@@ -57,8 +57,8 @@ class StreamingDataModule(RowsDataModule):
         for name in ("seq_len", "batch_size", "rows_per_epoch", "val_rows"):
             if not isinstance(self.hparams[name], int) or self.hparams[name] < 1:
                 raise ValueError(f"data option {name} must be an integer >= 1, got {self.hparams[name]!r}")
-        if not sources and not (text_file and text_weight > 0):
-            raise ValueError("data option sources: no shard set to train on")
+        if not sources:
+            raise ValueError("data option sources: no shard set to train on (give [{url: FOLDER, weight: 1.0}, ...])")
         self.source_specs = [s if isinstance(s, dict) else {"url": s} for s in sources]
         for spec in self.source_specs:
             if "url" not in spec or float(spec.get("weight", 1.0)) <= 0:
@@ -118,10 +118,11 @@ class StreamingDataModule(RowsDataModule):
         elif pair_sets:
             raise ValueError(f"shard set {pair_sets[0].name!r} has one shard: pass data option `val` (a validation set)")
         val_text = None
-        if hp.text_file is not None and hp.text_weight > 0:
+        if hp.text_weight > 0:
             train_docs, val_docs = split_documents(read_documents(hp.text_file))
             val_text = token_stream(val_docs, self.layout.tokenizer)
-            sources.append(Source(hp.text_file, hp.text_weight, tokens=token_stream(train_docs, self.layout.tokenizer)))
+            sources.append(Source(hp.text_file or "embedded text", hp.text_weight,
+                                  tokens=token_stream(train_docs, self.layout.tokenizer)))
         self.heldout_text = val_text
         self.names = [s.name for s in sources]
         shape, dtype = self._image_shape(pair_sets[0] if pair_sets else None)
