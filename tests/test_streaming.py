@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shard_writer import png, write_set  # noqa: E402
+from shard_writer import write_set  # noqa: E402
 from test_reliability import _env, _finish, _losses  # noqa: E402
 
 from transfusion.data.pairs import BadDataWarning  # noqa: E402

@@ -15,11 +15,10 @@ stopped. Resuming with another number of processes or workers is refused: the sh
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from transfusion.data.datamodule import RowsDataModule
@@ -30,8 +29,6 @@ from transfusion.data.shards.rows import Consumer, RowContext, Source, Streaming
 from transfusion.data.shards.stream import ShardSet, open_shard_set, read_records, record_captions, record_image
 from transfusion.data.text import read_documents, split_documents, token_stream
 from transfusion.images import IMAGE
-
-log = logging.getLogger(__name__)
 
 
 class StreamingDataModule(RowsDataModule):
@@ -81,9 +78,9 @@ class StreamingDataModule(RowsDataModule):
         if shard_set.content == "pairs" and shard_set.image != "pixels" and fingerprint is not None \
                 and shard_set.autoencoder_fingerprint != fingerprint:
             made = shard_set.autoencoder_fingerprint
-            raise ValueError(f"shard set {shard_set.name!r} holds {shard_set.image} of another autoencoder (fingerprint "
-                             f"{(made or 'unknown')[:12]}..., this model's is {fingerprint[:12]}...); re-encode it with "
-                             "`transfusion shards` or train from pixels")
+            raise ValueError(f"shard set {shard_set.name!r} holds {shard_set.image} of another autoencoder "
+                             f"(fingerprint {(made or 'unknown')[:12]}..., this model's is {fingerprint[:12]}...); "
+                             "re-encode it with `transfusion shards` or train from pixels")
 
     def _image_shape(self, shard_set: ShardSet | None) -> tuple[tuple, torch.dtype]:
         size = self.layout.image_size
@@ -100,7 +97,8 @@ class StreamingDataModule(RowsDataModule):
         if self.train_set is not None:
             return
         self._resolve_layout()
-        hp, options = self.hparams, hp_options(self.hparams)
+        hp = self.hparams
+        options = dict(hp.storage_options or {})
         sources = []
         for spec in self.source_specs:
             shard_set = open_shard_set(spec["url"], options)
@@ -116,7 +114,8 @@ class StreamingDataModule(RowsDataModule):
                                        first.autoencoder_fingerprint, first.shards[-1:], first.samples[-1:], options)
             first.shards, first.samples = first.shards[:-1], first.samples[:-1]
         elif pair_sets:
-            raise ValueError(f"shard set {pair_sets[0].name!r} has one shard: pass data option `val` (a validation set)")
+            raise ValueError(f"shard set {pair_sets[0].name!r} has one shard: pass data option `val` "
+                             "(a validation set)")
         val_text = None
         if hp.text_weight > 0:
             train_docs, val_docs = split_documents(read_documents(hp.text_file))
@@ -177,8 +176,8 @@ class StreamingDataModule(RowsDataModule):
                 skipped[reason] = skipped.get(reason, 0) + count
         self.realised = {"rows": {n: r / max(sum(rows), 1) for n, r in zip(self.names, rows)},
                          "tokens": {n: t / max(sum(tokens), 1) for n, t in zip(self.names, tokens)}, "skipped": skipped}
-        log.info("streamed data, this rank so far: row shares %s, token shares %s, skipped %s",
-                 self.realised["rows"], self.realised["tokens"], skipped or "none")
+        rank_zero_info(f"streamed data, rank 0 so far: row shares {self.realised['rows']}, token shares "
+                       f"{self.realised['tokens']}, skipped {skipped or 'none'}")
 
     def state_dict(self) -> dict:
         trainer = self.trainer
@@ -211,7 +210,8 @@ class StreamingDataModule(RowsDataModule):
         """The first ``num`` usable validation pairs: ``{"image": (3, H, W) in [-1, 1], "caption", "references"}``."""
         shard_set = self.val_shards
         if shard_set is None or shard_set.image != "pixels":
-            raise ValueError("image metrics and predict prompts need a validation set of pixel shards (data option val)")
+            raise ValueError("image metrics and predict prompts need a validation set of pixel shards "
+                             "(data option val)")
         examples = []
         for shard in range(len(shard_set.shards)):
             for _, raw in read_records(shard_set, shard, 0, shard_set.samples[shard]):
@@ -241,7 +241,3 @@ class StreamingDataModule(RowsDataModule):
                 records.append({"prompt": [example["image"]], "reference": example["references"],
                                 "max_new_tokens": None, "kind": "image-to-text"})
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
-
-
-def hp_options(hp) -> dict:
-    return dict(hp.storage_options or {})

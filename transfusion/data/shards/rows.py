@@ -69,7 +69,8 @@ def records(shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int,
         for shard, first, end, position in consumer_slices(shard_set, ctx.seed, p, lo + offset, hi):
             base = shard_set.first_index(shard)
             for number, raw in read_records(shard_set, shard, first, end):
-                where = f"{shard_set.shards[shard]} record {number}" + (f" (key {raw['key']})" if isinstance(raw, dict) else "")
+                where = f"{shard_set.shards[shard]} record {number}"
+                where += f" (key {raw['key']})" if isinstance(raw, dict) else ""
                 if isinstance(raw, TruncatedRecord):
                     skips.skip(where, str(raw))
                     continue
@@ -218,7 +219,8 @@ class Source:
 class Consumer:
     """Consumer ``c`` of ``C``: per row, a source drawn by (seed, c, row number), its realised shares counted."""
 
-    def __init__(self, sources: list[Source], ctx: RowContext, consumer: int, consumers: int, state: dict | None = None):
+    def __init__(self, sources: list[Source], ctx: RowContext, consumer: int, consumers: int,
+                 state: dict | None = None):
         state = state or {}
         self.sources, self.ctx, self.consumer, self.consumers = sources, ctx, consumer, consumers
         self.rows = state.get("rows", 0)
@@ -264,7 +266,8 @@ class StreamingRows(IterableDataset):
     def __init__(self, sources: list[Source], ctx: RowContext, batch_size: int, batches_per_epoch: int,
                  rank: int = 0, world_size: int = 1, workers: int = 1, position: dict | None = None):
         self.sources, self.ctx, self.batch_size = sources, ctx, batch_size
-        self.batches_per_epoch, self.rank, self.world_size, self.workers = batches_per_epoch, rank, world_size, max(workers, 1)
+        self.batches_per_epoch, self.rank, self.world_size = batches_per_epoch, rank, world_size
+        self.workers = max(workers, 1)
         self.position = position if position is not None else {"batch": 0, "slots": {}}
 
     def __len__(self) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import posixpath
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -78,14 +77,16 @@ def retry(action, what: str, attempts: int = RETRIES):
             raise FileNotFoundError(f"{what}: not found ({error})") from None
         except TRANSIENT as error:
             if attempt == attempts:
-                raise OSError(f"{what}: read failed after {attempts + 1} attempts ({type(error).__name__}: {error})") from error
+                raise OSError(f"{what}: read failed after {attempts + 1} attempts "
+                              f"({type(error).__name__}: {error})") from error
             time.sleep(0.5 * 2 ** attempt)
 
 
 def open_shard_set(source: str | list[str], storage_options: dict | None = None) -> ShardSet:
     """A shard set from a folder URL with ``index.json``, a glob of shard URLs, or a list of them."""
     options = dict(storage_options or {})
-    if isinstance(source, str) and not any(ch in source for ch in "*?[") and not source.endswith(tuple(SHARD_EXTENSIONS.values())):
+    shard_file = tuple(SHARD_EXTENSIONS.values())
+    if isinstance(source, str) and not any(ch in source for ch in "*?[") and not source.endswith(shard_file):
         folder = source.rstrip("/")
         fs, path = _fs(folder, options)
         index_path = f"{path.rstrip('/')}/{INDEX}"
@@ -94,8 +95,9 @@ def open_shard_set(source: str | list[str], storage_options: dict | None = None)
                                     "or pass a glob or list of shard URLs)")
         text = retry(lambda: fs.cat_file(index_path).decode("utf-8"), f"{folder}/{INDEX}")
         index = parse_index(text, f"{folder}/{INDEX}")
+        shards = index["shards"]
         return ShardSet(folder, index["kind"], index["content"], index["image"], index.get("autoencoder_fingerprint"),
-                        [f"{folder}/{s['path']}" for s in index["shards"]], [s["samples"] for s in index["shards"]], options)
+                        [f"{folder}/{s['path']}" for s in shards], [s["samples"] for s in shards], options)
     urls = []
     for item in [source] if isinstance(source, str) else list(source):
         if any(ch in item for ch in "*?["):
@@ -155,7 +157,7 @@ def pass_order(num_shards: int, seed: int, pass_: int) -> np.ndarray:
     return np.random.default_rng([seed, pass_, 0x5A4D]).permutation(num_shards)
 
 
-def consumer_slices(shard_set: ShardSet, seed: int, pass_: int, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+def consumer_slices(shard_set: ShardSet, seed: int, pass_: int, start: int, stop: int) -> list[tuple]:
     """[(shard, first record, end record, pass position of the first)] that cover positions [start, stop) of a pass."""
     order = pass_order(len(shard_set.shards), seed, pass_)
     sizes = [shard_set.samples[s] for s in order]
