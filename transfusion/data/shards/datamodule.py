@@ -15,6 +15,8 @@ stopped. Resuming with another number of processes or workers is refused: the sh
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
@@ -147,7 +149,8 @@ class StreamingDataModule(RowsDataModule):
     def train_dataloader(self) -> DataLoader:
         # workers are started anew each epoch, from the position of the last trained batch (not persistent:
         # a persistent worker would go on after the batches it had prefetched and the epoch dropped)
-        return DataLoader(self.train_set, batch_size=None, num_workers=self.hparams.num_workers)
+        warnings.filterwarnings("ignore", message=".*IterableDataset.* has `__len__` defined")  # each worker is
+        return DataLoader(self.train_set, batch_size=None, num_workers=self.hparams.num_workers)  # its own consumer
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=collate_rows)
@@ -174,8 +177,9 @@ class StreamingDataModule(RowsDataModule):
         for s in states:
             for reason, count in s["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + count
-        self.realised = {"rows": {n: r / max(sum(rows), 1) for n, r in zip(self.names, rows)},
-                         "tokens": {n: t / max(sum(tokens), 1) for n, t in zip(self.names, tokens)}, "skipped": skipped}
+        self.realised = {"rows": {n: round(r / max(sum(rows), 1), 4) for n, r in zip(self.names, rows)},
+                         "tokens": {n: round(t / max(sum(tokens), 1), 4) for n, t in zip(self.names, tokens)},
+                         "skipped": skipped}
         rank_zero_info(f"streamed data, rank 0 so far: row shares {self.realised['rows']}, token shares "
                        f"{self.realised['tokens']}, skipped {skipped or 'none'}")
 
@@ -192,8 +196,9 @@ class StreamingDataModule(RowsDataModule):
         return {"world_size": world, "workers": workers, "positions": positions}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
-            return
+        trainer = self.trainer
+        if not state_dict or (trainer is not None and trainer.state.fn != TrainerFn.FITTING):
+            return  # validate / test / predict from a checkpoint: no training position to take up
         world, rank, workers = self._world()
         if (state_dict["world_size"], state_dict["workers"]) != (world, workers):
             raise ValueError(
