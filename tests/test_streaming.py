@@ -96,6 +96,46 @@ def test_two_ranks_two_workers_read_every_sample_once(tmp_path):
     assert sorted(used) == list(range(25))
 
 
+def _ddp_rank(rank: int, folder: str, out: str) -> None:
+    """One of 2 gloo processes: a DataLoader with 2 workers over the set; rank 0 writes what every consumer read."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}.rendezvous", rank=rank, world_size=2)
+    rows = StreamingRows([Source("pairs", 1.0, open_shard_set(folder))], _ctx(p_caption_first=1.0, caption_dropout=0.0),
+                         batch_size=2, batches_per_epoch=8, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         workers=2)
+    seen: dict = {}
+    for batch in DataLoader(rows, batch_size=None, num_workers=2):
+        consumer = rank * 2 + batch["stream"]["slot"]
+        for r in range(batch["tokens"].shape[0]):
+            seen.setdefault(consumer, []).extend(_samples({"tokens": batch["tokens"][r]}))
+    gathered = [None, None]
+    dist.all_gather_object(gathered, seen)
+    if rank == 0:
+        Path(out).write_text(json.dumps({c: v for part in gathered for c, v in part.items()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_gloo_processes_with_two_workers_read_every_sample_once(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    write_set(tmp_path / "set", [7, 2, 11, 5])
+    out = tmp_path / "seen.json"
+    mp.start_processes(_ddp_rank, args=(str(tmp_path / "set"), str(out)), nprocs=2, start_method="fork")
+    seen = {int(c): v for c, v in json.loads(out.read_text()).items()}
+    used = []
+    for c in range(4):
+        lo, hi = partition(25, 4, c)
+        used += seen[c][:hi - lo]
+    assert sorted(used) == list(range(25))  # pass 0: every sample once over 2 processes x 2 workers
+
+
 def _rows(consumer: Consumer, count: int) -> list[dict]:
     return [consumer.next_row() for _ in range(count)]
 
