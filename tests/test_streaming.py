@@ -167,6 +167,14 @@ def test_tar_and_parquet_give_the_same_rows(tmp_path):
         rows[kind] = _rows(Consumer([Source("p", 1.0, open_shard_set(str(tmp_path / kind)))], _ctx(), 0, 2), 6)
     for a, b in zip(rows["webdataset"], rows["parquet"]):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["images"], b["images"])
+    for kind, ext in (("webdataset", "tar"), ("parquet", "parquet")):  # no index: counted from headers / footers
+        write_set(tmp_path / f"bare-{kind}", [4, 6], kind=kind, index=False)
+        by_glob = open_shard_set(str(tmp_path / f"bare-{kind}" / f"*.{ext}"))
+        by_list = open_shard_set(sorted(str(f) for f in (tmp_path / f"bare-{kind}").iterdir()))
+        for bare in (by_glob, by_list):
+            assert (bare.kind, bare.content, bare.image, bare.samples) == (kind, "pairs", "pixels", [4, 6])
+            again = _rows(Consumer([Source("p", 1.0, bare)], _ctx(), 0, 2), 6)
+            assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(rows[kind], again))
 
 
 def test_bad_records_are_counted_named_and_skipped(tmp_path):
