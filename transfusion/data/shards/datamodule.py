@@ -160,6 +160,8 @@ class StreamingDataModule(RowsDataModule):
 
     # -------------------------------------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Lightning's training_epoch_loop.advance calls this after next(data_fetcher), just before the step; the
+        # batch the fetcher prefetched meanwhile gets here only when its own step comes
         if isinstance(batch, dict) and "stream" in batch:  # a training batch, about to be trained on
             stream = batch.pop("stream")
             self._position["batch"] = int(stream["batch"]) + 1

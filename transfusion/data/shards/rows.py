@@ -59,7 +59,7 @@ class Skips:
 
 
 def records(shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int, state: dict, skips: Skips):
-    """Yield ((pass, offset), set index, raw record) of a consumer's range, pass after pass, from ``state``."""
+    """Yield ((pass, offset), set index, raw record, where) of a consumer's range, pass after pass, from ``state``."""
     lo, hi = partition(shard_set.total, consumers, consumer)
     if hi == lo:
         raise ValueError(f"shard set {shard_set.name!r} has {shard_set.total} samples, fewer than the "
