@@ -393,3 +393,12 @@ def test_transient_read_errors_are_retried_then_name_the_shard(tmp_path, monkeyp
     monkeypatch.setattr(stream, "_open", lambda url, options: flaky(url, options, 99))
     with pytest.raises(OSError, match=r"shard .*shard-00000[01].tar: read failed 4 times \(ConnectionResetError"):
         _rows(Consumer([Source("p", 1.0, shard_set)], _ctx(), 0, 1), 2)
+
+
+def test_img2dataset_style_records_read_their_captions():
+    from transfusion.data.shards.stream import record_captions
+
+    assert record_captions({"json": b'{"url": "http://x", "width": 9}', "txt": b"a cat"}) == [b"a cat"]
+    assert record_captions({"json": b'{"caption": "a dog"}', "txt": b"a cat"}) == ["a dog"]
+    assert record_captions({"json": b'{"captions": ["a", "b"]}'}) == ["a", "b"]
+    assert record_captions({"captions": ["a"], "caption": "b"}) == ["a"] and record_captions({"caption": "c"}) == ["c"]

@@ -95,7 +95,11 @@ class PairStream:
         n = ctx.layout.patches_per_image
         room = ctx.seq_len - n - 4  # caption tokens one document can hold
         for position, index, raw, where in raws:
-            captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
+            try:
+                captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
+            except (ValueError, TypeError) as error:  # a .json that is not JSON, or not a dict
+                self.skips.skip(where, f"unreadable caption json ({error})")
+                continue
             if not captions:
                 self.skips.skip(where, "no caption")
                 continue

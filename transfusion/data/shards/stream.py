@@ -267,11 +267,12 @@ def record_captions(record: dict) -> list:
     """The captions of a raw pair record (tar members or a Parquet row), possibly empty."""
     if "captions" in record and record["captions"] is not None and not isinstance(record["captions"], bytes):
         return list(record["captions"])
-    if "json" in record:
+    if "json" in record:  # img2dataset's json is metadata: its caption may be in the .txt instead
         meta = json.loads(record["json"])
-        if "captions" in meta:
+        if meta.get("captions"):
             return list(meta["captions"])
-        return [meta["caption"]] if meta.get("caption") is not None else []
+        if meta.get("caption") is not None:
+            return [meta["caption"]]
     value = record.get("txt", record.get("caption"))
     return [value] if value is not None else []
 
