@@ -184,23 +184,28 @@ class TextStream:
 
 
 class TokenStream:
-    """A consumer's text windows from an in-memory (S,) token stream (a local text file): range ``c`` of ``C``."""
+    """A consumer's text windows from an in-memory (S,) token stream (a local text file): range ``c`` of ``C``,
+    cut into windows from an offset drawn per pass (so passes over a small file do not repeat the same windows)."""
 
     def __init__(self, tokens: torch.Tensor, ctx: RowContext, consumer: int, consumers: int, state: dict | None):
         self.tokens, self.ctx = tokens, ctx
         self.lo, self.hi = partition(len(tokens), consumers, consumer)
-        if self.hi - self.lo < ctx.seq_len:
+        if self.hi - self.lo < 2 * ctx.seq_len:
             raise ValueError(f"the text stream of {len(tokens)} tokens is too short for {consumers} consumers "
-                             f"(processes x data workers) of seq_len={ctx.seq_len}")
+                             f"(processes x data workers) of seq_len={ctx.seq_len}: each needs 2 x seq_len")
         self.state = dict(state or {"pass": 0, "offset": 0})
 
+    def _shift(self, pass_: int) -> int:
+        return int(np.random.default_rng([self.ctx.seed, 0x747874, pass_]).integers(self.ctx.seq_len))
+
     def next_row(self) -> dict:
+        L = self.ctx.seq_len
         p, offset = self.state["pass"], self.state["offset"]
-        if self.lo + offset + self.ctx.seq_len > self.hi:
-            p, offset = p + 1, 0  # the next pass: the range again
-        start = self.lo + offset
-        self.state = {"pass": p, "offset": offset + self.ctx.seq_len}
-        return text_row(self.tokens[start:start + self.ctx.seq_len].clone(), self.ctx)
+        if self.lo + self._shift(p) + offset + L > self.hi:
+            p, offset = p + 1, 0  # the next pass: the range again, another window offset
+        start = self.lo + self._shift(p) + offset
+        self.state = {"pass": p, "offset": offset + L}
+        return text_row(self.tokens[start:start + L].clone(), self.ctx)
 
 
 def text_row(tokens: torch.Tensor, ctx: RowContext) -> dict:
