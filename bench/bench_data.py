@@ -8,6 +8,8 @@ as in training (``seq_len`` 96, batch 32, text:image-caption tokens 1:1: the CPU
 
     python bench/bench_data.py                      # about 2 minutes on 2 cores
     python bench/bench_data.py --output data.json   # also write the numbers as JSON
+    python bench/bench_data.py --streamed --quick   # streamed shards: samples/s per worker vs one H100's demand
+                                                    # (bench_stream.py; seconds with --quick)
 
 Measured, best of ``--repeats`` rounds (noise on a shared machine only ever adds time):
 
@@ -100,7 +102,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--presets", nargs="+", default=["cpu-small", "cpu-base"])
     parser.add_argument("--output", default=None)
+    parser.add_argument("--streamed", action="store_true", help="measure streamed shards instead (bench_stream.py)")
+    parser.add_argument("--quick", action="store_true", help="with --streamed: small shards, short measurements")
     args = parser.parse_args(argv)
+    if args.streamed:
+        from bench_stream import main as streamed_main
+
+        return streamed_main(["--quick"] * args.quick + (["--output", args.output] if args.output else []))
     torch.set_num_threads(args.threads)
 
     from transfusion.data.image_text import ImageTextDataModule

@@ -99,13 +99,7 @@ class TransfusionRows(Dataset):
 
     def document(self, caption: list[int], image_first: bool) -> list[int]:
         """Token ids of one pair document; -1 marks the n patch positions."""
-        tok = self.tok
-        image = [tok.boi_id] + [-1] * self.layout.patches_per_image + [tok.eoi_id]
-        if image_first:
-            return [tok.bos_id] + image + caption + [tok.eos_id]
-        if not caption:  # caption dropped: the document ends with the image
-            return [tok.bos_id] + image
-        return [tok.bos_id] + caption + image + [tok.eos_id]
+        return pair_document(self.tok, self.layout.patches_per_image, caption, image_first)
 
     def _pair_row(self, rng) -> dict:
         L, n = self.seq_len, self.layout.patches_per_image
@@ -129,14 +123,31 @@ class TransfusionRows(Dataset):
             images.append(example["image"])
             limit = self.image_first_max_t if image_first else None
             max_t.append(limit if limit is not None else 0)  # 0 -> the full schedule
-        tokens = torch.tensor(tokens + [self.tok.pad_id] * (L - len(tokens)))
-        doc_ids = torch.tensor(doc_ids + [self._pad_doc] * (L - len(doc_ids)))
-        is_patch = tokens == -1
-        image_ids = torch.full((L,), -1, dtype=torch.long)
-        image_ids[is_patch] = torch.arange(len(images)).repeat_interleave(n)
-        tokens[is_patch] = self.tok.pad_id
-        return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": image_ids,
-                "images": torch.stack(images), "max_t": torch.tensor(max_t, dtype=torch.long)}
+        return pair_row(tokens, doc_ids, images, max_t, L, n, self.tok.pad_id)
+
+
+def pair_document(tok: Tokenizer, patches_per_image: int, caption: list[int], image_first: bool) -> list[int]:
+    """Token ids of one pair document (caption ids already encoded, [] when dropped); -1 marks the patches."""
+    image = [tok.boi_id] + [-1] * patches_per_image + [tok.eoi_id]
+    if image_first:
+        return [tok.bos_id] + image + caption + [tok.eos_id]
+    if not caption:  # caption dropped: the document ends with the image
+        return [tok.bos_id] + image
+    return [tok.bos_id] + caption + image + [tok.eos_id]
+
+
+def pair_row(tokens: list[int], doc_ids: list[int], images: list[torch.Tensor], max_t: list[int], seq_len: int,
+             patches_per_image: int, pad_id: int) -> dict:
+    """A row of packed pair documents (``tokens`` with -1 at patches, fewer than ``seq_len``) padded to ``seq_len``."""
+    L, n = seq_len, patches_per_image
+    tokens = torch.tensor(tokens + [pad_id] * (L - len(tokens)))
+    doc_ids = torch.tensor(doc_ids + [L] * (L - len(doc_ids)))  # padding: a document id of its own
+    is_patch = tokens == -1
+    image_ids = torch.full((L,), -1, dtype=torch.long)
+    image_ids[is_patch] = torch.arange(len(images)).repeat_interleave(n)
+    tokens[is_patch] = pad_id
+    return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": image_ids,
+            "images": torch.stack(images), "max_t": torch.tensor(max_t, dtype=torch.long)}
 
 
 def collate_rows(rows: list[dict]) -> dict:
