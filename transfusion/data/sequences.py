@@ -99,13 +99,13 @@ class TransfusionRows(Dataset):
 
     def document(self, caption: list[int], image_first: bool) -> list[int]:
         """Token ids of one pair document; -1 marks the n patch positions."""
-        tok = self.tok
-        image = [tok.boi_id] + [-1] * self.layout.patches_per_image + [tok.eoi_id]
+        from transfusion.data.documents import Picture, Text, document_tokens
+
         if image_first:
-            return [tok.bos_id] + image + caption + [tok.eos_id]
-        if not caption:  # caption dropped: the document ends with the image
-            return [tok.bos_id] + image
-        return [tok.bos_id] + caption + image + [tok.eos_id]
+            pieces = [Picture(0), Text(caption)]
+        else:  # caption dropped: no text, so the document ends with the image
+            pieces = [Text(caption), Picture(0)] if caption else [Picture(0)]
+        return document_tokens(pieces, self.tok, self.layout.patches_per_image).tokens
 
     def _pair_row(self, rng) -> dict:
         L, n = self.seq_len, self.layout.patches_per_image
@@ -154,6 +154,9 @@ def collate_rows(rows: list[dict]) -> dict:
         "images": torch.cat([r["images"] for r in rows]),
         "max_t": torch.cat([r["max_t"] for r in rows]),
     }
+    if any("text_loss" in r for r in rows):  # interleaved documents with loss-off segments; absent: all targets
+        batch["text_loss"] = torch.stack([r.get("text_loss", torch.ones_like(r["tokens"], dtype=torch.bool))
+                                          for r in rows])
     if all("index" in r for r in rows):
         batch["row_index"] = torch.tensor([r["index"] for r in rows])
     return batch
