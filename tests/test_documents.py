@@ -281,7 +281,6 @@ def test_fit_on_stories_through_the_cli_then_draw_a_three_picture_story(tmp_path
                     "--data.init_args.images_per_story", "[3, 3]",
                     "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
                     "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-                    "--trainer.callbacks.init_args.every_n_train_steps", str(steps),
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
     assert cli.trainer.global_step == steps and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     stories = cli.datamodule.story_examples(2)
