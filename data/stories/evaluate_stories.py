@@ -33,7 +33,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grid_stories", type=int, default=3, help="held-out stories in the grid, after the headline")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--output", default="data/stories")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: immune to a shared machine's load)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     module = TransfusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     generator = module.generator()
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     texts = [s for s in STORY if isinstance(s, str)]
     tiles = [(x, t) for x, t in zip([x for x in headline if isinstance(x, torch.Tensor)], texts)]
     for story, drawn in zip(stories[:args.grid_stories], pictures):
-        tiles += [(x, t) for x, t in zip(drawn, story["texts"])] + [(torch.full_like(drawn[0], -1.0), "")] * (
+        tiles += [(x, t) for x, t in zip(drawn, story["texts"])] + [(torch.full_like(drawn[0], 1.0), "")] * (
             3 - len(drawn))
     image_grid(tiles, scale=3, columns=3).save(out / "story_grid.png", optimize=True)
 
