@@ -324,10 +324,10 @@ def test_invalid_prompts(module, images):
     for mode in ("L", "RGBA"):
         with pytest.raises(ValueError, match="mode"):
             gen.generate([[to_pil(images[0]).convert(mode)]])
-    with pytest.raises(ValueError, match="IMAGE"):
-        gen.generate([[IMAGE, "a red circle"]])
-    with pytest.raises(ValueError, match="IMAGE"):
-        gen.generate([["a", IMAGE, IMAGE]])
+    with pytest.raises(ValueError, match="only text and IMAGE"):  # interleaved prompts: no input image after IMAGE
+        gen.generate([["a", IMAGE, images[0]]])
+    with pytest.raises(ValueError, match="max_seq_len"):  # each later IMAGE counts too
+        gen.generate([[" ".join(["red"] * 245), IMAGE, "red", IMAGE, IMAGE]])
     with pytest.raises(ValueError, match="image"):
         gen.generate([[images[0][:1]]])  # one channel
     with pytest.raises(ValueError, match="seeds"):

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transfusion.data.documents import CLEAN, Picture, Text, document_tokens
 from transfusion.data.sequences import SequenceLayout
-
-CLEAN = -1  # max_t of an image that enters clean
 
 
 class EditRows(Dataset):
@@ -57,10 +56,10 @@ class EditRows(Dataset):
 
     def document(self, instruction: list[int], keep_source: bool, keep_instruction: bool) -> list[int]:
         """Token ids of one edit document; -1 marks image positions (the source's first, if kept)."""
-        tok, image = self.tok, [self.tok.boi_id] + [-1] * self.layout.patches_per_image + [self.tok.eoi_id]
-        source, instruction = (image if keep_source else []), (instruction if keep_instruction else [])
-        doc = [tok.bos_id] + (instruction + source if self.instruction_first else source + instruction) + image
-        return doc + [tok.eos_id] if keep_instruction else doc  # no instruction: ends at EOI, as a dropped caption
+        source = [Picture(0, loss=False)] if keep_source else []  # enters clean
+        text = [Text(instruction)] if keep_instruction else []  # none: ends at EOI, as a dropped caption
+        pieces = (text + source if self.instruction_first else source + text) + [Picture(1)]
+        return document_tokens(pieces, self.tok, self.layout.patches_per_image).tokens
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index, 11])

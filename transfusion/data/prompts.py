@@ -8,8 +8,8 @@ Lines (``.jsonl``), one object per line::
     {"segments": ["Describe:", {"image": "a.png"}, "<image>"], "max_new_tokens": 32}
 
 ``segments`` is the general form: strings are text, ``{"image": path}`` an input image (paths relative
-to the prompt file), and the string ``"<image>"`` last generates an image. ``"generate": "image"``
-appends it; ``reference`` (optional) is kept for evaluation.
+to the prompt file), and the string ``"<image>"`` generates an image there (last, or between texts: a
+story). ``"generate": "image"`` appends it; ``reference`` (optional) is kept for evaluation.
 """
 
 from __future__ import annotations

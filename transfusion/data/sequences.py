@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transfusion.data.documents import Picture, Text, document_tokens
 from transfusion.data.tokenizer import Tokenizer
 
 
@@ -127,13 +128,13 @@ class TransfusionRows(Dataset):
 
 
 def pair_document(tok: Tokenizer, patches_per_image: int, caption: list[int], image_first: bool) -> list[int]:
-    """Token ids of one pair document (caption ids already encoded, [] when dropped); -1 marks the patches."""
-    image = [tok.boi_id] + [-1] * patches_per_image + [tok.eoi_id]
+    """Token ids of one pair document (caption ids already encoded, [] when dropped); -1 marks the patches.
+    An interleaved document (``transfusion.data.documents``) of one picture and its caption."""
     if image_first:
-        return [tok.bos_id] + image + caption + [tok.eos_id]
-    if not caption:  # caption dropped: the document ends with the image
-        return [tok.bos_id] + image
-    return [tok.bos_id] + caption + image + [tok.eos_id]
+        pieces = [Picture(0), Text(caption)]
+    else:  # caption dropped: no text, so the document ends with the image
+        pieces = [Text(caption), Picture(0)] if caption else [Picture(0)]
+    return document_tokens(pieces, tok, patches_per_image).tokens
 
 
 def pair_row(tokens: list[int], doc_ids: list[int], images: list[torch.Tensor], max_t: list[int], seq_len: int,
@@ -165,6 +166,9 @@ def collate_rows(rows: list[dict]) -> dict:
         "images": torch.cat([r["images"] for r in rows]),
         "max_t": torch.cat([r["max_t"] for r in rows]),
     }
+    if any("text_loss" in r for r in rows):  # interleaved documents with loss-off segments; absent: all targets
+        batch["text_loss"] = torch.stack([r.get("text_loss", torch.ones_like(r["tokens"], dtype=torch.bool))
+                                          for r in rows])
     if all("index" in r for r in rows):
         batch["row_index"] = torch.tensor([r["index"] for r in rows])
     return batch

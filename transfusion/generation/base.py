@@ -1,9 +1,10 @@
 """The mixed-modal sampling loop shared by both models (paper section 3, Inference).
 
 LM mode samples one token at a time (greedy, temperature, top-p) until EOS or the token budget. When BOI
-is sampled (or a prompt ends with ``IMAGE``), the subclass generates the image (``_generate_images``:
+is sampled (or the prompt asks for an image with ``IMAGE``), the subclass generates the image (``_generate_images``:
 diffusion for Transfusion, code by code for Chameleon) and commits it with EOI; LM mode then resumes,
-conditioned on the image.
+conditioned on the image. A prompt's text after an ``IMAGE`` (an interleaved prompt: "caption" IMAGE "then ..."
+IMAGE) is fed token by token after that image, in place of sampled tokens, and outside the token budget.
 
 Rows advance in lock step. A row with nothing to do in a step gets padding positions that belong to no
 document (doc id -1): no real position attends them, and RoPE positions are tracked per row, so padding
@@ -84,6 +85,7 @@ class Run:
     keep: list[int]  # per row: positions a guidance row keeps when it retires an image (its prompt part)
     first: list[int]  # per row: its first column in the stream (prompts are left-padded to a common width)
     pending: list[bool]  # the prompt's BOI is committed and its image not yet generated
+    forced: list[list[int]] = field(default_factory=list)  # per prompt: its tokens after its first IMAGE, to feed
     done: list[bool] = field(default_factory=list)
     outputs: list[list] = field(default_factory=list)  # per prompt: str and image segments so far
     text: list[list[int]] = field(default_factory=list)  # per prompt: text ids not yet decoded into outputs
@@ -109,8 +111,8 @@ class MixedModalGenerator:
     shortcuts. Subclasses say how images enter (``_image_input``), are generated and are decoded.
 
     A prompt is a list of segments: ``str`` (text), an image (PIL RGB or a (3, H, W) tensor in [-1, 1]),
-    and optionally ``IMAGE`` last (generate an image right away). The generator holds only the networks
-    and settings; each call keeps its state in a ``Run``.
+    and ``IMAGE`` (generate an image there); after the first ``IMAGE`` only text and ``IMAGE`` may follow. The
+    generator holds only the networks and settings; each call keeps its state in a ``Run``.
     """
 
     options_class = SamplingOptions
@@ -200,26 +202,29 @@ class MixedModalGenerator:
                              f"image_size={self.image_size}")
         return image.to(self.device)
 
-    def _encode_prompt(self, prompt, index: int) -> tuple[list[int], list[torch.Tensor], bool]:
-        """Token ids (-1 at image positions), what the model reads for its images, and whether it forces BOI."""
+    def _encode_prompt(self, prompt, index: int) -> tuple[list[int], list[torch.Tensor], bool, list[int]]:
+        """Token ids up to the first ``IMAGE`` (-1 at image positions), what the model reads for its images, whether
+        it forces BOI, and the ids after that ``IMAGE`` (BOI for each later one), fed after its image."""
         if isinstance(prompt, (str, Image.Image, torch.Tensor)):
             prompt = [prompt]
-        ids, images, force = [self.tok.bos_id], [], False
+        ids, images, force, forced = [self.tok.bos_id], [], False, []
         for j, segment in enumerate(prompt):
             if segment is IMAGE:
-                if j != len(prompt) - 1:
-                    raise ValueError(f"prompt {index}: IMAGE may only end a prompt")
-                ids.append(self.tok.boi_id)
+                (forced if force else ids).append(self.tok.boi_id)
                 force = True
             elif isinstance(segment, str):
-                ids += self.tok.encode(segment)
+                (forced if force else ids).extend(self.tok.encode(segment))
+            elif force:
+                raise ValueError(f"prompt {index}, segment {j}: after an IMAGE a prompt may hold only text and IMAGE")
             else:
                 images.append(self._image_input(self._pixels(segment, f"prompt {index}, segment {j}")))
                 ids += [self.tok.boi_id] + [-1] * self.n + [self.tok.eoi_id]
-        if len(ids) + (self.n + 1 if force else 1) > self.max_len:
-            raise ValueError(f"prompt {index} has {len(ids)} positions; with what it asks to generate it exceeds "
-                             f"the model's context max_seq_len={self.max_len}")
-        return ids, images, force
+        later_images = forced.count(self.tok.boi_id)
+        length = len(ids) + len(forced) + (self.n + 1) * (later_images + 1 if force else 0) + (0 if force else 1)
+        if length > self.max_len:
+            raise ValueError(f"prompt {index} has {len(ids) + len(forced)} positions; with what it asks to generate "
+                             f"it exceeds the model's context max_seq_len={self.max_len}")
+        return ids, images, force, forced
 
     # ------------------------------------------------------------------ the phases: prefill, then image and text steps
     def _start(self, encoded: list, seeds: list[int], max_new_tokens: list[int | None] | None) -> Run:
@@ -230,17 +235,17 @@ class MixedModalGenerator:
         return Run(B=B, R=R, generators=[torch.Generator(self.device).manual_seed(int(s)) for s in seeds],
                    stream=Stream(R, self.device), caches=make_caches(len(self.model.transformer.layers)),
                    next_pos=torch.zeros(R, dtype=torch.long), budget=budget, keep=[1] * R, first=[0] * R,
-                   pending=[force for _, _, force in encoded], done=[False] * B,
+                   pending=[force for _, _, force, _ in encoded], forced=[list(f) for *_, f in encoded], done=[False] * B,
                    outputs=[[] for _ in range(B)], text=[[] for _ in range(B)])
 
     def _prefill(self, run: Run, encoded: list) -> None:
         """Commit every prompt, left-padded so each row's last token is in the last column."""
         B, R, tok = run.B, run.R, self.tok
-        rows = [ids for ids, _, _ in encoded]
+        rows = [ids for ids, *_ in encoded]
         if run.guided:  # unconditional rows: BOS, and BOI where the prompt forces an image
-            rows += [[tok.bos_id] + ([tok.boi_id] if force else []) for _, _, force in encoded]
+            rows += [[tok.bos_id] + ([tok.boi_id] if force else []) for _, _, force, _ in encoded]
         if run.image_guided:  # image-only rows: BOS and the prompt's images, then BOI where it forces one
-            for r, (ids, _, force) in enumerate(encoded):
+            for r, (ids, _, force, _) in enumerate(encoded):
                 kept = [i for k, i in enumerate(ids) if k == 0 or i == -1 or
                         (i == tok.boi_id and k + 1 < len(ids) and ids[k + 1] == -1) or (i == tok.eoi_id and ids[k - 1] == -1)]
                 run.keep[2 * B + r] = len(kept)
@@ -285,24 +290,26 @@ class MixedModalGenerator:
     def _text_step(self, run: Run) -> bool:
         """Sample and commit one token for every active prompt; False when no prompt has anything left to do."""
         tok, next_pos = self.tok, run.next_pos.tolist()
-        active = [not run.done[r] and run.budget[r] > 0 and next_pos[r] < self.max_len for r in range(run.B)]
+        active = [not run.done[r] and (run.budget[r] > 0 or bool(run.forced[r])) and next_pos[r] < self.max_len
+                  for r in range(run.B)]
         if not any(active):
             return False
         next_tokens = self._sample(run, run.logits[: run.B]).tolist()  # one host sync for all rows
         step_rows, real = [], torch.zeros(run.R, dtype=torch.bool)
         for r in range(run.B):
-            token = next_tokens[r]
-            if not active[r] or token == tok.eos_id:
+            forced = active[r] and bool(run.forced[r])  # the prompt's own next token, not a sampled one
+            token = run.forced[r].pop(0) if forced else next_tokens[r]
+            if not active[r] or (token == tok.eos_id and not forced):
                 run.done[r] = True
                 step_rows.append([tok.pad_id])
                 continue
-            run.budget[r] -= 1
+            run.budget[r] -= not forced
             real[r] = True
             step_rows.append([token])
             if token == tok.boi_id:
                 run.pending[r] = True
                 real[r + run.B::run.B] = True  # its guidance rows start their image too
-            else:
+            elif not forced:  # the prompt's text is not output
                 run.text[r].append(token)
         if run.guided:
             step_rows += [[tok.boi_id]] * (run.R - run.B)

@@ -39,11 +39,11 @@ class ChameleonGenerator(MixedModalGenerator):
 
     def _encode_prompt(self, prompt, index: int):
         """Token ids with each input image's codes in place of its n positions (nothing else to carry)."""
-        ids, codes, force = super()._encode_prompt(prompt, index)
+        ids, codes, force, forced = super()._encode_prompt(prompt, index)
         ids = torch.tensor(ids)
         if codes:
             ids[ids == -1] = torch.cat(codes).cpu() + self.text_vocab
-        return ids.tolist(), [], force
+        return ids.tolist(), [], force, forced
 
     def _forward(self, run: Run, block: dict, images: dict, commit: bool):
         """Hidden states (R, Lq, D) of the new positions; every position is a token."""

@@ -92,7 +92,8 @@ class ChameleonModule(GenerativeModule):
 
     def _common_step(self, batch: dict, stage: str, tokens: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.batch_tokens(batch) if tokens is None else tokens
-        out = self.model.loss(tokens, batch["doc_ids"], batch["image_ids"], pad_id=self.tokenizer.pad_id)
+        out = self.model.loss(tokens, batch["doc_ids"], batch["image_ids"], pad_id=self.tokenizer.pad_id,
+                              text_loss=batch.get("text_loss"))
         B, sync = tokens.shape[0], stage != "train"
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=sync)
         self.log(f"{stage}/z_loss", out["z_loss"], batch_size=B, sync_dist=sync)

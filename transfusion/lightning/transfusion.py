@@ -263,7 +263,7 @@ class TransfusionModule(GenerativeModule):
             t, noise = self.diffusion_draws(batch, latents, self.global_step if stage == "train" else -1)
         out = self.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t,
                               pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator,
-                              t=t, noise=noise)
+                              t=t, noise=noise, text_loss=batch.get("text_loss"))
         B = batch["tokens"].shape[0]
         if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
             self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])

@@ -84,11 +84,14 @@ class Chameleon(nn.Module):
             mask = self.attention_mask(doc_ids)
         return self.transformer(self.embedding(tokens), positions(doc_ids) if pos is None else pos, mask, caches)
 
-    def loss(self, tokens, doc_ids, image_ids, pad_id: int = -1) -> dict[str, torch.Tensor]:
-        """Next-token loss on text and image tokens + z-loss; ``tokens`` (B, L) already hold the codes."""
+    def loss(self, tokens, doc_ids, image_ids, pad_id: int = -1, text_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Next-token loss on text and image tokens + z-loss; ``tokens`` (B, L) already hold the codes. ``text_loss``
+        (B, L) bool: False where a token is not a target (loss-off text and images of interleaved documents)."""
         hidden = self(tokens, doc_ids)
         tgt = tokens[:, 1:]
         trained = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (tgt != pad_id)  # (B, L-1)
+        if text_loss is not None:
+            trained &= text_loss[:, 1:]
         logits = self.lm_head(hidden[:, :-1][trained])  # (P, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
         if not logits.numel():

@@ -155,11 +155,12 @@ class Transfusion(nn.Module):
 
     def loss(self, tokens, doc_ids, image_ids, latents, max_t=None, pad_id: int = -1, boi_id: int = -1,
              generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             noise: torch.Tensor | None = None, text_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); timesteps (N,) and noise are
         drawn here unless given. ``max_t`` (N,): the largest timestep each image may draw; 0 makes an image enter
         clean (t = 0: an editing source image, seen but never denoised) and leaves it out of L_DDPM. For flow,
-        L_DDPM (``ddpm_loss``, ``ddpm_per_image``) is the velocity MSE and t the float time s T."""
+        L_DDPM (``ddpm_loss``, ``ddpm_per_image``) is the velocity MSE and t the float time s T. ``text_loss`` (B, L)
+        bool: False where a token is not a next-token target (loss-off text of an interleaved document); None: all are."""
         N = latents.shape[0]
         if t is None:
             limit = None if max_t is None else torch.as_tensor(max_t, device=latents.device)
@@ -177,6 +178,8 @@ class Transfusion(nn.Module):
         is_text = image_ids < 0
         lm_positions = (is_text[:, :-1] & is_text[:, 1:] & (doc_ids[:, :-1] == doc_ids[:, 1:])
                         & (inp != boi_id) & (tgt != pad_id))
+        if text_loss is not None:
+            lm_positions &= text_loss[:, 1:]
         logits = self.lm_head(hidden[:, :-1][lm_positions]).float()  # (P, V)
         lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
 
