@@ -14,6 +14,7 @@ and merges them back into ``weight`` in state dicts, whose layout stays that of 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -27,32 +28,83 @@ def is_text_weight(name: str) -> bool:
     return not (is_image_weight(name) or name.startswith(("patch_encoder.", "patch_decoder.")))
 
 
+EXTENDABLE = ("embedding.weight", "lm_head.weight")  # may have rows past the text model's: appended special tokens
+
+
+def _check_text_state(params: dict, state: dict[str, torch.Tensor]) -> None:
+    """ValueError naming what of the text model's ``state`` does not fit parameters ``params`` (global shapes)."""
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(n for n in params if is_text_weight(n) and n not in state and not n.endswith(".special_rows"))
+    if unknown or missing:
+        raise ValueError(f"the text model does not fit this Transfusion: unknown {unknown[:5]}, missing {missing[:5]}")
+    for name, value in state.items():
+        p, rows = params[name], value.shape[0]
+        if value.shape[1:] != p.shape[1:] or rows > p.shape[0] or (rows != p.shape[0] and name not in EXTENDABLE):
+            raise ValueError(f"text model weight {name} has shape {tuple(value.shape)}, this model {tuple(p.shape)}")
+
+
+def _image_source(name: str) -> str | None:
+    """The text weight an image weight starts as (LMFusion); None for other parameters."""
+    if ".image." in name:
+        return name.replace(".image.", ".", 1)
+    return name.replace("image_norm", "norm") if "image_norm" in name else None
+
+
 @torch.no_grad()
 def load_text_weights(model: nn.Module, state: dict[str, torch.Tensor], image_from_text: bool = True) -> None:
     """Copy a text model's weights (our names, ``transfusion.models.llama``) into ``model``; the embedding and LM
     head may have more rows than the text model (special tokens appended to its tokenizer): those keep their
     initialisation. ``image_from_text``: the image weights start as copies of the text weights."""
     params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    missing = sorted(n for n in params if is_text_weight(n) and n not in state and not n.endswith(".special_rows"))
-    if unknown or missing:
-        raise ValueError(f"the text model does not fit this Transfusion: unknown {unknown[:5]}, missing {missing[:5]}")
+    _check_text_state(params, state)
     for name, value in state.items():
-        p = params[name]
-        rows = value.shape[0]
-        extendable = name in ("embedding.weight", "lm_head.weight")  # rows of appended special tokens
-        if value.shape[1:] != p.shape[1:] or rows > p.shape[0] or (rows != p.shape[0] and not extendable):
-            raise ValueError(f"text model weight {name} has shape {tuple(value.shape)}, this model {tuple(p.shape)}")
-        p[:rows].copy_(value.to(p.dtype))
+        params[name][:value.shape[0]].copy_(value.to(params[name].dtype))
     for layer in model.modules():  # frozen text weights: the trained rows start as loaded (or initialised)
         if isinstance(layer, SpecialRows):
             layer.special_rows.copy_(layer.weight[layer.ids])
     if image_from_text:
         for name, p in params.items():
-            if ".image." in name:
-                p.copy_(params[name.replace(".image.", ".", 1)])
-            elif "image_norm" in name:
-                p.copy_(params[name.replace("image_norm", "norm")])
+            if _image_source(name):
+                p.copy_(params[_image_source(name)])
+
+
+@torch.no_grad()
+def load_text_weights_sharded(model: nn.Module, read_state: Callable[[], dict[str, torch.Tensor]],
+                              image_from_text: bool = True) -> None:
+    """``load_text_weights`` for a model sharded by FSDP2 (DTensor parameters), on every process: ``read_state``
+    runs on rank 0 only, which broadcasts each tensor and every rank keeps its shard
+    (``set_model_state_dict(broadcast_from_rank0=True)``), so one process at a time holds the text model in
+    memory. Rank 0's errors are raised on every rank. Frozen special rows (``SpecialRows``) are not supported."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, SpecialRows) for m in model.modules()):
+        raise NotImplementedError("load_text_weights_sharded of a model with SpecialRows")
+    params = dict(model.named_parameters())
+    rank0 = dist.get_rank() == 0
+    # the embedding and LM head rows past the text model's keep their initialisation: gathered whole (all ranks)
+    current = {n: (params[n].full_tensor() if isinstance(params[n], DTensor) else params[n]).cpu() for n in EXTENDABLE}
+    full, error = {}, None
+    if rank0:
+        try:
+            state = read_state()
+            _check_text_state(params, state)
+            for name, value in state.items():
+                dtype = params[name].dtype
+                full[name] = (torch.cat([value.to(dtype), current[name][value.shape[0]:]]) if name in EXTENDABLE
+                              else value.to(dtype))
+            if image_from_text:
+                full.update({n: full[_image_source(n)] for n in params if _image_source(n)})
+        except Exception as e:  # noqa: BLE001  (re-raised on every rank, so none waits for a broadcast)
+            error = f"{type(e).__name__}: {e}"
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise ValueError(f"loading the text model (rank 0): {message[0]}")
+    del current
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=False))  # the patch layers keep theirs
 
 
 class SpecialRows(nn.Module):

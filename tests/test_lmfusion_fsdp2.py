@@ -1,0 +1,81 @@
+"""LMFusion under FSDP2 through the CLI (2 gloo processes): a Llama 3 folder written by transformers (grouped-query
+attention, llama3 RoPE scaling, tokenizer.json) loads into the sharded model (read on rank 0, broadcast, each rank
+keeping its shard) with the text weights bit-identical to the one-device load, and stays so while frozen text
+trains its image weights, which start as copies of the text weights."""
+
+import pytest
+import torch
+
+from test_lmfusion import text_logits
+from test_parallel import FSDP2, _args, _launch
+
+transformers = pytest.importorskip("transformers")
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS, LR = 2, 3e-3
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # scaling reaches the 64-token rows
+
+
+def make_llama3(directory):
+    """A tiny random Llama 3 (2 of 4 heads for K/V, llama3 RoPE) with a byte-level BPE tokenizer.json."""
+    from test_hf_tokenizer import save_hf
+
+    hf_tok = save_hf(directory, ["<|begin_of_text|>", "<|end_of_text|>"], bos_token="<|begin_of_text|>",
+                     eos_token="<|end_of_text|>")
+    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                                      max_position_embeddings=256, rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE,
+                                      tie_word_embeddings=True)  # as Llama 3.2 1B: the LM head is the embedding
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.1)
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, autoencoder_ckpt):
+    from transfusion.lightning.transfusion import TransfusionModule
+    from transfusion.models.lmfusion import is_text_weight
+
+    llama_dir = tmp_path / "llama3"
+    hf = make_llama3(llama_dir)
+    V = hf.config.vocab_size
+    tokens = torch.randint(0, V, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf(tokens).logits
+
+    root = tmp_path / "fsdp2"
+    root.mkdir()
+    _launch(["fit", *_args(root, tokenizer_path, autoencoder_ckpt, devices=2, batch_size=4, overlay=FSDP2),
+             "--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true",
+             "--model.init_args.freeze_text", "true", "--model.init_args.preset", "null",
+             "--model.init_args.tokenizer", "null", "--model.init_args.lr", str(LR),
+             "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+             "--trainer.strategy.init_args.save_distributed_checkpoint", "false"], root)  # one .ckpt from rank 0
+    (ckpt,) = root.glob("logs/version_*/checkpoints/last.ckpt")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == STEPS
+    trained = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+    one = TransfusionModule(None, autoencoder_ckpt, text_model=str(llama_dir), modality_experts=True)
+    one._load_text_model(str(llama_dir))  # the one-device load
+    loaded = one.model.state_dict()
+    assert trained.keys() == loaded.keys()
+    for name, value in loaded.items():
+        if is_text_weight(name):  # frozen under FSDP2: bit for bit the text model's
+            rows = V if name in ("embedding.weight", "lm_head.weight") else len(value)
+            assert torch.equal(trained[name][:rows], value[:rows]), name
+    for name in [n for n in loaded if ".image." in n or "image_norm" in n]:
+        # copied from the text weights, then STEPS AdamW steps of at most ~LR each: near the text weights, moved
+        text = loaded[name.replace(".image.", ".", 1).replace("image_norm", "norm")]
+        assert (trained[name] - text).abs().max() < 1.5 * STEPS * LR, name
+        assert not torch.equal(trained[name], text), name
+    assert any(not torch.equal(trained[n], loaded[n]) for n in loaded if n.startswith("patch_encoder."))
+
+    model = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").model.eval()
+    logits = text_logits(model, tokens)
+    torch.testing.assert_close(logits[..., :V], reference, atol=1e-5, rtol=0)  # transformers' Llama 3
+    assert torch.equal(logits[..., :V], text_logits(one.model.eval(), tokens)[..., :V])
