@@ -1,7 +1,8 @@
 """LMFusion under FSDP2 through the CLI (2 gloo processes): a Llama 3 folder written by transformers (grouped-query
 attention, llama3 RoPE scaling, tokenizer.json) loads into the sharded model (read on rank 0, broadcast, each rank
 keeping its shard) with the text weights bit-identical to the one-device load, and stays so while frozen text
-trains its image weights, which start as copies of the text weights."""
+trains its image weights (which start as copies of the text weights) and the special tokens' rows, through a
+sharded checkpoint and a resume."""
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from test_parallel import FSDP2, _args, _launch
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-STEPS, LR = 2, 3e-3
+STEPS, LR = 3, 3e-3
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # scaling reaches the 64-token rows
 
@@ -39,6 +40,7 @@ def make_llama3(directory):
 def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, autoencoder_ckpt):
     from transfusion.lightning.transfusion import TransfusionModule
     from transfusion.models.lmfusion import is_text_weight
+    from transfusion.models.transfusion import Transfusion
 
     llama_dir = tmp_path / "llama3"
     hf = make_llama3(llama_dir)
@@ -47,15 +49,21 @@ def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, aut
     with torch.no_grad():
         reference = hf(tokens).logits
 
-    root = tmp_path / "fsdp2"
-    root.mkdir()
-    _launch(["fit", *_args(root, tokenizer_path, autoencoder_ckpt, devices=2, batch_size=4, overlay=FSDP2),
-             "--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true",
-             "--model.init_args.freeze_text", "true", "--model.init_args.preset", "null",
-             "--model.init_args.tokenizer", "null", "--model.init_args.lr", str(LR),
-             "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
-             "--trainer.strategy.init_args.save_distributed_checkpoint", "false"], root)  # one .ckpt from rank 0
-    (ckpt,) = root.glob("logs/version_*/checkpoints/last.ckpt")
+    first, resumed = tmp_path / "fsdp2", tmp_path / "resumed"
+    args = [*_args(first, tokenizer_path, autoencoder_ckpt, devices=2, batch_size=4, overlay=FSDP2),
+            "--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true",
+            "--model.init_args.freeze_text", "true", "--model.init_args.preset", "null",
+            "--model.init_args.tokenizer", "null", "--model.init_args.lr", str(LR), "--trainer.max_steps", "2"]
+    first.mkdir()
+    _launch(["fit", *args], first)  # a sharded checkpoint (one .distcp file per rank)
+    (sharded,) = first.glob("logs/version_*/checkpoints/last.ckpt")
+    assert sharded.is_dir()
+    resumed.mkdir()
+    _launch(["fit", *args, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+             "--trainer.default_root_dir", str(resumed), "--trainer.logger.init_args.save_dir", str(resumed),
+             "--trainer.strategy.init_args.save_distributed_checkpoint", "false", "--ckpt_path", str(sharded)],
+            resumed)  # resumed from the shards, then one .ckpt file from rank 0
+    (ckpt,) = resumed.glob("logs/version_*/checkpoints/last.ckpt")
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == STEPS
     trained = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
@@ -74,6 +82,12 @@ def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, aut
         assert (trained[name] - text).abs().max() < 1.5 * STEPS * LR, name
         assert not torch.equal(trained[name], text), name
     assert any(not torch.equal(trained[n], loaded[n]) for n in loaded if n.startswith("patch_encoder."))
+    initial = Transfusion(one.config)
+    initial.init_weights(0)  # what the runs drew (seed_everything: 0) before loading the text model
+    for name in ("embedding.weight", "lm_head.weight"):  # PAD, BOI, EOI rows (appended): they train under FSDP2
+        start = initial.state_dict()[name][V:]
+        assert (trained[name][V:] - start).abs().max() < 1.5 * STEPS * LR, name
+        assert (trained[name][V:] != start).any(dim=1).all(), name
 
     model = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").model.eval()
     logits = text_logits(model, tokens)

@@ -181,6 +181,8 @@ class TransfusionModule(GenerativeModule):
             with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
                 model = Transfusion(self.config)
             if mesh is not None:
+                if self.hparams.freeze_text:  # its SpecialRows parameters must exist before FSDP2 shards
+                    freeze_text_weights(model, self.special_ids)
                 fully_shard_blocks(model, mesh)
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights(torch.initial_seed())
