@@ -152,7 +152,8 @@ def main(argv=None) -> None:
         print(f"| {r['model']} | {m(r['text'])} | {m(r['image'])} | {m1(r['patch'])} | {m(r['frozen'])} / "
               f"{m(r['trained'])} | {m(r['N'])} | {r['mem_1_full']:.0f} / {r['mem_1_ckpt']:.0f} | "
               f"{r['mem_8_full']:.0f} / {r['mem_8_ckpt']:.0f} | {r['flops_per_position'] / 1e9:.2f} "
-              f"(+{r['lm_head_flops'] / 1e9:.2f}) | {r['tokens_per_s_1'] / 1e3:.0f}k / {r['tokens_per_s_1_ckpt'] / 1e3:.0f}k | "
+              f"(+{r['lm_head_flops'] / 1e9:.2f}) | {r['tokens_per_s_1'] / 1e3:.0f}k / "
+              f"{r['tokens_per_s_1_ckpt'] / 1e3:.0f}k | "
               f"{r['tokens_per_s_8'] / 1e3:.0f}k / {r['tokens_per_s_8_ckpt'] / 1e3:.0f}k |")
 
 

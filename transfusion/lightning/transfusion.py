@@ -340,10 +340,11 @@ class TransfusionModule(GenerativeModule):
         """LMFusion's start: the text model's weights as the text weights (``transfusion.models.lmfusion``)."""
         from torch.distributed.tensor import DTensor
 
+        image_from_text = self.hparams.image_weights_from_text
         if any(isinstance(p, DTensor) for p in self.model.parameters()):  # FSDP2: read on rank 0, broadcast
-            load_text_weights_sharded(self.model, lambda: load_llama(directory)[1], self.hparams.image_weights_from_text)
+            load_text_weights_sharded(self.model, lambda: load_llama(directory)[1], image_from_text)
         else:
-            load_text_weights(self.model, load_llama(directory)[1], self.hparams.image_weights_from_text)
+            load_text_weights(self.model, load_llama(directory)[1], image_from_text)
         rank_zero_info(f"text weights from {directory}" + (" (image weights copied from them)"
                                                             if self.hparams.image_weights_from_text else ""))
 

@@ -72,15 +72,16 @@ def load_text_weights_sharded(model: nn.Module, read_state: Callable[[], dict[st
                               image_from_text: bool = True) -> None:
     """``load_text_weights`` for a model sharded by FSDP2 (DTensor parameters), on every process: ``read_state``
     runs on rank 0 only, which broadcasts each tensor and every rank keeps its shard
-    (``set_model_state_dict(broadcast_from_rank0=True)``), so one process at a time holds the text model in
-    memory. Rank 0's errors are raised on every rank. ``SpecialRows`` take the loaded table's rows (``_split``)."""
+    (``set_model_state_dict(broadcast_from_rank0=True)``), so only rank 0 holds the whole text model in memory.
+    Rank 0's errors are raised on every rank. ``SpecialRows`` take the loaded table's rows (``_split``)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     params = dict(model.named_parameters())
     rank0 = dist.get_rank() == 0
-    # the embedding and LM head rows past the text model's keep their initialisation: gathered whole (all ranks)
-    current = {n: _full(params[n]).cpu() for n in EXTENDABLE}
+    # the embedding and LM head rows past the text model's keep their initialisation: gathered (a collective), kept
+    current = {n: _full(params[n]) for n in EXTENDABLE}  # on rank 0 only
+    current = {n: t.cpu() for n, t in current.items()} if rank0 else {}
     full, error = {}, None
     if rank0:
         try:
@@ -122,7 +123,8 @@ class SpecialRows(nn.Module):
         self.weight = layer.weight.requires_grad_(False)
         self.special_ids = sorted(set(int(i) for i in ids))
         if not self.special_ids or self.special_ids[0] < 0 or self.special_ids[-1] >= self.weight.shape[0]:
-            raise ValueError(f"special rows {self.special_ids} must be non-empty rows of a table of {self.weight.shape[0]}")
+            raise ValueError(f"special rows {self.special_ids} must be non-empty rows of a table of "
+                             f"{self.weight.shape[0]}")
         device = self.weight.device
         self.register_buffer("ids", torch.empty(len(self.special_ids), dtype=torch.long, device=device),
                              persistent=False)
@@ -167,7 +169,8 @@ class SpecialRows(nn.Module):
         the current ``special_rows`` too, which the checkpoint's rows replace)."""
         if prefix + "weight" in state_dict:
             weight = state_dict[prefix + "weight"]
-            state_dict[prefix + "special_rows"] = _like(_full(weight)[module.ids.to(weight.device)], module.special_rows)
+            rows = _full(weight)[module.ids.to(weight.device)]
+            state_dict[prefix + "special_rows"] = _like(rows, module.special_rows)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
