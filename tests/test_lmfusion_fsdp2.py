@@ -1,19 +1,23 @@
-"""LMFusion under FSDP2 through the CLI (2 gloo processes): a Llama 3 folder written by transformers (grouped-query
+"""LMFusion under FSDP2 through the CLI with the shipped YAML (lmfusion_llama3.yaml + trainer_fsdp2.yaml, 2 gloo
+processes, a diffusers VAE, streamed shards): a Llama 3 folder written by transformers (grouped-query
 attention, llama3 RoPE scaling, tokenizer.json) loads into the sharded model (read on rank 0, broadcast, each rank
 keeping its shard) with the text weights bit-identical to the one-device load, and stays so while frozen text
 trains its image weights (which start as copies of the text weights) and the special tokens' rows, through a
 sharded checkpoint and a resume."""
 
+from pathlib import Path
+
 import pytest
 import torch
-
+from shard_writer import write_set
+from test_diffusers_vae import make_vae
 from test_lmfusion import text_logits
-from test_parallel import FSDP2, _args, _launch
+from test_parallel import CONFIGS, _launch
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-STEPS, LR = 3, 3e-3
+STEPS, LR, UNET = 3, 3e-3, 16
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # scaling reaches the 64-token rows
 
@@ -37,7 +41,26 @@ def make_llama3(directory):
     return model.eval()
 
 
-def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, autoencoder_ckpt):
+def _yaml_args(root: Path, llama_dir: Path, vae: Path, shards: Path) -> list[str]:
+    """The shipped LMFusion YAML and FSDP2 overlay, on 2 CPU processes at a tiny size."""
+    return ["--config", str(CONFIGS / "lmfusion_llama3.yaml"), "--config", str(CONFIGS / "trainer_fsdp2.yaml"),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+            "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", str(root), "--trainer.logger.name", "logs",
+            "--model.init_args.text_model", str(llama_dir), "--model.init_args.autoencoder.path", str(vae),
+            "--model.init_args.autoencoder.image_size", "16", "--model.init_args.unet_channels", str(UNET),
+            "--model.init_args.lr", str(LR), "--model.init_args.warmup_steps", "1",
+            "--model.init_args.num_steps", "4",
+            "--data.init_args.sources", f"[{{url: {shards / 'train'}, weight: 1.0}}]",
+            "--data.init_args.val", str(shards / "validation"), "--data.init_args.seq_len", "64",
+            "--data.init_args.batch_size", "4", "--data.init_args.rows_per_epoch", "64",
+            "--data.init_args.val_rows", "8", "--data.init_args.num_workers", "0"]
+
+
+def test_shipped_yaml_loads_the_text_model_sharded_and_keeps_it_frozen(tmp_path):
     from transfusion.lightning.transfusion import TransfusionModule
     from transfusion.models.lmfusion import is_text_weight
     from transfusion.models.transfusion import Transfusion
@@ -49,18 +72,16 @@ def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, aut
     with torch.no_grad():
         reference = hf(tokens).logits
 
+    vae = make_vae(tmp_path / "vae")  # a diffusers AutoencoderKL folder: 16 px -> 4 x 8 x 8 latents, 16 patches
+    write_set(tmp_path / "shards" / "train", [8, 8, 8, 8])
+    write_set(tmp_path / "shards" / "validation", [8])
     first, resumed = tmp_path / "fsdp2", tmp_path / "resumed"
-    args = [*_args(first, tokenizer_path, autoencoder_ckpt, devices=2, batch_size=4, overlay=FSDP2),
-            "--model.init_args.text_model", str(llama_dir), "--model.init_args.modality_experts", "true",
-            "--model.init_args.freeze_text", "true", "--model.init_args.preset", "null",
-            "--model.init_args.tokenizer", "null", "--model.init_args.lr", str(LR), "--trainer.max_steps", "2"]
     first.mkdir()
-    _launch(["fit", *args], first)  # a sharded checkpoint (one .distcp file per rank)
-    (sharded,) = first.glob("logs/version_*/checkpoints/last.ckpt")
-    assert sharded.is_dir()
     resumed.mkdir()
-    _launch(["fit", *args, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
-             "--trainer.default_root_dir", str(resumed), "--trainer.logger.init_args.save_dir", str(resumed),
+    _launch(["fit", *_yaml_args(first, llama_dir, vae, tmp_path / "shards"), "--trainer.max_steps", "2"], first)
+    (sharded,) = first.glob("logs/version_*/checkpoints/last.ckpt")
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2  # a sharded checkpoint, one file a rank
+    _launch(["fit", *_yaml_args(resumed, llama_dir, vae, tmp_path / "shards"), "--trainer.max_steps", str(STEPS),
              "--trainer.strategy.init_args.save_distributed_checkpoint", "false", "--ckpt_path", str(sharded)],
             resumed)  # resumed from the shards, then one .ckpt file from rank 0
     (ckpt,) = resumed.glob("logs/version_*/checkpoints/last.ckpt")
@@ -68,7 +89,8 @@ def test_text_model_loads_sharded_and_stays_frozen(tmp_path, tokenizer_path, aut
     assert checkpoint["global_step"] == STEPS
     trained = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
 
-    one = TransfusionModule(None, autoencoder_ckpt, text_model=str(llama_dir), modality_experts=True)
+    one = TransfusionModule(None, {"path": str(vae), "image_size": 16}, text_model=str(llama_dir),
+                            modality_experts=True, patch_encoder="unet", unet_channels=UNET)
     one._load_text_model(str(llama_dir))  # the one-device load
     loaded = one.model.state_dict()
     assert trained.keys() == loaded.keys()
