@@ -9,6 +9,9 @@ Frozen, the embedding and the LM head still train the rows of Transfusion's own 
 appended after the text model's vocabulary), so the model learns to start an image: ``SpecialRows`` holds them as
 a parameter of their own beside the frozen table (so weight decay and gradient clipping cannot touch the other rows)
 and merges them back into ``weight`` in state dicts, whose layout stays that of ``nn.Embedding`` / ``nn.Linear``.
+
+Under FSDP2 the text model is read on rank 0 and broadcast (``load_text_weights_sharded``), and ``SpecialRows`` is
+made before the model is sharded, so its rows are parameters FSDP2 knows.
 """
 
 from __future__ import annotations
