@@ -31,7 +31,8 @@ def test_shipped_config_parses(config, capsys):
     model = printed["model"]
     assert model["class_path"].startswith("transfusion.")
     if "preset" in model["init_args"] and model["class_path"].endswith(("TransfusionModule", "ChameleonModule")):
-        TransformerConfig.from_name(model["init_args"]["preset"])  # a real preset
+        if model["init_args"].get("text_model") is None:  # else the text model sets the shape (preset: null)
+            TransformerConfig.from_name(model["init_args"]["preset"])  # a real preset
 
 
 @pytest.mark.parametrize("preset", ["0.16B", "0.37B", "0.76B", "1.4B", "7B"])

@@ -19,7 +19,8 @@ from transfusion.lightning.optim import OptimizerConfig
 from transfusion.lightning.parallel import fully_shard_blocks
 from transfusion.lightning.seeding import step_generator
 from transfusion.models.llama import load_llama, read_llama_config
-from transfusion.models.lmfusion import freeze_text_weights, is_text_weight, load_text_weights
+from transfusion.models.lmfusion import (freeze_text_weights, is_text_weight, load_text_weights,
+                                         load_text_weights_sharded)
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 
@@ -180,6 +181,8 @@ class TransfusionModule(GenerativeModule):
             with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
                 model = Transfusion(self.config)
             if mesh is not None:
+                if self.hparams.freeze_text:  # its SpecialRows parameters must exist before FSDP2 shards
+                    freeze_text_weights(model, self.special_ids)
                 fully_shard_blocks(model, mesh)
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights(torch.initial_seed())
@@ -337,10 +340,11 @@ class TransfusionModule(GenerativeModule):
         """LMFusion's start: the text model's weights as the text weights (``transfusion.models.lmfusion``)."""
         from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for p in self.model.parameters()):
-            raise NotImplementedError("text_model with a sharded model (FSDP2): load it on one device, save, init_from")
-        _, state = load_llama(directory)
-        load_text_weights(self.model, state, self.hparams.image_weights_from_text)
+        image_from_text = self.hparams.image_weights_from_text
+        if any(isinstance(p, DTensor) for p in self.model.parameters()):  # FSDP2: read on rank 0, broadcast
+            load_text_weights_sharded(self.model, lambda: load_llama(directory)[1], image_from_text)
+        else:
+            load_text_weights(self.model, load_llama(directory)[1], image_from_text)
         rank_zero_info(f"text weights from {directory}" + (" (image weights copied from them)"
                                                             if self.hparams.image_weights_from_text else ""))
 

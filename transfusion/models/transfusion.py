@@ -101,7 +101,9 @@ class Transfusion(nn.Module):
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         zero = tuple(f"patch_decoder.{name}." for name in self.patch_decoder.zero_init)
-        for i, (name, p) in enumerate(self.named_parameters()):
+        # frozen text's trained rows (lmfusion.SpecialRows, made before FSDP2 shards) are copies of their table's
+        params = [(n, p) for n, p in self.named_parameters() if not n.endswith(".special_rows")]
+        for i, (name, p) in enumerate(params):  # the same index, so the same draw, with or without them
             full = torch.empty(p.shape, dtype=torch.float32)
             generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
             if name.startswith(zero) or name.endswith("bias"):
@@ -119,6 +121,10 @@ class Transfusion(nn.Module):
                 p.to_local().copy_(full.to_local())
             else:
                 p.copy_(full)
+        for module in self.modules():
+            if hasattr(module, "init_special_rows"):
+                module.reset_index()  # after to_empty
+                module.init_special_rows()
 
     def attention_mask(self, doc_ids: torch.Tensor, image_ids: torch.Tensor):
         """One mask per batch, shared by all layers."""
