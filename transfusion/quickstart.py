@@ -64,7 +64,7 @@ def _write_shards(output: Path, model_args: list[str], seed: int) -> dict:
     from transfusion.data.shards.stream import open_shard_set
 
     main(["shards", "--config", str(CONFIGS / "transfusion_embedded.yaml"), *model_args, "--output", str(output),
-              "--shuffle", "--seed", str(seed), "--samples_per_shard", str(SAMPLES_PER_SHARD), "--overwrite"])
+          "--shuffle", "--seed", str(seed), "--samples_per_shard", str(SAMPLES_PER_SHARD), "--overwrite"])
     sets = {split: open_shard_set(str(output / split)) for split in ("train", "validation")}
     return {"shards": str(output), "format": "webdataset", "image": "pixels", "shuffle_seed": seed,
             "text_row_share": TEXT_ROW_SHARE,
