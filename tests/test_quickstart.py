@@ -64,3 +64,39 @@ def test_quickstart_runs_every_stage_and_writes_the_whole_report(tmp_path):
     losses = [line for line in markdown.splitlines() if line.startswith(("| autoencoder train/val", "| train/", "| val/"))]
     assert len(losses) == 8 and not any("nan" in line for line in losses), losses
     assert "| caption -> image | 2 |" in markdown and "| image -> caption | 2 |" in markdown
+
+
+@pytest.mark.slow
+def test_streamed_quickstart_trains_from_the_shards_it_writes_and_names_them_in_the_report(tmp_path):
+    out = tmp_path / "quickstart"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "transfusion.cli", "quickstart", "--streamed", "--output", str(out),
+           "--autoencoder_steps", "2", "--steps", "2", "--preset", "debug", "--predict_examples", "2",
+           "--inference_steps", "2", "--curve_examples", "2", "--seed", "3"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = json.loads((out / "report.json").read_text())
+    streamed = report["streamed"]
+    assert streamed["shards"] == str(out / "shards") and streamed["image"] == "pixels"
+    # the in-memory config's examples (num_examples 10000; validation: 64), shuffled with the run's seed
+    assert (streamed["train_records"], streamed["validation_records"], streamed["shuffle_seed"]) == (10000, 64, 3)
+    for split in ("train", "validation"):
+        index = json.loads((out / "shards" / split / "index.json").read_text())
+        assert index["content"] == "pairs" and index["skipped"] == {}
+    assert set(report["timings"]) == {"tokenizer_s", "autoencoder_s", "shards_s", "transfusion_s", "generation_s"}
+    for key, series in report["transfusion"].items():
+        assert all(_finite_pairs(v) for v in series.values()), (key, series)
+    assert report["curve"] and report["follow"]["images"] == 2 and report["follow"]["captions"] == 2
+
+    # Transfusion was fitted from those shards, with the in-memory run's share of text rows
+    import yaml
+
+    config = yaml.safe_load(next((out / "transfusion").rglob("config.yaml")).read_text())
+    data = config["data"]
+    assert data["class_path"] == "transfusion.data.shards.StreamingDataModule"
+    assert data["init_args"]["sources"] == [{"url": str(out / "shards" / "train"), "weight": 0.82}]
+    assert data["init_args"]["val"] == str(out / "shards" / "validation") and data["init_args"]["text_weight"] == 0.18
+    markdown = (out / "report.md").read_text()
+    assert f"Streamed: Transfusion trained from the shard set `{out / 'shards'}`" in markdown
+    assert "| shards |" in markdown and "| caption -> image | 2 |" in markdown

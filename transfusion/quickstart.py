@@ -3,6 +3,8 @@
 1. train the tokenizer on the embedded text;                  -> tokenizer.model
 2. ``transfusion fit`` the autoencoder (autoencoder_embedded);  -> autoencoder/
 3. ``transfusion fit`` Transfusion (transfusion_embedded);      -> transfusion/
+   with ``--streamed``: first ``transfusion shards`` writes its training data as shard sets -> shards/train,
+   shards/validation; then it trains from them streamed (transfusion_streamed_embedded) -> transfusion/
 4. ``transfusion predict``: images from held-out captions and captions from held-out images -> samples/
 5. a report: losses, whether images follow their captions and captions their images -> report.md/.json
 """
@@ -19,9 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from transfusion.cli import cli_main, tokenizer_main
+from transfusion.cli import cli_main, main, tokenizer_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+# --streamed: the share of text rows that gives transfusion_embedded.yaml's text_ratio (0.25 text tokens per
+# image-caption token). Text rows are full; pair rows are f = 0.88 full (measured over 2000 rows), so the text
+# row share is p = r f / (1 + r f) = 0.25 x 0.88 / 1.22 = 0.18 (TransfusionRows._p_text_for: 0.181 from 32 rows).
+TEXT_ROW_SHARE = 0.18
+SAMPLES_PER_SHARD = 500  # 20 training shards: a streamed pass visits them in a new order each pass
 
 
 def _fit(config: str, root: Path, overrides: list[str]):
@@ -50,6 +57,26 @@ def _curve_callback(config: str, steps: int | None, examples: int, output: Path)
                   "sampling": {"sampler": "euler" if flow else "ddim", "num_steps": 50}, "output_dir": str(output)}
     callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
     return [f"--trainer.callbacks+={json.dumps(callback)}"]
+
+
+def _write_shards(output: Path, model_args: list[str], seed: int) -> dict:
+    """``transfusion shards``: the in-memory config's training and validation shapes (pixels, shuffled)."""
+    from transfusion.data.shards.stream import open_shard_set
+
+    main(["shards", "--config", str(CONFIGS / "transfusion_embedded.yaml"), *model_args, "--output", str(output),
+          "--shuffle", "--seed", str(seed), "--samples_per_shard", str(SAMPLES_PER_SHARD), "--overwrite"])
+    sets = {split: open_shard_set(str(output / split)) for split in ("train", "validation")}
+    return {"shards": str(output), "format": "webdataset", "image": "pixels", "shuffle_seed": seed,
+            "text_row_share": TEXT_ROW_SHARE,
+            **{f"{split}_records": sum(s.samples) for split, s in sets.items()},
+            **{f"{split}_shards": len(s.shards) for split, s in sets.items()}}
+
+
+def _streamed_args(data: dict) -> list[str]:
+    """Overrides of transfusion_streamed_embedded.yaml: the written sets, the in-memory run's text share."""
+    train = [{"url": str(Path(data["shards"]) / "train"), "weight": round(1.0 - TEXT_ROW_SHARE, 6)}]
+    return ["--data.init_args.sources", json.dumps(train), "--data.init_args.val",
+            str(Path(data["shards"]) / "validation"), "--data.init_args.text_weight", str(TEXT_ROW_SHARE)]
 
 
 def _metrics(trainer) -> list[dict]:
@@ -134,6 +161,9 @@ def quickstart_main(argv: list[str]) -> dict:
                         help="held-out captions for the prompt-following curve during training")
     parser.add_argument("--accelerator", default=None,
                         help="Lightning accelerator of every stage, e.g. gpu (default: the YAMLs': cpu, then auto)")
+    parser.add_argument("--streamed", action="store_true",
+                        help="write the training data as shards (`transfusion shards`: pixels, shuffled) and train "
+                             "Transfusion from them streamed (StreamingDataModule)")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()  # absolute: checkpoints record the tokenizer and autoencoder paths
     out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +187,16 @@ def quickstart_main(argv: list[str]) -> dict:
         model_args += ["--model.init_args.preset", args.preset]
     if args.inference_steps:
         model_args += ["--model.init_args.num_steps", str(args.inference_steps)]
-    curve = _curve_callback("transfusion_embedded.yaml", args.steps, args.curve_examples, out / "transfusion" / "evaluation")
-    tf_trainer = _fit("transfusion_embedded.yaml", out / "transfusion",
-                      model_args + seed + device + _steps_overrides(args.steps) + curve)
+    config, data, data_args = "transfusion_embedded.yaml", None, []
+    if args.streamed:
+        start = time.time()
+        data = _write_shards(out / "shards", model_args, args.seed)
+        timings["shards_s"] = time.time() - start
+        start = time.time()
+        config, data_args = "transfusion_streamed_embedded.yaml", _streamed_args(data)
+    curve = _curve_callback(config, args.steps, args.curve_examples, out / "transfusion" / "evaluation")
+    tf_trainer = _fit(config, out / "transfusion",
+                      model_args + seed + device + _steps_overrides(args.steps) + curve + data_args)
     tf_ckpt = tf_trainer.checkpoint_callback.last_model_path
     timings["transfusion_s"] = time.time() - start
 
@@ -184,6 +221,8 @@ def quickstart_main(argv: list[str]) -> dict:
         "follow": _follow(out / "samples"),
         "curve": curve,
     }
+    if data is not None:
+        report["streamed"] = data
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report, out))
     print((out / "report.md").read_text())
@@ -191,7 +230,14 @@ def quickstart_main(argv: list[str]) -> dict:
 
 
 def _markdown(report: dict, out: Path) -> str:
-    lines = ["# Transfusion quickstart report", "", f"Seed {report['seed']}.", "", "| stage | seconds |", "|---|---|"]
+    lines = ["# Transfusion quickstart report", "", f"Seed {report['seed']}.", ""]
+    if "streamed" in report:
+        s = report["streamed"]
+        lines += [f"Streamed: Transfusion trained from the shard set `{s['shards']}` ({s['train_records']} training "
+                  f"records in {s['train_shards']} WebDataset shards of {s['image']}, shuffled with seed "
+                  f"{s['shuffle_seed']}; validation: {s['validation_records']} records) with StreamingDataModule, "
+                  f"text rows {s['text_row_share']:.0%} of rows.", ""]
+    lines += ["| stage | seconds |", "|---|---|"]
     lines += [f"| {k[:-2]} | {v:.0f} |" for k, v in report["timings"].items()]
     lines.append(f"| total | {sum(report['timings'].values()):.0f} |")
     lines += ["", "## Losses (step, value)", "", "| metric | first | last |", "|---|---|---|"]
