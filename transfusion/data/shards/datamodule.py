@@ -28,7 +28,8 @@ from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_ima
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
 from transfusion.data.sequences import SequenceLayout, collate_rows
 from transfusion.data.shards.rows import Consumer, RowContext, Source, StreamingRows
-from transfusion.data.shards.stream import ShardSet, open_shard_set, read_records, record_captions, record_image
+from transfusion.data.shards.stream import (ShardSet, open_shard_set, read_records, record_captions, record_image,
+                                            record_pictures)
 from transfusion.data.text import read_documents, split_documents, token_stream
 from transfusion.images import IMAGE
 
@@ -43,8 +44,9 @@ class StreamingDataModule(RowsDataModule):
         """
         Args:
             sources: shard sets to train on: ``{"url": folder URL with index.json | glob | [shard URLs], "weight": w,
-                "name": optional}`` or just the URL (weight 1). Contents ``pairs`` or ``text``.
-            val: the validation shard set (pairs); None holds out the last shard of the first pair source.
+                "name": optional}`` or just the URL (weight 1). Contents ``pairs``, ``documents`` or ``text``.
+            val: the validation shard set (pairs or documents); None holds out the last shard of the first pair
+                source (or, without pairs, of the first documents source).
             text_file: a local one-document-per-line text file (``transfusion.data.text``; None: the embedded news
                 corpus) mixed in with ``text_weight`` (0: none); its last 10% of documents are held out for perplexity.
             rows_per_epoch: rows of one Trainer epoch over all processes; the data streams on, pass after pass.
@@ -77,7 +79,7 @@ class StreamingDataModule(RowsDataModule):
 
     def _check_images(self, shard_set: ShardSet) -> None:
         fingerprint = self.layout.autoencoder_fingerprint
-        if shard_set.content == "pairs" and shard_set.image != "pixels" and fingerprint is not None \
+        if shard_set.content != "text" and shard_set.image != "pixels" and fingerprint is not None \
                 and shard_set.autoencoder_fingerprint != fingerprint:
             made = shard_set.autoencoder_fingerprint
             raise ValueError(f"shard set {shard_set.name!r} holds {shard_set.image} of another autoencoder "
@@ -90,7 +92,11 @@ class StreamingDataModule(RowsDataModule):
             return (3, size, size), torch.float32
         for shard in range(len(shard_set.shards)):  # the first record that has an array
             for _, raw in read_records(shard_set, shard, 0, shard_set.samples[shard]):
-                value = record_image(raw, shard_set.image) if isinstance(raw, dict) else None
+                value = None
+                if isinstance(raw, dict) and shard_set.content == "documents":
+                    value = next(iter(record_pictures(raw, shard_set.image)), None)
+                elif isinstance(raw, dict):
+                    value = record_image(raw, shard_set.image)
                 if value is not None:
                     return tuple(value.shape), torch.long if shard_set.image == "codes" else torch.float32
         raise ValueError(f"shard set {shard_set.name!r}: no record with a {shard_set.image} array")
@@ -107,6 +113,7 @@ class StreamingDataModule(RowsDataModule):
             self._check_images(shard_set)
             sources.append(Source(spec.get("name") or shard_set.name, float(spec.get("weight", 1.0)), shard_set))
         pair_sets = [s.shards for s in sources if s.shards.content == "pairs"]
+        pair_sets += [s.shards for s in sources if s.shards.content == "documents"]  # image sources: pairs first
         if hp.val is not None:
             self.val_shards = open_shard_set(hp.val, options)
             self._check_images(self.val_shards)

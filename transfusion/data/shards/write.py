@@ -85,6 +85,33 @@ class TextRecords:
         return {"text": self.documents[i]}
 
 
+class DocumentRecords:
+    """Interleaved documents (``ShapeStories``, any dataset of ``{"segments", "images"}`` items, images (3, H, W) in
+    [-1, 1]) as records ``{"segments", "pictures": [(H, W, 3) uint8, ...]}``; segments are checked here."""
+
+    content = "documents"
+
+    def __init__(self, documents):
+        self.documents = documents
+        self.skipped = Counter(getattr(documents, "skipped", {}))
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def get(self, i: int) -> dict:
+        """Record ``i``; raises ``BadRecord`` when its segments do not match its images."""
+        from transfusion.data.documents import parse_segments
+
+        item = self.documents[i]
+        images = list(item.get("images", []))
+        try:
+            parse_segments(item.get("segments"), len(images), f"document {item.get('key', i)!r}")
+        except ValueError as error:
+            raise BadRecord(f"bad segments ({error})") from None
+        segments = [dict(s) for s in item["segments"]]
+        return {"segments": segments, "pictures": [to_uint8(image) for image in images]}
+
+
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] (as ``preprocess_image`` makes it from 8-bit pixels) -> the (H, W, 3) uint8 pixels."""
     return ((image.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -129,9 +156,16 @@ def image_bytes(pixels: np.ndarray, image_format: str) -> bytes:
 
 
 def tar_members(record: dict, image_format: str) -> list[tuple[str, bytes]]:
-    """A record's (extension, bytes) members: the image (or array), then the caption(s) or text."""
+    """A record's (extension, bytes) members: the image (or array), then the caption(s) or text; a document's
+    segments (``json``), then its images ``0.png``, ``1.png``, ... (or ``0.latent.npy``, ...)."""
     if "text" in record:
         return [("txt", record["text"].encode("utf-8"))]
+    if "segments" in record:
+        members = [("json", json.dumps({"segments": record["segments"]}, ensure_ascii=False).encode("utf-8"))]
+        if "arrays" in record:
+            extension = fmt.ARRAY_EXTENSIONS[record["storage"]]
+            return members + [(f"{k}.{extension}", fmt.array_bytes(a)) for k, a in enumerate(record["arrays"])]
+        return members + [(f"{k}.{image_format}", data) for k, data in enumerate(record["images"])]
     if "array" in record:
         image = (fmt.ARRAY_EXTENSIONS[record["storage"]], fmt.array_bytes(record["array"]))
     else:
@@ -161,6 +195,10 @@ def parquet_bytes(records: list[dict], content: str, storage: str) -> bytes:
     columns = {"key": pa.array([r["key"] for r in records], pa.string())}
     if content == "text":
         columns["text"] = pa.array([r["text"] for r in records], pa.string())
+    elif content == "documents":  # segments as a JSON string, images as a list of binary (.npy when encoded)
+        columns["segments"] = pa.array([json.dumps(r["segments"], ensure_ascii=False) for r in records], pa.string())
+        images = [[fmt.array_bytes(a) for a in r["arrays"]] if "arrays" in r else r["images"] for r in records]
+        columns["images"] = pa.array(images, pa.list_(pa.binary()))
     else:
         columns["captions"] = pa.array([r["captions"] for r in records], pa.list_(pa.string()))
         data = [fmt.array_bytes(r["array"]) if "array" in r else r["image"] for r in records]
@@ -199,6 +237,8 @@ def prepare_shard(number: int) -> tuple[int, bytes | list[dict], int, Counter, l
         record["key"] = f"{int(i):09d}"
         if "pixels" in record and not job["encode"]:
             record["image"] = image_bytes(record.pop("pixels"), job["image_format"])
+        if "pictures" in record and not job["encode"]:
+            record["images"] = [image_bytes(p, job["image_format"]) for p in record.pop("pictures")]
         records.append(record)
     if job["encode"]:
         return number, records, len(records), skipped, messages
@@ -231,7 +271,7 @@ def prepare_output(fs, root: str, overwrite: bool, url: str) -> None:
 def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard: int = 1000, workers: int = 1,
                  shuffle: bool = False, seed: int = 0, image_format: str = "png", encoder: Encoder | None = None,
                  image_size: int | None = None, overwrite: bool = False, desc: str = "writing shards") -> dict:
-    """Write ``records`` (``PairRecords`` / ``TextRecords``) as a shard set at ``url``; returns its index."""
+    """Write ``records`` (``PairRecords`` / ``DocumentRecords`` / ``TextRecords``) as a shard set at ``url``."""
     if kind not in fmt.KINDS:
         raise ValueError(f"--format must be one of {fmt.KINDS}, got {kind!r}")
     if image_format not in IMAGE_FORMATS:
@@ -241,10 +281,10 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
     fs, root = url_to_fs(url)
     root = root.rstrip("/") or "/"
     prepare_output(fs, root, overwrite, url)
-    content, encode = records.content, encoder is not None and records.content == "pairs"
+    content, encode = records.content, encoder is not None and records.content != "text"
     storage = encoder.storage if encode else "pixels"
     index = fmt.new_index(kind, content, storage)
-    if content == "pairs":
+    if content != "text":
         index["image_size"] = encoder.image_size if encode else image_size
         index["autoencoder_fingerprint"] = encoder.fingerprint if encode else None
     order = np.random.default_rng(seed).permutation(len(records)) if shuffle else np.arange(len(records))
@@ -258,10 +298,16 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
         results = pool.imap(prepare_shard, range(count)) if pool else map(prepare_shard, range(count))
         with tqdm(total=len(records), desc=desc, unit=" records", disable=None) as bar:
             for number, payload, samples, bad, messages in results:
-                if encode:
+                if encode and content == "pairs":
                     for record, array in zip(payload, encoder([r.pop("pixels") for r in payload])):
                         record.update(array=array, storage=storage)
                         index["latent_shape"] = list(array.shape)
+                elif encode:  # documents: every picture of the shard in one run of batches
+                    arrays = iter(encoder([p for r in payload for p in r["pictures"]]))
+                    for record in payload:
+                        record.update(arrays=[next(arrays) for _ in record.pop("pictures")], storage=storage)
+                        if record["arrays"]:
+                            index["latent_shape"] = list(record["arrays"][0].shape)
                     payload = shard_bytes(payload, kind, content, storage, image_format)
                 name = fmt.shard_name(kind, number)
                 put(fs, posixpath.join(root, name), payload)
@@ -292,8 +338,10 @@ def summary(url: str, index: dict) -> str:
 # -- sources of a `transfusion fit` config ----------------------------------------------------------------------
 def split_records(data, module, content: str | None, splits=("train", "validation")) -> dict:
     """``{split: records}`` of a data module built from a config: ``ImageTextDataModule`` (its image-caption or
-    text source) or ``TransfusionDataModule`` (the embedded shapes or text)."""
+    text source), ``TransfusionDataModule`` (the embedded shapes or text) or ``StoryDataModule`` (the embedded
+    stories: training stories, and held-out ones for validation)."""
     from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.data.story_datamodule import StoryDataModule
 
     if not hasattr(module, "sequence_layout"):
         raise ValueError(f"shards needs a Transfusion or Chameleon model config, got {type(module).__name__}")
@@ -308,6 +356,16 @@ def split_records(data, module, content: str | None, splits=("train", "validatio
         if data.text is None:
             raise ValueError("--content text: the config's data has no text source")
         return {s: TextRecords(data.text.documents(s)) for s in splits}
+    if isinstance(data, StoryDataModule):
+        if content not in (None, "documents"):
+            raise ValueError(f"--content {content}: the story config's data holds interleaved documents "
+                             "(--content documents)")
+        data.layout = layout
+        counts = {"train": data.hparams.num_stories, "validation": max(data.hparams.val_rows, 64)}  # as in setup()
+        return {s: DocumentRecords(data.stories(s, counts[s])) for s in splits}
+    if content == "documents":
+        raise ValueError("--content documents: the config's data has no interleaved documents (use a story config, "
+                         "e.g. lightning_configs/story_embedded.yaml)")
     if isinstance(data, TransfusionDataModule):
         from transfusion.data.shapes import ShapesDataset
         from transfusion.data.text import read_documents, split_documents
@@ -353,7 +411,7 @@ def write_config_shards(argv: list[str], args, encode: bool, content: str | None
     module, data = cli.model, cli.datamodule
     records = split_records(data, module, content)
     encoder = None
-    if encode and next(iter(records.values())).content == "pairs":
+    if encode and next(iter(records.values())).content != "text":
         if not hasattr(module, "autoencoder"):
             raise ValueError(f"--encode needs a model with a frozen autoencoder, got {type(module).__name__}")
         if torch.cuda.is_available():
@@ -377,8 +435,9 @@ def shards_main(argv: list[str]) -> None:
             return
         add_writer_options(parser)
         parser.add_argument("--encode", action="store_true", help="store images as the model's latents / VQ codes")
-        parser.add_argument("--content", default=None, choices=("pairs", "text"),
-                            help="default: the image-caption pairs, or the text when the data has no images")
+        parser.add_argument("--content", default=None, choices=fmt.CONTENTS,
+                            help="default: the stories of a story config, else the image-caption pairs, or the text "
+                                 "when the data has no images")
         args, rest = parser.parse_known_args(argv)
         if not rest:
             parser.error("give the config of a `transfusion fit` run (--config X.yaml [overrides])")

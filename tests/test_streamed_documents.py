@@ -1,0 +1,174 @@
+"""Interleaved documents through the shard writer and the streamed reader: records read back as written (segments,
+loss flags, pixels), byte-identical for any number of writer workers; streamed rows equal ``document_tokens``'
+rows for the same records; a pairs / documents / text mix meets its weights; a resume mid-pass gives the same
+rows; `transfusion shards` writes the embedded stories of a story config."""
+
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shard_writer import write_set  # noqa: E402
+
+from transfusion.data.documents import pack, record_document  # noqa: E402
+from transfusion.data.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.shards.rows import Consumer, RowContext, Source  # noqa: E402
+from transfusion.data.shards.stream import (open_shard_set, pass_order, read_records, record_pictures,  # noqa: E402
+                                            record_segments)
+from transfusion.data.shards.write import DocumentRecords, to_uint8, write_shards  # noqa: E402
+from transfusion.data.stories import ShapeStories  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
+BOS, EOS, PAD, BOI, EOI = 1, 2, 3, 4, 5
+TOK = SimpleNamespace(bos_id=BOS, eos_id=EOS, pad_id=PAD, boi_id=BOI, eoi_id=EOI,
+                      encode=lambda s, bos=False, eos=False: [BOS] * bos + [ord(c) for c in s] + [EOS] * eos)
+LAYOUT = SequenceLayout(tokenizer=TOK, patches_per_image=4, image_size=8)
+SEQ_LEN = 160
+
+
+def documents(count: int = 14) -> list[dict]:
+    """Stories (8 px) with, every fourth, a handmade document: an image first (the limit rule), loss-off text and
+    a loss-off image (an edit), and one document too long for SEQ_LEN."""
+    stories = ShapeStories(count, image_size=8, seed=5)
+    made = []
+    for i in range(count):
+        story = dict(stories[i])
+        if i % 4 == 1:
+            story["segments"] = [{"image": 0}, {"text": "a caption after it"}]
+            story["images"] = story["images"][:1]
+        elif i % 4 == 2:
+            story["segments"] = [{"text": "make it so", "loss": False}, {"image": 0, "loss": False},
+                                 {"text": "done"}, {"image": 1}]
+            story["images"] = story["images"][:2]
+        elif i == 11:
+            story["segments"] = [{"text": "long " * 40}, {"image": 0}]
+        made.append({"key": story["key"], "segments": story["segments"], "images": story["images"]})
+    return made
+
+
+def _write(folder: Path, kind: str, records=None, **options) -> dict:
+    return write_shards(DocumentRecords(records or documents()), str(folder), kind=kind, samples_per_shard=4,
+                        **options)
+
+
+def _raw_records(shard_set) -> list[dict]:
+    return [raw for s in range(len(shard_set.shards)) for _, raw in read_records(shard_set, s, 0, shard_set.samples[s])]
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_written_documents_read_back_as_written(tmp_path, kind):
+    written = documents()
+    index = _write(tmp_path / "one", kind)
+    assert (index["content"], index["image"], index["skipped"]) == ("documents", "pixels", {})
+    assert [s["samples"] for s in index["shards"]] == [4, 4, 4, 2]
+    _write(tmp_path / "two", kind, workers=2)  # the bytes do not depend on the number of workers
+    for one in sorted((tmp_path / "one").iterdir()):
+        assert one.read_bytes() == (tmp_path / "two" / one.name).read_bytes(), one.name
+    shard_set = open_shard_set(str(tmp_path / "one"))
+    raws = _raw_records(shard_set)
+    assert len(raws) == len(written)
+    for raw, record in zip(raws, written):
+        assert record_segments(raw) == record["segments"]  # loss flags kept
+        pictures = record_pictures(raw, "pixels")
+        assert len(pictures) == len(record["images"])
+        for data, image in zip(pictures, record["images"]):
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), to_uint8(image))
+    ext = "tar" if kind == "webdataset" else "parquet"  # no index: the content is told from the shards
+    bare = open_shard_set(str(tmp_path / "one" / f"*.{ext}"))
+    assert (bare.content, bare.image, bare.samples) == ("documents", "pixels", [4, 4, 4, 2])
+
+
+def _expected_rows(records: list[dict], count: int, max_t: int) -> tuple[list[dict], list[str]]:
+    """Rows packed greedily in pass 0's order (shards of 4 in ``pass_order``) from ``record_document`` (the in-memory
+    rules); too-long documents left out."""
+    docs, skipped = [], []
+    shards = [records[i:i + 4] for i in range(0, len(records), 4)]
+    for record in [r for s in pass_order(len(shards), 0, 0) for r in shards[s]]:
+        doc = record_document(record, TOK, LAYOUT.patches_per_image, max_t)
+        (skipped.append(record["key"]) if len(doc.tokens) > SEQ_LEN else docs.append(doc))
+    rows, current = [], []
+    for doc in docs:
+        if sum(len(d.tokens) for d in current) + len(doc.tokens) > SEQ_LEN:
+            rows.append(pack(current, SEQ_LEN, LAYOUT.patches_per_image, PAD))
+            current = []
+        current.append(doc)
+    return rows[:count], skipped
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_streamed_rows_equal_in_memory_document_rows(tmp_path, kind):
+    records = documents()
+    _write(tmp_path / "docs", kind)
+    consumer = Consumer([Source("docs", 1.0, open_shard_set(str(tmp_path / "docs")))],
+                        RowContext(LAYOUT, SEQ_LEN, (3, 8, 8), image_first_max_t=77), 0, 1)
+    with pytest.warns(Warning, match=r"record 3 \(key 000000011\): document longer than seq_len"):
+        expected, skipped = _expected_rows(records, 6, max_t=77)
+        rows = [consumer.next_row() for _ in range(len(expected))]
+    assert skipped == ["train-5-11"] and consumer.state()["skipped"] == {"document longer than seq_len": 1}
+    assert len(expected) >= 4 and any("text_loss" in r for r in rows) and any((r["max_t"] == 77).any() for r in rows)
+    for got, want in zip(rows, expected):
+        for key in ("tokens", "doc_ids", "image_ids", "max_t", "images"):
+            assert torch.equal(got[key], want[key]), key
+        assert ("text_loss" in got) == ("text_loss" in want)
+        if "text_loss" in want:
+            assert torch.equal(got["text_loss"], want["text_loss"])
+    assert any((r["max_t"] == -1).any() for r in rows)  # the loss-off image enters clean
+
+
+def test_pairs_documents_and_text_mix_at_their_weights_and_resume(tmp_path):
+    write_set(tmp_path / "pairs", [20, 20])
+    write_set(tmp_path / "text", [10], content="text")
+    _write(tmp_path / "docs", "webdataset")
+    weights = [0.6, 0.2, 0.2]
+    sources = [Source("pairs", 0.6, open_shard_set(str(tmp_path / "pairs"))),
+               Source("docs", 0.2, open_shard_set(str(tmp_path / "docs"))),
+               Source("text", 0.2, open_shard_set(str(tmp_path / "text")))]
+    ctx = RowContext(LAYOUT, SEQ_LEN, (3, 8, 8))
+    consumer = Consumer(sources, ctx, 0, 1)
+    n = 400
+    rows = [consumer.next_row() for _ in range(n)]
+    shares = consumer.state()["source_rows"]
+    for k, w in enumerate(weights):
+        assert abs(shares[k] - n * w) <= 4 * (n * w * (1 - w)) ** 0.5, (shares, weights)  # 4 sigma binomial
+    assert all(t > 0 for t in consumer.state()["source_tokens"])
+    assert {r["images"].shape[1:] for r in rows} == {(3, 8, 8)}
+    # resume mid-pass (consumer 1 of 2: its 7 documents a pass) from a saved position
+    straight = Consumer(sources, ctx, 1, 2)
+    for _ in range(7):
+        straight.next_row()
+    state = straight.state()
+    assert 0 < state["sources"][1]["offset"] or state["sources"][1]["pass"] > 0
+    later = [straight.next_row() for _ in range(15)]
+    resumed = Consumer(sources, ctx, 1, 2, state)
+    for a, b in zip(later, [resumed.next_row() for _ in range(15)]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
+
+
+def test_stories_from_the_story_config(tmp_path, tokenizer_path, autoencoder_ckpt, one_thread):
+    """`transfusion shards --config story_embedded.yaml`: the training stories and held-out validation ones."""
+    from transfusion.cli import main
+
+    args = ["--config", str(CONFIGS / "story_embedded.yaml"), "--model.init_args.tokenizer", tokenizer_path,
+            "--model.init_args.autoencoder", autoencoder_ckpt, "--model.init_args.preset", "debug",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.num_stories", "6", "--data.init_args.val_rows", "2"]
+    main(["shards", *args, "--output", str(tmp_path / "stories"), "--samples_per_shard", "4"])
+    for split, seed, count, name in (("train", 0, 6, "train"), ("validation", 1, 64, "heldout")):
+        shard_set = open_shard_set(str(tmp_path / "stories" / split))
+        assert (shard_set.content, shard_set.total) == ("documents", count)
+        raws = _raw_records(shard_set)
+        expected = ShapeStories(count, 16, seed=seed, split=name)
+        for i in (0, count - 1):
+            assert record_segments(raws[i]) == expected[i]["segments"]
+            got = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in record_pictures(raws[i], "pixels")]
+            assert all(np.array_equal(g, to_uint8(e)) for g, e in zip(got, expected[i]["images"]))
+    with pytest.raises(SystemExit):  # stories are documents only
+        main(["shards", *args, "--output", str(tmp_path / "pairs"), "--content", "pairs"])
