@@ -172,3 +172,57 @@ def test_stories_from_the_story_config(tmp_path, tokenizer_path, autoencoder_ckp
             assert all(np.array_equal(g, to_uint8(e)) for g, e in zip(got, expected[i]["images"]))
     with pytest.raises(SystemExit):  # stories are documents only
         main(["shards", *args, "--output", str(tmp_path / "pairs"), "--content", "pairs"])
+
+
+@pytest.mark.slow
+def test_fit_from_streamed_story_shards(tmp_path, tokenizer_path, autoencoder_ckpt):
+    """A few steps of `transfusion fit` (debug preset) from streamed story shards mixed with the embedded text."""
+    import subprocess
+
+    from test_reliability import _env
+
+    for split, seed, name in (("train", 0, "train"), ("validation", 1, "heldout")):
+        write_shards(DocumentRecords(ShapeStories(12, 16, seed=seed, split=name)), str(tmp_path / "stories" / split),
+                     samples_per_shard=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "transfusion.cli", "fit", "--config", str(CONFIGS / "transfusion_streamed_embedded.yaml"),
+         "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
+         "--model.init_args.preset", "debug", "--model.init_args.warmup_steps", "2",
+         "--data.init_args.sources", f"[{{url: {tmp_path / 'stories' / 'train'}, weight: 0.8}}]",
+         "--data.init_args.val", str(tmp_path / "stories" / "validation"), "--data.init_args.text_weight", "0.2",
+         "--data.init_args.seq_len", "128", "--data.init_args.batch_size", "2", "--data.init_args.val_rows", "2",
+         "--data.init_args.rows_per_epoch", "8", "--data.init_args.num_workers", "0",
+         "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
+         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics or "loss" in metrics, metrics[:500]
+    assert "row shares" in result.stderr + result.stdout  # the realised shares are reported
+
+
+class _Encoder:
+    """A stand-in for ``write.Encoder``: "latents" are each picture's per-channel means (shape (3, 1, 1))."""
+
+    storage, dtype, fingerprint, image_size = "latents", np.float32, "f" * 64, 8
+
+    def __call__(self, pixels):
+        return [p.astype(np.float32).mean(axis=(0, 1)).reshape(3, 1, 1) for p in pixels]
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet"])
+def test_encoded_documents_stream_their_latents(tmp_path, kind):
+    records = [r for r in documents(8) if r["key"] != "train-5-11"]
+    index = _write(tmp_path / "latents", kind, records, encoder=_Encoder())
+    assert (index["image"], index["latent_shape"], index["autoencoder_fingerprint"]) == ("latents", [3, 1, 1], "f" * 64)
+    shard_set = open_shard_set(str(tmp_path / "latents"))
+    for raw, record in zip(_raw_records(shard_set), records):
+        arrays = record_pictures(raw, "latents")
+        assert record_segments(raw) == record["segments"] and len(arrays) == len(record["images"])
+        for array, image in zip(arrays, record["images"]):
+            assert np.array_equal(array, _Encoder()([to_uint8(image)])[0])
+    consumer = Consumer([Source("d", 1.0, shard_set)], RowContext(LAYOUT, SEQ_LEN, (3, 1, 1)), 0, 1)
+    rows = [consumer.next_row() for _ in range(3)]
+    assert all(r["images"].shape[1:] == (3, 1, 1) and r["images"].dtype == torch.float32 for r in rows)
+    assert consumer.state()["skipped"] == {}

@@ -308,6 +308,7 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
                         record.update(arrays=[next(arrays) for _ in record.pop("pictures")], storage=storage)
                         if record["arrays"]:
                             index["latent_shape"] = list(record["arrays"][0].shape)
+                if encode:
                     payload = shard_bytes(payload, kind, content, storage, image_format)
                 name = fmt.shard_name(kind, number)
                 put(fs, posixpath.join(root, name), payload)
