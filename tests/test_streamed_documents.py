@@ -4,6 +4,7 @@ rows for the same records; a pairs / documents / text mix meets its weights; a r
 rows; `transfusion shards` writes the embedded stories of a story config."""
 
 import io
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,11 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shard_writer import write_set  # noqa: E402
 
 from transfusion.data.documents import pack, record_document  # noqa: E402
+from transfusion.data.preprocess import preprocess_image  # noqa: E402
 from transfusion.data.sequences import SequenceLayout  # noqa: E402
 from transfusion.data.shards.rows import Consumer, RowContext, Source  # noqa: E402
 from transfusion.data.shards.stream import (open_shard_set, pass_order, read_records, record_pictures,  # noqa: E402
                                             record_segments)
-from transfusion.data.shards.write import DocumentRecords, to_uint8, write_shards  # noqa: E402
+from transfusion.data.shards.document_records import DocumentRecords  # noqa: E402
+from transfusion.data.shards.write import to_uint8, write_shards  # noqa: E402
 from transfusion.data.stories import ShapeStories  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
@@ -173,6 +176,26 @@ def test_stories_from_the_story_config(tmp_path, tokenizer_path, autoencoder_ckp
     with pytest.raises(SystemExit):  # stories are documents only
         main(["shards", *args, "--output", str(tmp_path / "pairs"), "--content", "pairs"])
 
+    # a user's JSONL of interleaved documents (image paths relative to it): bad records counted by reason
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / f"p{k}.png")
+    lines = [{"segments": [{"text": "a cat", "loss": False}, {"image": 0}, {"text": "then a dog"}, {"image": 1}],
+              "images": ["p0.png", "p1.png"]},
+             {"segments": [{"image": 0}, {"text": "a caption"}], "images": ["p2.png"]},
+             {"segments": [{"text": "lost"}, {"image": 0}], "images": ["missing.png"]},
+             {"segments": [{"text": "no such image"}, {"image": 1}], "images": ["p0.png"]}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.warns(Warning, match=r"docs.jsonl line 3: missing file \(missing.png\)"):
+        main(["shards", *args, "--output", str(tmp_path / "mine"), "--documents", str(tmp_path / "docs.jsonl"),
+              "--format", "parquet"])
+    index = json.loads((tmp_path / "mine" / "train" / "index.json").read_text())
+    assert index["skipped"] == {"bad segments": 1, "missing file": 1} and index["image_size"] == 16
+    raws = _raw_records(open_shard_set(str(tmp_path / "mine" / "train")))
+    assert [record_segments(r) for r in raws] == [lines[0]["segments"], lines[1]["segments"]]
+    got = np.asarray(Image.open(io.BytesIO(record_pictures(raws[1], "pixels")[0])).convert("RGB"))
+    assert np.array_equal(got, to_uint8(preprocess_image(str(tmp_path / "p2.png"), 16)))
+
 
 @pytest.mark.slow
 def test_fit_from_streamed_story_shards(tmp_path, tokenizer_path, autoencoder_ckpt):
@@ -226,3 +249,22 @@ def test_encoded_documents_stream_their_latents(tmp_path, kind):
     rows = [consumer.next_row() for _ in range(3)]
     assert all(r["images"].shape[1:] == (3, 1, 1) and r["images"].dtype == torch.float32 for r in rows)
     assert consumer.state()["skipped"] == {}
+
+
+def test_datamodule_streams_documents_and_holds_out_their_last_shard(tmp_path):
+    """Documents only: the last shard is held out for validation; evaluation examples are first pictures and the
+    text before them; training batches carry text_loss from the loss-off segments."""
+    from transfusion.data.shards import StreamingDataModule
+
+    records = [r for r in documents(12) if r["key"] != "train-5-11"]
+    _write(tmp_path / "docs", "webdataset", records)
+    dm = StreamingDataModule([str(tmp_path / "docs")], seq_len=SEQ_LEN, batch_size=2, rows_per_epoch=4, val_rows=2,
+                             layout=LAYOUT)
+    dm.setup("fit")
+    assert dm.val_shards.samples == [3] and len(dm.val_set) == 2
+    examples = dm.evaluation_examples(3)
+    assert [e["caption"] for e in examples] == [records[8]["segments"][0]["text"], "make it so"]  # 9 is image-first
+    assert torch.equal(examples[0]["image"], records[8]["images"][0])
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and all(b["images"].shape[1:] == (3, 8, 8) for b in batches)
+    assert any("text_loss" in b for b in batches)

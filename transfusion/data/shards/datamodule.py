@@ -29,7 +29,7 @@ from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompt
 from transfusion.data.sequences import SequenceLayout, collate_rows
 from transfusion.data.shards.rows import Consumer, RowContext, Source, StreamingRows
 from transfusion.data.shards.stream import (ShardSet, open_shard_set, read_records, record_captions, record_image,
-                                            record_pictures)
+                                            record_pictures, record_segments)
 from transfusion.data.text import read_documents, split_documents, token_stream
 from transfusion.images import IMAGE
 
@@ -221,7 +221,8 @@ class StreamingDataModule(RowsDataModule):
 
     # -------------------------------------------------------------------------------------------------------
     def evaluation_examples(self, num: int) -> list[dict]:
-        """The first ``num`` usable validation pairs: ``{"image": (3, H, W) in [-1, 1], "caption", "references"}``."""
+        """The first ``num`` usable validation pairs: ``{"image": (3, H, W) in [-1, 1], "caption", "references"}``
+        (of documents: each one's first picture, if text comes just before it, and that text)."""
         shard_set = self.val_shards
         if shard_set is None or shard_set.image != "pixels":
             raise ValueError("image metrics and predict prompts need a validation set of pixel shards "
@@ -231,9 +232,12 @@ class StreamingDataModule(RowsDataModule):
             for _, raw in read_records(shard_set, shard, 0, shard_set.samples[shard]):
                 if not isinstance(raw, dict):
                     continue
-                captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
-                try:
+                if shard_set.content == "documents":  # the first picture and the text just before it
+                    captions, value = document_example(raw)
+                else:
+                    captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
                     value = record_image(raw, "pixels")
+                try:
                     image = preprocess_image(value, self.layout.image_size) if value is not None else None
                 except BadRecord:
                     continue
@@ -255,3 +259,19 @@ class StreamingDataModule(RowsDataModule):
                 records.append({"prompt": [example["image"]], "reference": example["references"],
                                 "max_new_tokens": None, "kind": "image-to-text"})
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
+
+
+def document_example(raw: dict) -> tuple[list[str], bytes | None]:
+    """([the text just before a document's first picture] or [], that picture's bytes or None)."""
+    try:
+        segments = record_segments(raw) or []
+        pictures = record_pictures(raw, "pixels")
+    except (ValueError, TypeError):
+        return [], None
+    for before, segment in zip([None, *segments], segments):
+        if isinstance(segment, dict) and "image" in segment:
+            text = clean_caption(before.get("text"), 10_000)[0] if isinstance(before, dict) else ""
+            index = segment["image"]
+            ok = text and isinstance(index, int) and 0 <= index < len(pictures)
+            return ([text], pictures[index]) if ok else ([], None)
+    return [], None

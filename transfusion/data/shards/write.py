@@ -10,7 +10,8 @@ written to ``NAME.partial`` and renamed; ``index.json`` comes last (a set withou
 
 With ``--encode`` images are stored encoded by the model's frozen autoencoder (KL-VAE latents or VQ codes): workers
 decode and preprocess, the parent encodes batch by batch (on the GPU when there is one) and writes the shard.
-``transfusion shards --index URL_OR_GLOB`` writes the ``index.json`` of shards made by other tools.
+``transfusion shards --index URL_OR_GLOB`` writes the ``index.json`` of shards made by other tools. Interleaved
+documents come from a story config (``StoryDataModule``) or ``--documents FILE.jsonl`` (``document_records.py``).
 """
 
 from __future__ import annotations
@@ -83,33 +84,6 @@ class TextRecords:
 
     def get(self, i: int) -> dict:
         return {"text": self.documents[i]}
-
-
-class DocumentRecords:
-    """Interleaved documents (``ShapeStories``, any dataset of ``{"segments", "images"}`` items, images (3, H, W) in
-    [-1, 1]) as records ``{"segments", "pictures": [(H, W, 3) uint8, ...]}``; segments are checked here."""
-
-    content = "documents"
-
-    def __init__(self, documents):
-        self.documents = documents
-        self.skipped = Counter(getattr(documents, "skipped", {}))
-
-    def __len__(self) -> int:
-        return len(self.documents)
-
-    def get(self, i: int) -> dict:
-        """Record ``i``; raises ``BadRecord`` when its segments do not match its images."""
-        from transfusion.data.documents import parse_segments
-
-        item = self.documents[i]
-        images = list(item.get("images", []))
-        try:
-            parse_segments(item.get("segments"), len(images), f"document {item.get('key', i)!r}")
-        except ValueError as error:
-            raise BadRecord(f"bad segments ({error})") from None
-        segments = [dict(s) for s in item["segments"]]
-        return {"segments": segments, "pictures": [to_uint8(image) for image in images]}
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -271,7 +245,7 @@ def prepare_output(fs, root: str, overwrite: bool, url: str) -> None:
 def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard: int = 1000, workers: int = 1,
                  shuffle: bool = False, seed: int = 0, image_format: str = "png", encoder: Encoder | None = None,
                  image_size: int | None = None, overwrite: bool = False, desc: str = "writing shards") -> dict:
-    """Write ``records`` (``PairRecords`` / ``DocumentRecords`` / ``TextRecords``) as a shard set at ``url``."""
+    """Write ``records`` (``PairRecords`` / ``TextRecords`` / ``document_records``) as a shard set at ``url``."""
     if kind not in fmt.KINDS:
         raise ValueError(f"--format must be one of {fmt.KINDS}, got {kind!r}")
     if image_format not in IMAGE_FORMATS:
@@ -358,6 +332,8 @@ def split_records(data, module, content: str | None, splits=("train", "validatio
             raise ValueError("--content text: the config's data has no text source")
         return {s: TextRecords(data.text.documents(s)) for s in splits}
     if isinstance(data, StoryDataModule):
+        from transfusion.data.shards.document_records import DocumentRecords
+
         if content not in (None, "documents"):
             raise ValueError(f"--content {content}: the story config's data holds interleaved documents "
                              "(--content documents)")
@@ -405,12 +381,23 @@ def add_writer_options(parser: argparse.ArgumentParser, kind: str = "webdataset"
 
 
 def write_config_shards(argv: list[str], args, encode: bool, content: str | None = None) -> dict:
-    """Build the model and data of the `transfusion fit` arguments ``argv`` and write their splits."""
+    """Build the model and data of the `transfusion fit` arguments ``argv`` and write their splits (or the
+    ``--documents`` / ``--val_documents`` JSONL files, at the model's image size)."""
     from transfusion.cli import cli_main
 
     cli = cli_main(argv, run=False)
     module, data = cli.model, cli.datamodule
-    records = split_records(data, module, content)
+    if getattr(args, "documents", None):
+        if not hasattr(module, "sequence_layout"):
+            raise ValueError(f"shards needs a Transfusion or Chameleon model config, got {type(module).__name__}")
+        from transfusion.data.shards.document_records import JsonlDocuments
+
+        size = module.sequence_layout().image_size
+        records = {"train": JsonlDocuments(args.documents, size)}
+        if args.val_documents:
+            records["validation"] = JsonlDocuments(args.val_documents, size)
+    else:
+        records = split_records(data, module, content)
     encoder = None
     if encode and next(iter(records.values())).content != "text":
         if not hasattr(module, "autoencoder"):
@@ -439,6 +426,9 @@ def shards_main(argv: list[str]) -> None:
         parser.add_argument("--content", default=None, choices=fmt.CONTENTS,
                             help="default: the stories of a story config, else the image-caption pairs, or the text "
                                  "when the data has no images")
+        parser.add_argument("--documents", default=None, help="write this JSONL of interleaved documents "
+                            '({"segments": [...], "images": [paths]}) to OUTPUT/train instead of the config\'s data')
+        parser.add_argument("--val_documents", default=None, help="with --documents: a JSONL for OUTPUT/validation")
         args, rest = parser.parse_known_args(argv)
         if not rest:
             parser.error("give the config of a `transfusion fit` run (--config X.yaml [overrides])")
