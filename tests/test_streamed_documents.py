@@ -208,7 +208,8 @@ def test_fit_from_streamed_story_shards(tmp_path, tokenizer_path, autoencoder_ck
         write_shards(DocumentRecords(ShapeStories(12, 16, seed=seed, split=name)), str(tmp_path / "stories" / split),
                      samples_per_shard=4)
     result = subprocess.run(
-        [sys.executable, "-m", "transfusion.cli", "fit", "--config", str(CONFIGS / "transfusion_streamed_embedded.yaml"),
+        [sys.executable, "-m", "transfusion.cli", "fit",
+         "--config", str(CONFIGS / "transfusion_streamed_embedded.yaml"),
          "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
          "--model.init_args.preset", "debug", "--model.init_args.warmup_steps", "2",
          "--data.init_args.sources", f"[{{url: {tmp_path / 'stories' / 'train'}, weight: 0.8}}]",
