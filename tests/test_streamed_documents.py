@@ -173,6 +173,13 @@ def test_stories_from_the_story_config(tmp_path, tokenizer_path, autoencoder_ckp
             assert record_segments(raws[i]) == expected[i]["segments"]
             got = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB")) for d in record_pictures(raws[i], "pixels")]
             assert all(np.array_equal(g, to_uint8(e)) for g, e in zip(got, expected[i]["images"]))
+    main(["shards", *args, "--output", str(tmp_path / "encoded"), "--encode", "--format", "parquet"])
+    encoded = open_shard_set(str(tmp_path / "encoded" / "train"))  # latents of every picture, its fingerprint
+    assert (encoded.content, encoded.image, len(encoded.autoencoder_fingerprint)) == ("documents", "latents", 64)
+    shape = tuple(json.loads((tmp_path / "encoded" / "train" / "index.json").read_text())["latent_shape"])
+    raws = _raw_records(encoded)
+    assert all(a.shape == shape for r in raws for a in record_pictures(r, "latents"))
+    assert [len(record_pictures(r, "latents")) for r in raws] == [len(s["images"]) for s in ShapeStories(6, 16)]
     with pytest.raises(SystemExit):  # stories are documents only
         main(["shards", *args, "--output", str(tmp_path / "pairs"), "--content", "pairs"])
 
