@@ -363,12 +363,12 @@ def test_latents_of_another_autoencoder_are_refused(tmp_path):
     layout.autoencoder_fingerprint = "a" * 64
     dm.setup("fit")
     assert dm.val_set[0]["images"].shape[1:] == (4, 2, 2)
-    with pytest.raises(NotImplementedError, match="interleaved-document"):
-        write_set(tmp_path / "docs", [2], content="pairs")
-        import json
-        index = json.loads((tmp_path / "docs" / "index.json").read_text())
-        (tmp_path / "docs" / "index.json").write_text(json.dumps({**index, "content": "documents"}))
-        Consumer([Source("d", 1.0, open_shard_set(str(tmp_path / "docs")))], _ctx(), 0, 1)
+    write_set(tmp_path / "docs", [2], content="pairs")  # pairs mislabelled as documents: no record has segments
+    import json
+    index = json.loads((tmp_path / "docs" / "index.json").read_text())
+    (tmp_path / "docs" / "index.json").write_text(json.dumps({**index, "content": "documents"}))
+    with pytest.raises(ValueError, match=r"shard-000000.tar record 0 \(key s000000\): no segments"):
+        Consumer([Source("d", 1.0, open_shard_set(str(tmp_path / "docs")))], _ctx(strict=True), 0, 1).next_row()
 
 
 def test_transient_read_errors_are_retried_then_name_the_shard(tmp_path, monkeypatch):

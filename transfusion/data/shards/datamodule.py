@@ -28,7 +28,8 @@ from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_ima
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
 from transfusion.data.sequences import SequenceLayout, collate_rows
 from transfusion.data.shards.rows import Consumer, RowContext, Source, StreamingRows
-from transfusion.data.shards.stream import ShardSet, open_shard_set, read_records, record_captions, record_image
+from transfusion.data.shards.stream import (ShardSet, open_shard_set, read_records, record_captions, record_image,
+                                            record_pictures, record_segments)
 from transfusion.data.text import read_documents, split_documents, token_stream
 from transfusion.images import IMAGE
 
@@ -43,8 +44,9 @@ class StreamingDataModule(RowsDataModule):
         """
         Args:
             sources: shard sets to train on: ``{"url": folder URL with index.json | glob | [shard URLs], "weight": w,
-                "name": optional}`` or just the URL (weight 1). Contents ``pairs`` or ``text``.
-            val: the validation shard set (pairs); None holds out the last shard of the first pair source.
+                "name": optional}`` or just the URL (weight 1). Contents ``pairs``, ``documents`` or ``text``.
+            val: the validation shard set (pairs or documents); None holds out the last shard of the first pair
+                source (or, without pairs, of the first documents source).
             text_file: a local one-document-per-line text file (``transfusion.data.text``; None: the embedded news
                 corpus) mixed in with ``text_weight`` (0: none); its last 10% of documents are held out for perplexity.
             rows_per_epoch: rows of one Trainer epoch over all processes; the data streams on, pass after pass.
@@ -77,7 +79,7 @@ class StreamingDataModule(RowsDataModule):
 
     def _check_images(self, shard_set: ShardSet) -> None:
         fingerprint = self.layout.autoencoder_fingerprint
-        if shard_set.content == "pairs" and shard_set.image != "pixels" and fingerprint is not None \
+        if shard_set.content != "text" and shard_set.image != "pixels" and fingerprint is not None \
                 and shard_set.autoencoder_fingerprint != fingerprint:
             made = shard_set.autoencoder_fingerprint
             raise ValueError(f"shard set {shard_set.name!r} holds {shard_set.image} of another autoencoder "
@@ -90,7 +92,11 @@ class StreamingDataModule(RowsDataModule):
             return (3, size, size), torch.float32
         for shard in range(len(shard_set.shards)):  # the first record that has an array
             for _, raw in read_records(shard_set, shard, 0, shard_set.samples[shard]):
-                value = record_image(raw, shard_set.image) if isinstance(raw, dict) else None
+                value = None
+                if isinstance(raw, dict) and shard_set.content == "documents":
+                    value = next(iter(record_pictures(raw, shard_set.image)), None)
+                elif isinstance(raw, dict):
+                    value = record_image(raw, shard_set.image)
                 if value is not None:
                     return tuple(value.shape), torch.long if shard_set.image == "codes" else torch.float32
         raise ValueError(f"shard set {shard_set.name!r}: no record with a {shard_set.image} array")
@@ -107,6 +113,7 @@ class StreamingDataModule(RowsDataModule):
             self._check_images(shard_set)
             sources.append(Source(spec.get("name") or shard_set.name, float(spec.get("weight", 1.0)), shard_set))
         pair_sets = [s.shards for s in sources if s.shards.content == "pairs"]
+        pair_sets += [s.shards for s in sources if s.shards.content == "documents"]  # image sources: pairs first
         if hp.val is not None:
             self.val_shards = open_shard_set(hp.val, options)
             self._check_images(self.val_shards)
@@ -214,7 +221,8 @@ class StreamingDataModule(RowsDataModule):
 
     # -------------------------------------------------------------------------------------------------------
     def evaluation_examples(self, num: int) -> list[dict]:
-        """The first ``num`` usable validation pairs: ``{"image": (3, H, W) in [-1, 1], "caption", "references"}``."""
+        """The first ``num`` usable validation pairs: ``{"image": (3, H, W) in [-1, 1], "caption", "references"}``
+        (of documents: each one's first picture, if text comes just before it, and that text)."""
         shard_set = self.val_shards
         if shard_set is None or shard_set.image != "pixels":
             raise ValueError("image metrics and predict prompts need a validation set of pixel shards "
@@ -224,9 +232,12 @@ class StreamingDataModule(RowsDataModule):
             for _, raw in read_records(shard_set, shard, 0, shard_set.samples[shard]):
                 if not isinstance(raw, dict):
                     continue
-                captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
-                try:
+                if shard_set.content == "documents":  # the first picture and the text just before it
+                    captions, value = document_example(raw)
+                else:
+                    captions = [c for c in (clean_caption(c, 10_000)[0] for c in record_captions(raw)) if c]
                     value = record_image(raw, "pixels")
+                try:
                     image = preprocess_image(value, self.layout.image_size) if value is not None else None
                 except BadRecord:
                     continue
@@ -248,3 +259,19 @@ class StreamingDataModule(RowsDataModule):
                 records.append({"prompt": [example["image"]], "reference": example["references"],
                                 "max_new_tokens": None, "kind": "image-to-text"})
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
+
+
+def document_example(raw: dict) -> tuple[list[str], bytes | None]:
+    """([the text just before a document's first picture] or [], that picture's bytes or None)."""
+    try:
+        segments = record_segments(raw) or []
+        pictures = record_pictures(raw, "pixels")
+    except (ValueError, TypeError):
+        return [], None
+    for before, segment in zip([None, *segments], segments):
+        if isinstance(segment, dict) and "image" in segment:
+            text = clean_caption(before.get("text"), 10_000)[0] if isinstance(before, dict) else ""
+            index = segment["image"]
+            ok = text and isinstance(index, int) and 0 <= index < len(pictures)
+            return ([text], pictures[index]) if ok else ([], None)
+    return [], None

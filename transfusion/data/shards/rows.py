@@ -2,7 +2,8 @@
 
 A consumer (one data worker of one rank) reads its range of every pass (``stream.py``) and packs its pair
 documents into rows of ``seq_len`` exactly as ``TransfusionRows`` builds them (``pair_document``, ``pair_row``);
-a document that does not fit starts the next row, so no sample is dropped. Text sources give windows of the
+a document that does not fit starts the next row, so no sample is dropped. Interleaved documents are packed the
+same way by the rules of ``transfusion.data.documents`` (``DocumentStream``). Text sources give windows of the
 BOS...EOS token stream. Per record, the random choices (caption, caption-first or image-first, caption dropout)
 are seeded by (seed, pass, set index of the record), and per row the source by (seed, consumer, row number):
 a consumer's position (``Consumer.state()``: pass and offset per source, the token offset of a text stream,
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from transfusion.data.documents import pack, parse_segments, record_document
 from transfusion.data.pairs import BadDataWarning
 from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_image
 from transfusion.data.sequences import SequenceLayout, collate_rows, pair_document, pair_row
 from transfusion.data.shards.stream import (ShardSet, TruncatedRecord, consumer_slices, partition, read_records,
-                                            record_captions, record_image, record_text)
+                                            record_captions, record_image, record_pictures, record_segments,
+                                            record_text)
 
 MAX_WARNINGS = 10  # per consumer; every skip is counted
 
@@ -83,8 +86,6 @@ class PairStream:
 
     def __init__(self, shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int, state: dict | None,
                  skips: Skips):
-        if shard_set.content == "documents":
-            raise NotImplementedError(f"{shard_set.name!r}: interleaved-document shards are not streamed yet")
         self.set, self.ctx, self.skips = shard_set, ctx, skips
         self.state = dict(state or {"pass": 0, "offset": 0})
         self.items = self._documents(records(shard_set, ctx, consumer, consumers, self.state, skips))
@@ -148,6 +149,67 @@ class PairStream:
         position = self.pending[0]
         self.state = {"pass": position[0], "offset": position[1]}
         return pair_row(tokens, doc_ids, images, max_t, L, n, self.ctx.layout.tokenizer.pad_id)
+
+
+class DocumentStream:
+    """A consumer's interleaved documents (``documents`` shards) packed into rows by the rules of
+    ``transfusion.data.documents`` (``record_document``, ``pack``); a document longer than ``seq_len`` is skipped
+    and counted (reason "document longer than seq_len", warned with its shard and key). ``state`` is the position
+    of the next unused record, as for pairs."""
+
+    def __init__(self, shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int, state: dict | None,
+                 skips: Skips):
+        self.set, self.ctx, self.skips = shard_set, ctx, skips
+        self.state = dict(state or {"pass": 0, "offset": 0})
+        self.items = self._documents(records(shard_set, ctx, consumer, consumers, self.state, skips))
+        self.pending = None
+
+    def _images(self, raw: dict) -> list[torch.Tensor]:
+        values = record_pictures(raw, self.set.image)
+        if self.set.image == "pixels":
+            return [preprocess_image(v, self.ctx.layout.image_size) for v in values]
+        return [torch.from_numpy(np.array(v)).long() if self.set.image == "codes" else
+                torch.from_numpy(np.array(v)).float() for v in values]
+
+    def _documents(self, raws):
+        ctx, tok, n = self.ctx, self.ctx.layout.tokenizer, self.ctx.layout.patches_per_image
+        for position, _, raw, where in raws:
+            try:
+                segments = record_segments(raw)
+            except (ValueError, TypeError) as error:
+                self.skips.skip(where, f"unreadable segments json ({error})")
+                continue
+            if segments is None:
+                self.skips.skip(where, "no segments")
+                continue
+            try:
+                images = self._images(raw)
+                parse_segments(segments, len(images), "segments")
+            except BadRecord as error:
+                self.skips.skip(where, str(error))
+                continue
+            except ValueError as error:  # malformed segments, an image index out of range, an unreadable .npy
+                self.skips.skip(where, f"bad segments ({error})")
+                continue
+            doc = record_document({"segments": segments, "images": images}, tok, n, ctx.image_first_max_t, where)
+            if len(doc.tokens) > ctx.seq_len:
+                self.skips.skip(where, f"document longer than seq_len ({len(doc.tokens)} positions > {ctx.seq_len})")
+                continue
+            yield position, doc
+
+    def next_row(self) -> dict:
+        documents, used = [], 0
+        while True:
+            item = self.pending if self.pending is not None else next(self.items)
+            self.pending = None
+            if used + len(item[1].tokens) > self.ctx.seq_len:
+                self.pending = item  # starts the next row: no document is dropped
+                break
+            documents.append(item[1])
+            used += len(item[1].tokens)
+        self.state = {"pass": self.pending[0][0], "offset": self.pending[0][1]}
+        return pack(documents, self.ctx.seq_len, self.ctx.layout.patches_per_image, self.ctx.layout.tokenizer.pad_id,
+                    self.ctx.image_shape, self.ctx.image_dtype)
 
 
 class TextStream:
@@ -217,7 +279,7 @@ def text_row(tokens: torch.Tensor, ctx: RowContext) -> dict:
 
 @dataclass
 class Source:
-    """One training source: a shard set (pairs or text) or a token stream, and its mixing weight."""
+    """One training source: a shard set (pairs, documents or text) or a token stream, and its mixing weight."""
 
     name: str
     weight: float
@@ -244,7 +306,7 @@ class Consumer:
     def _stream(self, source: Source, state):
         if source.tokens is not None:
             return TokenStream(source.tokens, self.ctx, self.consumer, self.consumers, state)
-        kind = TextStream if source.shards.content == "text" else PairStream
+        kind = {"text": TextStream, "documents": DocumentStream}.get(source.shards.content, PairStream)
         return kind(source.shards, self.ctx, self.consumer, self.consumers, state, self.skips)
 
     def next_row(self) -> dict:

@@ -134,15 +134,17 @@ def count_shard(url: str, kind: str, options: dict) -> tuple[int, str, str]:
                     key, ext = split_member(member.name)
                     if member.isfile() and (not keys or keys[-1] != key):
                         keys.append(key)
-                    extensions.add(ext.rsplit(".", 1)[-1] if ext.endswith(".png") else ext)
+                    extensions.add(ext)
             return len(keys), extensions
     count, names = retry(scan, f"shard {url}")
     if kind == "parquet":
         content = "text" if "text" in names else "documents" if "segments" in names else "pairs"
         image = "latents" if "latent" in names else "codes" if "codes" in names else "pixels"
     else:
-        content = "documents" if any(e.startswith("0.") for e in names) else "pairs" if names & {
+        numbered = {e.partition(".")[2] for e in names if e.partition(".")[0].isdigit()}  # a document's images
+        content = "documents" if numbered else "pairs" if names & {
             *IMAGE_EXTENSIONS, *ARRAY_EXTENSIONS.values()} else "text"
+        names = names | numbered
         image = "latents" if "latent.npy" in names else "codes" if "codes.npy" in names else "pixels"
     return count, content, image
 
@@ -293,3 +295,32 @@ def record_image(record: dict, storage: str):
 def record_text(record: dict) -> str | None:
     value = record.get("text", record.get("txt"))
     return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else value
+
+
+def record_segments(record: dict):
+    """The ``segments`` of a raw document record (a tar's ``KEY.json`` or a Parquet row's JSON string), as parsed
+    JSON (checked by ``documents.parse_segments``); None if it has none. Raises ValueError on invalid JSON."""
+    if "segments" in record and record["segments"] is not None:
+        value = record["segments"]
+        return json.loads(value) if isinstance(value, (str, bytes)) else value
+    if "json" in record:
+        meta = json.loads(record["json"])
+        return meta.get("segments") if isinstance(meta, dict) else None
+    return None
+
+
+def record_pictures(record: dict, storage: str) -> list:
+    """The images of a raw document record in order: bytes (pixels) or arrays (latents / codes); tar members
+    ``KEY.0.png``, ``KEY.1.png``, ... (or ``KEY.0.latent.npy``, ...), or a Parquet row's ``images`` list."""
+    if record.get("images") is not None:
+        values = list(record["images"])
+    else:
+        extensions = IMAGE_EXTENSIONS if storage == "pixels" else (ARRAY_EXTENSIONS[storage],)
+        values, k = [], 0
+        while True:
+            value = next((record[f"{k}.{e}"] for e in extensions if f"{k}.{e}" in record), None)
+            if value is None:
+                break
+            values.append(value)
+            k += 1
+    return values if storage == "pixels" else [read_array(v) for v in values]

@@ -10,7 +10,8 @@ written to ``NAME.partial`` and renamed; ``index.json`` comes last (a set withou
 
 With ``--encode`` images are stored encoded by the model's frozen autoencoder (KL-VAE latents or VQ codes): workers
 decode and preprocess, the parent encodes batch by batch (on the GPU when there is one) and writes the shard.
-``transfusion shards --index URL_OR_GLOB`` writes the ``index.json`` of shards made by other tools.
+``transfusion shards --index URL_OR_GLOB`` writes the ``index.json`` of shards made by other tools. Interleaved
+documents come from a story config (``StoryDataModule``) or ``--documents FILE.jsonl`` (``document_records.py``).
 """
 
 from __future__ import annotations
@@ -129,9 +130,16 @@ def image_bytes(pixels: np.ndarray, image_format: str) -> bytes:
 
 
 def tar_members(record: dict, image_format: str) -> list[tuple[str, bytes]]:
-    """A record's (extension, bytes) members: the image (or array), then the caption(s) or text."""
+    """A record's (extension, bytes) members: the image (or array), then the caption(s) or text; a document's
+    segments (``json``), then its images ``0.png``, ``1.png``, ... (or ``0.latent.npy``, ...)."""
     if "text" in record:
         return [("txt", record["text"].encode("utf-8"))]
+    if "segments" in record:
+        members = [("json", json.dumps({"segments": record["segments"]}, ensure_ascii=False).encode("utf-8"))]
+        if "arrays" in record:
+            extension = fmt.ARRAY_EXTENSIONS[record["storage"]]
+            return members + [(f"{k}.{extension}", fmt.array_bytes(a)) for k, a in enumerate(record["arrays"])]
+        return members + [(f"{k}.{image_format}", data) for k, data in enumerate(record["images"])]
     if "array" in record:
         image = (fmt.ARRAY_EXTENSIONS[record["storage"]], fmt.array_bytes(record["array"]))
     else:
@@ -161,6 +169,10 @@ def parquet_bytes(records: list[dict], content: str, storage: str) -> bytes:
     columns = {"key": pa.array([r["key"] for r in records], pa.string())}
     if content == "text":
         columns["text"] = pa.array([r["text"] for r in records], pa.string())
+    elif content == "documents":  # segments as a JSON string, images as a list of binary (.npy when encoded)
+        columns["segments"] = pa.array([json.dumps(r["segments"], ensure_ascii=False) for r in records], pa.string())
+        images = [[fmt.array_bytes(a) for a in r["arrays"]] if "arrays" in r else r["images"] for r in records]
+        columns["images"] = pa.array(images, pa.list_(pa.binary()))
     else:
         columns["captions"] = pa.array([r["captions"] for r in records], pa.list_(pa.string()))
         data = [fmt.array_bytes(r["array"]) if "array" in r else r["image"] for r in records]
@@ -199,6 +211,8 @@ def prepare_shard(number: int) -> tuple[int, bytes | list[dict], int, Counter, l
         record["key"] = f"{int(i):09d}"
         if "pixels" in record and not job["encode"]:
             record["image"] = image_bytes(record.pop("pixels"), job["image_format"])
+        if "pictures" in record and not job["encode"]:
+            record["images"] = [image_bytes(p, job["image_format"]) for p in record.pop("pictures")]
         records.append(record)
     if job["encode"]:
         return number, records, len(records), skipped, messages
@@ -231,7 +245,7 @@ def prepare_output(fs, root: str, overwrite: bool, url: str) -> None:
 def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard: int = 1000, workers: int = 1,
                  shuffle: bool = False, seed: int = 0, image_format: str = "png", encoder: Encoder | None = None,
                  image_size: int | None = None, overwrite: bool = False, desc: str = "writing shards") -> dict:
-    """Write ``records`` (``PairRecords`` / ``TextRecords``) as a shard set at ``url``; returns its index."""
+    """Write ``records`` (``PairRecords`` / ``TextRecords`` / ``document_records``) as a shard set at ``url``."""
     if kind not in fmt.KINDS:
         raise ValueError(f"--format must be one of {fmt.KINDS}, got {kind!r}")
     if image_format not in IMAGE_FORMATS:
@@ -241,10 +255,10 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
     fs, root = url_to_fs(url)
     root = root.rstrip("/") or "/"
     prepare_output(fs, root, overwrite, url)
-    content, encode = records.content, encoder is not None and records.content == "pairs"
+    content, encode = records.content, encoder is not None and records.content != "text"
     storage = encoder.storage if encode else "pixels"
     index = fmt.new_index(kind, content, storage)
-    if content == "pairs":
+    if content != "text":
         index["image_size"] = encoder.image_size if encode else image_size
         index["autoencoder_fingerprint"] = encoder.fingerprint if encode else None
     order = np.random.default_rng(seed).permutation(len(records)) if shuffle else np.arange(len(records))
@@ -258,10 +272,17 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
         results = pool.imap(prepare_shard, range(count)) if pool else map(prepare_shard, range(count))
         with tqdm(total=len(records), desc=desc, unit=" records", disable=None) as bar:
             for number, payload, samples, bad, messages in results:
-                if encode:
+                if encode and content == "pairs":
                     for record, array in zip(payload, encoder([r.pop("pixels") for r in payload])):
                         record.update(array=array, storage=storage)
                         index["latent_shape"] = list(array.shape)
+                elif encode:  # documents: every picture of the shard in one run of batches
+                    arrays = iter(encoder([p for r in payload for p in r["pictures"]]))
+                    for record in payload:
+                        record.update(arrays=[next(arrays) for _ in record.pop("pictures")], storage=storage)
+                        if record["arrays"]:
+                            index["latent_shape"] = list(record["arrays"][0].shape)
+                if encode:
                     payload = shard_bytes(payload, kind, content, storage, image_format)
                 name = fmt.shard_name(kind, number)
                 put(fs, posixpath.join(root, name), payload)
@@ -292,8 +313,10 @@ def summary(url: str, index: dict) -> str:
 # -- sources of a `transfusion fit` config ----------------------------------------------------------------------
 def split_records(data, module, content: str | None, splits=("train", "validation")) -> dict:
     """``{split: records}`` of a data module built from a config: ``ImageTextDataModule`` (its image-caption or
-    text source) or ``TransfusionDataModule`` (the embedded shapes or text)."""
+    text source), ``TransfusionDataModule`` (the embedded shapes or text) or ``StoryDataModule`` (the embedded
+    stories: training stories, and held-out ones for validation)."""
     from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.data.story_datamodule import StoryDataModule
 
     if not hasattr(module, "sequence_layout"):
         raise ValueError(f"shards needs a Transfusion or Chameleon model config, got {type(module).__name__}")
@@ -308,6 +331,18 @@ def split_records(data, module, content: str | None, splits=("train", "validatio
         if data.text is None:
             raise ValueError("--content text: the config's data has no text source")
         return {s: TextRecords(data.text.documents(s)) for s in splits}
+    if isinstance(data, StoryDataModule):
+        from transfusion.data.shards.document_records import DocumentRecords
+
+        if content not in (None, "documents"):
+            raise ValueError(f"--content {content}: the story config's data holds interleaved documents "
+                             "(--content documents)")
+        data.layout = layout
+        counts = {"train": data.hparams.num_stories, "validation": max(data.hparams.val_rows, 64)}  # as in setup()
+        return {s: DocumentRecords(data.stories(s, counts[s])) for s in splits}
+    if content == "documents":
+        raise ValueError("--content documents: the config's data has no interleaved documents (use a story config, "
+                         "e.g. lightning_configs/story_embedded.yaml)")
     if isinstance(data, TransfusionDataModule):
         from transfusion.data.shapes import ShapesDataset
         from transfusion.data.text import read_documents, split_documents
@@ -346,14 +381,25 @@ def add_writer_options(parser: argparse.ArgumentParser, kind: str = "webdataset"
 
 
 def write_config_shards(argv: list[str], args, encode: bool, content: str | None = None) -> dict:
-    """Build the model and data of the `transfusion fit` arguments ``argv`` and write their splits."""
+    """Build the model and data of the `transfusion fit` arguments ``argv`` and write their splits (or the
+    ``--documents`` / ``--val_documents`` JSONL files, at the model's image size)."""
     from transfusion.cli import cli_main
 
     cli = cli_main(argv, run=False)
     module, data = cli.model, cli.datamodule
-    records = split_records(data, module, content)
+    if getattr(args, "documents", None):
+        if not hasattr(module, "sequence_layout"):
+            raise ValueError(f"shards needs a Transfusion or Chameleon model config, got {type(module).__name__}")
+        from transfusion.data.shards.document_records import JsonlDocuments
+
+        size = module.sequence_layout().image_size
+        records = {"train": JsonlDocuments(args.documents, size)}
+        if args.val_documents:
+            records["validation"] = JsonlDocuments(args.val_documents, size)
+    else:
+        records = split_records(data, module, content)
     encoder = None
-    if encode and next(iter(records.values())).content == "pairs":
+    if encode and next(iter(records.values())).content != "text":
         if not hasattr(module, "autoencoder"):
             raise ValueError(f"--encode needs a model with a frozen autoencoder, got {type(module).__name__}")
         if torch.cuda.is_available():
@@ -377,8 +423,12 @@ def shards_main(argv: list[str]) -> None:
             return
         add_writer_options(parser)
         parser.add_argument("--encode", action="store_true", help="store images as the model's latents / VQ codes")
-        parser.add_argument("--content", default=None, choices=("pairs", "text"),
-                            help="default: the image-caption pairs, or the text when the data has no images")
+        parser.add_argument("--content", default=None, choices=fmt.CONTENTS,
+                            help="default: the stories of a story config, else the image-caption pairs, or the text "
+                                 "when the data has no images")
+        parser.add_argument("--documents", default=None, help="write this JSONL of interleaved documents "
+                            '({"segments": [...], "images": [paths]}) to OUTPUT/train instead of the config\'s data')
+        parser.add_argument("--val_documents", default=None, help="with --documents: a JSONL for OUTPUT/validation")
         args, rest = parser.parse_known_args(argv)
         if not rest:
             parser.error("give the config of a `transfusion fit` run (--config X.yaml [overrides])")
