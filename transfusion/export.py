@@ -4,7 +4,8 @@ The module the checkpoint holds is loaded and written with its ``save_pretrained
 ``model.safetensors``, ``config.json``, ``tokenizer.model`` and a model card. ``Module.from_pretrained(DIR)`` loads
 it back without unpickling anything; ``push_to_hub`` publishes it. Optimizer state is not exported: to continue
 training, use the checkpoint. ``--llama`` writes a Transfusion model's text weights as a Hugging Face Llama folder
-instead (``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from.
+instead (``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from. A checkpoint with
+EMA weights (``transfusion.lightning.ema``) exports them; ``--weights raw`` exports the trained weights themselves.
 """
 
 from __future__ import annotations
@@ -38,19 +39,24 @@ def _load_class(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def export(ckpt_path: str | Path, output: str | Path, llama: bool = False) -> Path:
+def export(ckpt_path: str | Path, output: str | Path, llama: bool = False, weights: str = "ema") -> Path:
     """Write the module of a Lightning checkpoint to ``output`` with ``save_pretrained`` (``llama``: its text weights
-    in the Hugging Face Llama layout); ``output``."""
+    in the Hugging Face Llama layout); ``output``. ``weights``: a checkpoint with EMA weights (``transfusion.lightning.ema``)
+    exports the first EMA's ("ema"), the raw ones ("raw") or a named EMA's."""
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
     class_path = _class_path(hparams)
     cls = _load_class(class_path)
     if not issubclass(cls, HubMixin):
         raise ValueError(f"{class_path} has no save_pretrained: only Transfusion, Chameleon and autoencoder "
                          "checkpoints can be exported")
-    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if weights != "ema" and not checkpoint.get("ema"):
+        raise ValueError(f"--weights {weights}: {ckpt_path} holds no EMA weights, only its raw ones (the default)")
+    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", **({"eval_weights": weights}
+                                                                       if checkpoint.get("ema") else {}))
     if llama:
         from transfusion.models.llama import save_llama
 
@@ -69,9 +75,11 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--output", required=True, help="folder to write (created if missing)")
     parser.add_argument("--llama", action="store_true", help="a Transfusion model's text weights as a Hugging Face "
                         "Llama folder (config.json, model.safetensors, tokenizer.model), for --model.init_args.text_model")
+    parser.add_argument("--weights", default="ema", help="for a checkpoint with EMA weights: ema (the first EMA's, "
+                        "the default), raw (the trained weights themselves) or an EMA's name, e.g. ema_0.9999")
     args = parser.parse_args(argv)
     try:
-        output = export(args.ckpt_path, args.output, llama=args.llama)
+        output = export(args.ckpt_path, args.output, llama=args.llama, weights=args.weights)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"transfusion export: error: {error}\n")
     print(f"wrote {output / WEIGHTS} and {output / CONFIG}")

@@ -125,8 +125,11 @@ class EMA(Callback):
         names = [c.name for c in trainer.callbacks if isinstance(c, EMA)]
         if len(set(names)) < len(names):
             raise ValueError(f"EMA callbacks need distinct names (set EMA(name=...)); got {names}")
-        if not hasattr(pl_module, "model"):
-            raise ValueError(f"EMA averages pl_module.model; {type(pl_module).__name__} has none")
+        from transfusion.lightning.generative import GenerativeModule
+
+        if not isinstance(pl_module, GenerativeModule):
+            raise ValueError(f"EMA averages the network of a TransfusionModule or ChameleonModule, not of a "
+                             f"{type(pl_module).__name__}")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.swapped:  # a second fit of the same module: continue from the raw weights

@@ -70,7 +70,8 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         class_path = f"{type(self).__module__}.{type(self).__qualname__}"
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, save_directory / WEIGHTS, metadata={"format": "pt", "class_path": class_path})
-        config = {"class_path": class_path, "init_args": init_args, "config": flatten_config(self.config)}
+        config = {"class_path": class_path, "init_args": init_args, "config": flatten_config(self.config),
+                  "weights": getattr(self, "weights_source", "raw")}  # or the EMA's (transfusion.lightning.ema)
         (save_directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
