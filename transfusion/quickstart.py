@@ -191,11 +191,12 @@ def quickstart_main(argv: list[str]) -> dict:
                         for key in ("train/loss", "train/lm_loss", "train/ddpm_loss",
                                     "val/loss", "val/lm_loss", "val/ddpm_loss", "val/lm_ppl")},
         "follow": _follow(out / "samples"),
-        "weights": weights[0] if weights else "raw",
-        "follow_by_weights": {name: _follow(out / ("samples" if i == 0 else f"samples_{name}"))
-                              for i, name in enumerate(weights)},
         "curve": curve,
     }
+    if weights:  # --ema: which weights the samples above used, and prompt following by weights
+        report["weights"] = weights[0]
+        report["follow_by_weights"] = {name: _follow(out / ("samples" if i == 0 else f"samples_{name}"))
+                                       for i, name in enumerate(weights)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report, out))
     print((out / "report.md").read_text())
