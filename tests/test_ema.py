@@ -250,8 +250,8 @@ def test_sigkill_then_resume_gives_the_same_raw_and_ema_weights(tmp_path, tokeni
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _, err = _finish(straight, 600)
     assert straight.returncode == 0, err[-3000:]
-    a, b = (torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-            for root in (tmp_path / "straight", killed_root))
+    a, b = (torch.load(root / "logs" / version / "checkpoints" / "last.ckpt", weights_only=True)
+            for root, version in ((tmp_path / "straight", "version_0"), (killed_root, "version_1")))  # the resumed
     assert a["global_step"] == b["global_step"] == steps
     assert _same(a["state_dict"], b["state_dict"])  # raw weights, bit for bit
     assert list(a["ema"]) == list(b["ema"]) == ["ema_0.9", "fast"]
