@@ -66,6 +66,7 @@ class EMA(Callback):
         self.last_step = -1  # the optimizer step of the copy or of the last update
         self.weights: dict[str, torch.Tensor] | None = None  # "model.<parameter>" -> the averaged (or, swapped, raw)
         self.swapped = False  # the module holds the average and ``weights`` the raw weights
+        self._entered_for_validation = False
 
     @property
     def state_key(self) -> str:
@@ -150,7 +151,7 @@ class EMA(Callback):
             self._enter(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if getattr(self, "_entered_for_validation", False):
+        if self._entered_for_validation:
             self._exit(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -370,7 +370,8 @@ def markdown_table(report: dict) -> str:
             for k, v in report["metrics"].items()]
     s = report["sampler"]
     image_sampling = ", ".join(f"{k} {v}" for k, v in s.items() if k != "caption_decoding")
-    rows += [("model", report["model"]), ("samples", str(report["num_samples"])),
+    rows += [("model", report["model"]), ("weights", report.get("weights", "raw")),
+             ("samples", str(report["num_samples"])),
              ("perplexity tokens", str(report["ppl_tokens"])), ("tokenizer", report["tokenizer"]),
              ("image sampling", image_sampling), ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
              ("training FLOPs (6ND)", _flops(report["training_flops"])),
