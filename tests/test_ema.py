@@ -178,6 +178,7 @@ def test_export_and_save_pretrained_write_the_ema(ema_run, tmp_path):
     saved = load_file(tmp_path / "after_fit" / "model.safetensors")
     assert _same({k: saved[k] for k in ckpt["ema"]["ema_0.9"]}, ckpt["ema"]["ema_0.9"])
     loaded = TransfusionModule.from_pretrained(tmp_path / "after_fit")
+    assert loaded.weights_source == "ema_0.9"
     assert _same({k: v for k, v in _network(loaded).items() if k in ckpt["ema"]["ema_0.9"]}, ckpt["ema"]["ema_0.9"])
     with pytest.raises(SystemExit):  # a checkpoint without EMA has no raw/named choice to make
         export_main(["--ckpt_path", str(_without_ema(ema_run.ckpt_path, tmp_path)), "--output", str(tmp_path / "x"),

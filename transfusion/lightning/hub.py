@@ -108,6 +108,7 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         if missing or unexpected:
             raise ValueError(f"the weights of {model_id!r} do not fit {cls.__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        module.weights_source = config.get("weights", "raw")  # an EMA's, if saved so (transfusion.lightning.ema)
         return module.to(map_location).eval()
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
