@@ -46,7 +46,8 @@ class ConfigError(SystemExit):
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
 # config / command line
 GENERATION_SETTINGS = ("cfg_scale", "image_cfg_scale", "num_steps", "sampler", "max_new_tokens", "temperature", "top_p",
-                       "clip_x0", "generation_seed", "image_temperature", "image_top_p")
+                       "clip_x0", "generation_seed", "image_temperature", "image_top_p",
+                       "eval_weights")  # which weights of a checkpoint with EMAs (transfusion.lightning.ema)
 
 
 class TransfusionCLI(LightningCLI):

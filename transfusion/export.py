@@ -6,6 +6,8 @@ it back without unpickling anything; ``push_to_hub`` publishes it. Optimizer sta
 training, use the checkpoint. ``--llama`` (alias ``--text_model``) writes a Transfusion model's text weights as a
 Hugging Face causal-LM folder instead, in the family layout it was started from (Llama, Mistral, Qwen2, Qwen3;
 ``transfusion.models.llama``): what ``text_model`` starts an LMFusion-style run from, and what ``transformers`` reads.
+A checkpoint with EMA weights (``transfusion.lightning.ema``) exports them; ``--weights raw`` exports the trained
+weights themselves.
 """
 
 from __future__ import annotations
@@ -39,19 +41,24 @@ def _load_class(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def export(ckpt_path: str | Path, output: str | Path, llama: bool = False) -> Path:
+def export(ckpt_path: str | Path, output: str | Path, llama: bool = False, weights: str = "ema") -> Path:
     """Write the module of a Lightning checkpoint to ``output`` with ``save_pretrained`` (``llama``: its text weights
-    as a Hugging Face causal-LM folder of its family); ``output``."""
+    as a Hugging Face causal-LM folder of its family); ``output``. ``weights``: a checkpoint with EMA weights
+    (``transfusion.lightning.ema``) exports the first EMA's ("ema"), the raw ones ("raw") or a named EMA's."""
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    hparams = checkpoint.get("hyper_parameters", {})
     class_path = _class_path(hparams)
     cls = _load_class(class_path)
     if not issubclass(cls, HubMixin):
         raise ValueError(f"{class_path} has no save_pretrained: only Transfusion, Chameleon and autoencoder "
                          "checkpoints can be exported")
-    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu")
+    if weights != "ema" and not checkpoint.get("ema"):
+        raise ValueError(f"--weights {weights}: {ckpt_path} holds no EMA weights, only its raw ones (the default)")
+    module = cls.load_from_checkpoint(ckpt_path, map_location="cpu", **({"eval_weights": weights}
+                                                                       if checkpoint.get("ema") else {}))
     if llama:
         from transfusion.models.llama import save_llama
 
@@ -72,9 +79,11 @@ def export_main(argv: list[str]) -> None:
                         "text weights as a Hugging Face causal-LM folder in the layout of the family it started from "
                         "(Llama, Mistral, Qwen2, Qwen3: config.json, model.safetensors, the tokenizer), for "
                         "--model.init_args.text_model or transformers")
+    parser.add_argument("--weights", default="ema", help="for a checkpoint with EMA weights: ema (the first EMA's, "
+                        "the default), raw (the trained weights themselves) or an EMA's name, e.g. ema_0.9999")
     args = parser.parse_args(argv)
     try:
-        output = export(args.ckpt_path, args.output, llama=args.llama)
+        output = export(args.ckpt_path, args.output, llama=args.llama, weights=args.weights)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(2, f"transfusion export: error: {error}\n")
     print(f"wrote {output / WEIGHTS} and {output / CONFIG}")

@@ -159,6 +159,9 @@ def quickstart_main(argv: list[str]) -> dict:
     parser.add_argument("--inference_steps", type=int, default=None, help="diffusion steps when generating")
     parser.add_argument("--curve_examples", type=int, default=64,
                         help="held-out captions for the prompt-following curve during training")
+    parser.add_argument("--ema", type=float, nargs="+", default=None, metavar="DECAY",
+                        help="keep an EMA of the weights per decay (transfusion.lightning.ema, with warm-up): the first "
+                        "is used by the curve and the samples; the raw weights and every EMA are reported (default: off)")
     parser.add_argument("--accelerator", default=None,
                         help="Lightning accelerator of every stage, e.g. gpu (default: the YAMLs': cpu, then auto)")
     parser.add_argument("--streamed", action="store_true",
@@ -195,16 +198,22 @@ def quickstart_main(argv: list[str]) -> dict:
         start = time.time()
         config, data_args = "transfusion_streamed_embedded.yaml", _streamed_args(data)
     curve = _curve_callback(config, args.steps, args.curve_examples, out / "transfusion" / "evaluation")
+    emas = [f"--trainer.callbacks+={json.dumps({'class_path': 'transfusion.lightning.ema.EMA', 'init_args': {'decay': d}})}"
+            for d in args.ema or []]
     tf_trainer = _fit(config, out / "transfusion",
-                      model_args + seed + device + _steps_overrides(args.steps) + curve + data_args)
+                      model_args + seed + device + _steps_overrides(args.steps) + emas + curve + data_args)
     tf_ckpt = tf_trainer.checkpoint_callback.last_model_path
     timings["transfusion_s"] = time.time() - start
 
     start = time.time()
-    cli_main(["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
-              "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args, *device,
-              "--trainer.callbacks.init_args.output_dir", str(out / "samples"),
-              "--data.init_args.predict_examples", str(args.predict_examples), "--ckpt_path", tf_ckpt])
+    weights = [f"ema_{d:g}" for d in args.ema or []] + (["raw"] if args.ema else [])  # [] : the checkpoint's own
+    for name in weights or [None]:  # the first in samples/, the others in samples_<name>/
+        folder = out / ("samples" if name in (None, weights[0]) else f"samples_{name}")
+        cli_main(["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
+                  "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args, *device,
+                  *(["--model.init_args.eval_weights", name] if name else []),
+                  "--trainer.callbacks.init_args.output_dir", str(folder),
+                  "--data.init_args.predict_examples", str(args.predict_examples), "--ckpt_path", tf_ckpt])
     timings["generation_s"] = time.time() - start
 
     ae_rows, tf_rows = _metrics(ae_trainer), _metrics(tf_trainer)
@@ -223,6 +232,10 @@ def quickstart_main(argv: list[str]) -> dict:
     }
     if data is not None:
         report["streamed"] = data
+    if weights:  # --ema: which weights the samples above used, and prompt following by weights
+        report["weights"] = weights[0]
+        report["follow_by_weights"] = {name: _follow(out / ("samples" if i == 0 else f"samples_{name}"))
+                                       for i, name in enumerate(weights)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report, out))
     print((out / "report.md").read_text())
@@ -257,6 +270,15 @@ def _markdown(report: dict, out: Path) -> str:
                                                                    ("size", "colour", "shape", "position", "all", "one_object", "blank")) + " |",
               f"| image -> caption | {f['captions']} | " + " | ".join(f"{captions[k]:.0%}" for k in
                                                                      ("size", "colour", "shape", "position", "all")) + " | | |"]
+    if report.get("follow_by_weights"):
+        lines += ["", f"The rows above use the weights `{report['weights']}`. By weights (the same checkpoint):", "",
+                  "| weights | size | colour | shape | position | all four | exactly one object | blank "
+                  "| image -> caption: all four |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, g in report["follow_by_weights"].items():
+            r = g["image_rates"]
+            lines.append(f"| {name} | " + " | ".join(f"{r[k]:.0%}" for k in ("size", "colour", "shape", "position",
+                                                                              "all", "one_object", "blank"))
+                         + f" | {g['caption_rates']['all']:.0%} |")
     if report["curve"]:
         lines += ["", "### During training (`follow_curve.png`: other held-out captions, DDIM 50 steps)", "",
                   "| step | minutes | size | colour | shape | position | all four | one object | captions: all four |",

@@ -30,7 +30,8 @@ class ChameleonModule(GenerativeModule):
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
                  cfg_scale: float = 5.0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 image_temperature: float = 1.0, image_top_p: float = 1.0, generation_seed: int = 0):
+                 image_temperature: float = 1.0, image_top_p: float = 1.0, generation_seed: int = 0,
+                 eval_weights: str = "ema"):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer``).
@@ -41,6 +42,8 @@ class ChameleonModule(GenerativeModule):
             lr: the paper's Chameleon learning rate is 1e-4; the rest of the optimisation as Transfusion's.
             cfg_scale: classifier-free guidance on image-code logits, from a caption-dropped stream.
             temperature, top_p: text sampling (0: greedy); image_temperature, image_top_p: image codes.
+            eval_weights: with EMA callbacks, the weights that evaluations and checkpoints loaded outside ``fit``
+                use: "ema", "raw" or an EMA's name, as for ``TransfusionModule``.
         """
         super().__init__()
         self.save_hyperparameters()

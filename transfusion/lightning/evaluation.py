@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
+from transfusion.lightning.ema import ema_weights
 from transfusion.images import image_grid
 
 METRICS = ("fid", "clip", "cider", "ppl", "follow", "edit")
@@ -152,7 +153,8 @@ class Evaluation(Callback):
                              f"{sorted(vars(module_sampling))}") from None
         pl_module.eval()
         try:
-            return self._evaluate(trainer, pl_module, prefix, training_seconds)
+            with ema_weights(trainer, pl_module):  # EMA callbacks: the averaged weights (transfusion.lightning.ema)
+                return self._evaluate(trainer, pl_module, prefix, training_seconds)
         finally:
             pl_module.train(was_training)
             pl_module.sampling = module_sampling
@@ -306,6 +308,7 @@ class Evaluation(Callback):
         flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
         report = {
             "model": type(pl_module).__name__,
+            "weights": getattr(pl_module, "weights_source", "raw"),  # or an EMA's (transfusion.lightning.ema)
             "metrics": results,
             "num_samples": self.num_samples if set(self.metrics) - {"ppl"} else 0,
             "ppl_tokens": getattr(self, "_ppl_tokens", None) if "ppl" in self.metrics else None,
@@ -367,7 +370,8 @@ def markdown_table(report: dict) -> str:
             for k, v in report["metrics"].items()]
     s = report["sampler"]
     image_sampling = ", ".join(f"{k} {v}" for k, v in s.items() if k != "caption_decoding")
-    rows += [("model", report["model"]), ("samples", str(report["num_samples"])),
+    rows += [("model", report["model"]), ("weights", report.get("weights", "raw")),
+             ("samples", str(report["num_samples"])),
              ("perplexity tokens", str(report["ppl_tokens"])), ("tokenizer", report["tokenizer"]),
              ("image sampling", image_sampling), ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
              ("training FLOPs (6ND)", _flops(report["training_flops"])),

@@ -10,7 +10,9 @@ A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder Lightning
 * ``generate_images(captions, seeds)`` / ``generate_captions(images, seeds, max_new_tokens)``: shortcuts;
 * ``predict_step`` for ``transfusion predict`` prompt records, ``configure_optimizers``;
 * ``training_flops()`` and ``sampling_summary()`` for reports, ``trained_steps`` after loading a checkpoint;
-* ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``).
+* ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``);
+* outside ``fit``, a checkpoint's EMA weights (``transfusion.lightning.ema``) as the module option ``eval_weights``
+  says; ``weights_source`` names the weights held ("raw" or an EMA's name).
 
 Legend: B rows, L length, N images, P selected positions, V vocabulary.
 """
@@ -27,6 +29,7 @@ import torch
 from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.lightning.autoencoder import rename_legacy_keys
+from transfusion.lightning.ema import select_weights
 from transfusion.lightning.flops import FlopAccounting
 from transfusion.lightning.hub import HubMixin
 
@@ -64,6 +67,8 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rename_legacy_keys(checkpoint.get("state_dict", {}), "autoencoder.")
+        if self._trainer is None or self.trainer.state.fn != "fit":  # fit resumes from the raw weights
+            self.weights_source = select_weights(checkpoint, self.hparams.get("eval_weights", "ema"))
         super().on_load_checkpoint(checkpoint)  # FlopAccounting
         self.trained_steps = int(checkpoint.get("global_step", 0))  # for evaluation reports (validate/test)
 

@@ -77,7 +77,8 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         class_path = f"{type(self).__module__}.{type(self).__qualname__}"
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(skip)}
         save_file(state, save_directory / WEIGHTS, metadata={"format": "pt", "class_path": class_path})
-        config = {"class_path": class_path, "init_args": init_args, "config": flatten_config(self.config)}
+        config = {"class_path": class_path, "init_args": init_args, "config": flatten_config(self.config),
+                  "weights": getattr(self, "weights_source", "raw")}  # or the EMA's (transfusion.lightning.ema)
         (save_directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -124,6 +125,7 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         if missing or unexpected:
             raise ValueError(f"the weights of {model_id!r} do not fit {cls.__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        module.weights_source = config.get("weights", "raw")  # an EMA's, if saved so (transfusion.lightning.ema)
         return module.to(map_location).eval()
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:

@@ -46,7 +46,7 @@ class TransfusionModule(GenerativeModule):
                  cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
                  max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
                  generation_seed: int = 0, noise_seed: int = 0, activation_checkpointing: bool = False,
-                 compile: bool = False, init_from: str | None = None):
+                 compile: bool = False, init_from: str | None = None, eval_weights: str = "ema"):
         """
         Args:
             tokenizer: path of the tokenizer: a SentencePiece model (``transfusion tokenizer`` trains one) or a Hugging
@@ -92,7 +92,10 @@ class TransfusionModule(GenerativeModule):
             compile: ``torch.compile`` each transformer block (GPU; on CPU it compiles slowly and gains little).
             init_from: a Transfusion checkpoint whose network weights start a new ``fit`` (fine-tuning, e.g. for image
                 editing): the optimizer and schedule start afresh; the architecture and the autoencoder must match.
-                A resumed fit (``--ckpt_path``) ignores it.
+                A resumed fit (``--ckpt_path``) ignores it. It starts from the checkpoint's raw weights.
+            eval_weights: with EMA callbacks (``transfusion.lightning.ema``), the weights that validation and
+                evaluations use, and that a checkpoint loads outside ``fit`` (test, predict, export): "ema" (the
+                first EMA), "raw", or an EMA's name (``ema_0.9999``).
 
         The network is built in ``configure_model`` (on the meta device and sharded per block under
         ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.

@@ -128,7 +128,7 @@ class Sweep:
                  clip: Prerequisite | None = None, ablations: list[Ablation] | None = None,
                  lr_grid: LearningRateGrid | None = None, reference_size: str | None = None,
                  parity_curve: str = "all_sizes", variants: dict[str, ModelRuns] | None = None,
-                 text_model: Prerequisite | None = None):
+                 text_model: Prerequisite | None = None, ema: dict | None = None):
         """
         Args:
             transfusion, chameleon: each model's training YAML and overrides for all its runs.
@@ -146,6 +146,8 @@ class Sweep:
             variants: more Transfusion models for Table 3 (name -> YAML and overrides), at Transfusion's learning rate.
             text_model: a text model to pretrain (``config``: a text-only Transfusion fit, saved in the Hugging Face
                 Llama layout) or an existing Llama-layout folder (``path``); overrides name it ``"{text_model}"``.
+            ema: ``transfusion.lightning.ema.EMA`` arguments (e.g. ``{decay: 0.999}``): every run keeps an EMA of its
+                weights, and its evaluations use it (None: the raw weights, no EMA).
         """
         if not sizes or not budgets:
             raise ValueError("sweep: `sizes` and `budgets` must not be empty")
@@ -164,6 +166,7 @@ class Sweep:
         self.sizes, self.budgets, self.eval_every = sizes, sorted(budgets), eval_every_n_steps
         self.output = Path(output)
         self.evaluation = dict(evaluation or {})
+        self.ema = None if ema is None else dict(ema)
         self.tokenizer, self.vocab_size = _as(Prerequisite, tokenizer), tokenizer_vocab_size
         self.prerequisites = {"autoencoder": _as(Prerequisite, autoencoder), "vqvae": _as(Prerequisite, vqvae),
                               "clip": _as(Prerequisite, clip)}
@@ -362,11 +365,13 @@ class Sweep:
         callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
         model, size, own = ({k: _prepared_path(v, prepared) for k, v in overrides.items()}
                              for overrides in (spec.overrides, self.sizes[run.size], run.overrides))
+        ema = [] if self.ema is None else [  # before Evaluation, which then evaluates the EMA weights
+            f"--trainer.callbacks+={json.dumps({'class_path': 'transfusion.lightning.ema.EMA', 'init_args': self.ema})}"]
         return ["fit", "--config", spec.config, *cli_args(model), *cli_args(size), *cli_args(own),
                 "--model.init_args.tokenizer", prepared["tokenizer"], "--model.init_args.autoencoder", autoencoder,
                 "--trainer.max_steps", str(run.budget), "--trainer.val_check_interval", str(run.budget),
                 "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
-                f"--trainer.callbacks+={json.dumps(callback)}"]
+                *ema, f"--trainer.callbacks+={json.dumps(callback)}"]
 
     def _train(self, args: list[str]) -> list[dict]:
         """Run one ``transfusion fit`` command line; its Evaluation callback's reports."""
