@@ -191,7 +191,7 @@ def consolidate_main(argv: list[str]) -> None:
 def cache_latents_main(argv: list[str]) -> None:
     """`transfusion shards --encode --format parquet` under its earlier name and flags."""
     from transfusion.data import latent_cache
-    from transfusion.data.shards.write import add_writer_options, write_config_shards
+    from transfusion.convert import add_writer_options, write_config_shards
 
     parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=latent_cache.__doc__.split("\n\n")[0] +
                                      " Other arguments are the config and overrides of `transfusion fit`.",
@@ -211,7 +211,7 @@ def cache_latents_main(argv: list[str]) -> None:
 SUBCOMMANDS = {
     "tokenizer": ("transfusion.cli", "tokenizer_main"),
     "cache-latents": ("transfusion.cli", "cache_latents_main"),
-    "shards": ("transfusion.data.shards.write", "shards_main"),
+    "shards": ("transfusion.convert", "shards_main"),
     "export": ("transfusion.export", "export_main"),
     "quickstart": ("transfusion.quickstart", "quickstart_main"),
     "fid-weights": ("transfusion.evaluation.fid", "main"),

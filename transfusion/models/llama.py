@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from transfusion.data.tokenizer import Tokenizer, find_tokenizer
 from transfusion.models.transformer import ROPE_SCALING, TransformerConfig, is_image_weight
 
 CONFIG, WEIGHTS, TOKENIZER, TOKENIZER_JSON = "config.json", "model.safetensors", "tokenizer.model", "tokenizer.json"
@@ -232,7 +231,10 @@ def load_llama(directory: str | os.PathLike) -> tuple[dict, dict]:
     ``tokenizer.model``, else its ``tokenizer.json``), and the weights under our names (``llama_to_transfusion``)."""
     directory = Path(directory)
     config = read_llama_config(directory)
-    tokenizer = find_tokenizer(directory)  # tokenizer.model, else tokenizer.json
+    tokenizer = next((directory / name for name in (TOKENIZER, TOKENIZER_JSON) if (directory / name).is_file()), None)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{str(directory)!r} has no tokenizer: neither the SentencePiece {TOKENIZER} nor the "
+                                f"Hugging Face {TOKENIZER_JSON}")
     state = llama_to_transfusion(_read_weights(directory), config["n_layers"], config["tie_word_embeddings"],
                                  config["qkv_bias"], config["qk_rmsnorm"])
     return {**config, "tokenizer_path": str(tokenizer)}, state
@@ -321,8 +323,10 @@ def save_llama(model, tokenizer_path: str | os.PathLike, directory: str | os.Pat
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    Tokenizer(tokenizer_path).save(directory)  # tokenizer.model, or tokenizer.json and its tokenizer_config.json
-    if tokenizer_path.suffix != ".model":  # the other files of a Hugging Face tokenizer, as they were
-        for name in SPECIAL_FILES[1:]:
-            if (tokenizer_path.parent / name).is_file() and not (directory / name).exists():
-                shutil.copyfile(tokenizer_path.parent / name, directory / name)
+    name = TOKENIZER if tokenizer_path.suffix == ".model" else TOKENIZER_JSON
+    beside = [f for f in SPECIAL_FILES if name == TOKENIZER_JSON and (tokenizer_path.parent / f).is_file()]
+    for source, target in [(tokenizer_path, directory / name)] + [(tokenizer_path.parent / f, directory / f) for f in beside]:
+        if not target.exists() or not target.samefile(source):
+            shutil.copyfile(source, target)
+    if name == TOKENIZER_JSON and SPECIAL_FILES[0] not in beside:  # what transformers' AutoTokenizer reads
+        (directory / SPECIAL_FILES[0]).write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
