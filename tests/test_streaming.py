@@ -210,6 +210,22 @@ def test_bad_records_are_counted_named_and_skipped(tmp_path):
         _rows(strict, 3)
 
 
+def test_a_set_of_only_bad_records_fails_instead_of_looping(tmp_path):
+    shards = write_set(tmp_path / "set", [3, 2], index=True)
+    import tarfile
+    from shard_writer import _add
+    for number, shard in enumerate(shards):  # every image unreadable
+        with tarfile.open(tmp_path / "set" / f"shard-{number:06d}.tar", "w") as tar:
+            for record in shard:
+                _add(tar, f"{record['key']}.json", b'{"captions": ["a caption"]}')
+                _add(tar, f"{record['key']}.png", b"not a png")
+    consumer = Consumer([Source("p", 1.0, open_shard_set(str(tmp_path / "set")))], _ctx(), 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadDataWarning)
+        with pytest.raises(ValueError, match=r"last 5 records .* all skipped .*unreadable image.*no usable record"):
+            consumer.next_row()
+
+
 def test_missing_shard_fails_naming_it(tmp_path):
     write_set(tmp_path / "set", [3, 3, 3])
     (tmp_path / "set" / "shard-000001.tar").unlink()

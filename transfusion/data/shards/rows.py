@@ -51,10 +51,18 @@ class Skips:
 
     def __init__(self, counts: dict | None, strict: bool):
         self.counts, self.strict, self.warned = Counter(counts or {}), strict, 0
+        self.streak = 0  # records skipped since the last usable one
+
+    def check(self, span: int, name: str) -> None:
+        """Fail, instead of looping for ever, once a consumer's whole range (``span`` records) has been skipped."""
+        if self.streak >= span:
+            raise ValueError(f"shard set {name!r}: the last {self.streak} records read by this consumer (its whole "
+                             f"range of a pass) were all skipped ({dict(self.counts)}): no usable record")
 
     def skip(self, where: str, reason: str) -> None:
         if self.strict:
             raise ValueError(f"bad record {where}: {reason} (strict=True)")
+        self.streak += 1
         self.counts[reason.split(" (")[0].split(": ")[0]] += 1  # the reason without its details
         if self.warned < MAX_WARNINGS:
             warnings.warn(f"skipping {where}: {reason}", BadDataWarning)
@@ -74,6 +82,7 @@ def records(shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int,
             for number, raw in read_records(shard_set, shard, first, end):
                 where = f"{shard_set.shards[shard]} record {number}"
                 where += f" (key {raw['key']})" if isinstance(raw, dict) else ""
+                skips.check(hi - lo, shard_set.name)
                 if isinstance(raw, TruncatedRecord):
                     skips.skip(where, str(raw))
                     continue
@@ -127,6 +136,7 @@ class PairStream:
                 caption = ""
             ids = tok.encode(caption)[:room] if caption else []
             limit = ctx.image_first_max_t if image_first else None
+            self.skips.streak = 0
             yield position, pair_document(tok, n, ids, image_first), image, limit if limit is not None else 0
 
     def next_row(self) -> dict:
@@ -195,6 +205,7 @@ class DocumentStream:
             if len(doc.tokens) > ctx.seq_len:
                 self.skips.skip(where, f"document longer than seq_len ({len(doc.tokens)} positions > {ctx.seq_len})")
                 continue
+            self.skips.streak = 0
             yield position, doc
 
     def next_row(self) -> dict:
@@ -230,6 +241,7 @@ class TextStream:
             if not text:
                 self.skips.skip(where, "no text")
                 continue
+            self.skips.streak = 0
             yield position, tok.encode(text, bos=True, eos=True)
 
     def next_row(self) -> dict:
