@@ -17,20 +17,32 @@ def text_logits(model, tokens):
     return model.lm_head(hidden)
 
 
-def make_hf_llama(directory, seed=0):
-    """A small random LlamaForCausalLM saved by transformers, with only a byte-level BPE tokenizer.json (the Llama 3
-    layout: BOS and EOS in tokenizer_config.json; no PAD, BOI, EOI) beside it."""
+def make_hf_llama(directory, seed=0, family="llama3"):
+    """A small random causal LM saved by transformers, with only a byte-level BPE tokenizer.json beside it:
+    ``llama3``: LlamaForCausalLM with grouped-query attention and llama3 RoPE scaling, BOS and EOS in
+    tokenizer_config.json; ``qwen2``: Qwen2ForCausalLM with q/k/v biases, tied embeddings and Qwen's tokenizer
+    layout (no BOS, PAD = EOS). Neither has PAD, BOI or EOI of its own."""
     from test_hf_tokenizer import save_hf
 
-    hf_tok = save_hf(directory, ["<|begin_of_text|>", "<|end_of_text|>"], bos_token="<|begin_of_text|>",
-                     eos_token="<|end_of_text|>")
-    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, intermediate_size=176,
-                                      max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500.0,
-                                      tie_word_embeddings=False)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=176, max_position_embeddings=256)
+    if family == "llama3":
+        hf_tok = save_hf(directory, ["<|begin_of_text|>", "<|end_of_text|>"], bos_token="<|begin_of_text|>",
+                         eos_token="<|end_of_text|>")
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 500.0}
+        config = transformers.LlamaConfig(vocab_size=len(hf_tok), rms_norm_eps=1e-5, rope_parameters=rope,
+                                          tie_word_embeddings=False, **common)
+        model_class = transformers.LlamaForCausalLM
+    else:
+        hf_tok = save_hf(directory, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+        config = transformers.Qwen2Config(vocab_size=len(hf_tok), rms_norm_eps=1e-6, rope_theta=10000.0,
+                                          tie_word_embeddings=True, use_sliding_window=False, **common)
+        model_class = transformers.Qwen2ForCausalLM
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # norms random too, so that every weight matters
+    model = model_class(config).to(torch.float32)
+    with torch.no_grad():  # norms and biases random too, so that every weight matters
         for p in model.parameters():
             p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0.0, 0.1)
     model.save_pretrained(directory)
@@ -39,7 +51,10 @@ def make_hf_llama(directory, seed=0):
 
 
 @pytest.mark.slow
-def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencoder_ckpt):
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencoder_ckpt, family):
+    """LMFusion through `transfusion fit` from a Llama 3 / Qwen2 folder: frozen text logits bit for bit, the special
+    rows and the image side train, caption -> image runs, `export --llama` reads back in transformers."""
     from test_cli import _fit_args
 
     from transfusion.export import export_main
@@ -47,7 +62,7 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencode
     from transfusion.models.lmfusion import is_text_weight
 
     llama_dir = tmp_path / "llama"
-    hf = make_hf_llama(llama_dir)
+    hf = make_hf_llama(llama_dir, family=family)
     V = hf.config.vocab_size
     tokens = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -58,8 +73,10 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencode
     start = TransfusionModule(None, autoencoder_ckpt, text_model=str(llama_dir), modality_experts=True,
                               freeze_text=True)
     tok = start.tokenizer
-    assert tok.path == str(llama_dir / "tokenizer.json") and tok.appended_ids == [V, V + 1, V + 2]
-    assert (tok.pad_id, tok.boi_id, tok.eoi_id) == (V, V + 1, V + 2) and start.config.vocab_size == V + 3
+    appended = 3 if family == "llama3" else 4  # PAD, BOI, EOI (and BOS: Qwen has none)
+    assert tok.path == str(llama_dir / "tokenizer.json") and tok.appended_ids == list(range(V, V + appended))
+    assert (tok.pad_id, tok.boi_id, tok.eoi_id) == (V, V + 1, V + 2) and start.config.vocab_size == V + appended
+    assert (start.config.transformer.kv_heads, start.config.transformer.qkv_bias) == (2, family == "qwen2")
     start._load_text_model(str(llama_dir))  # what a fresh fit does first
     before = text_logits(start.model, tokens)
     torch.testing.assert_close(before[..., :V], reference, atol=1e-5, rtol=0)
@@ -87,8 +104,9 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencode
     exported_dir = tmp_path / "exported"
     export_main(["--ckpt_path", ckpt, "--output", str(exported_dir), "--llama"])
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in exported_dir.iterdir()}
-    exported = transformers.LlamaForCausalLM.from_pretrained(exported_dir, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(exported_dir, attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    assert type(exported) is type(hf)  # the family it started from
     with torch.no_grad():
         logits = exported(tokens).logits
     torch.testing.assert_close(logits[..., :V], reference, atol=1e-5, rtol=0)
@@ -102,7 +120,9 @@ def test_frozen_text_weights_keep_text_logits_bit_identical(tmp_path, autoencode
         (llama_dir / name).unlink()
     reloaded = TransfusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
     assert torch.equal(text_logits(reloaded.model, tokens), after)
-    hf = make_hf_llama(tmp_path / "llama")
+    if family != "llama3":
+        return
+    hf = make_hf_llama(tmp_path / "llama", family=family)
 
     # the same run without freezing, the text weights at text_lr: they move, at their own learning rate
     free = cli_main(["fit", *_fit_args(tmp_path / "free", "unused", autoencoder_ckpt, steps=2), *options,
