@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion.errors import check_checkpoint_file
 from transfusion.lightning.hub import CONFIG, WEIGHTS, HubMixin
 
 # a checkpoint from a plain Trainer (no _class_path): the first class whose arguments its hyper-parameters all have
@@ -45,6 +46,7 @@ def export(ckpt_path: str | Path, output: str | Path, llama: bool = False) -> Pa
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    check_checkpoint_file(ckpt_path)
     hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     class_path = _class_path(hparams)
     cls = _load_class(class_path)
