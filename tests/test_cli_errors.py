@@ -66,8 +66,8 @@ def _truncated_checkpoint(tmp_path: Path) -> Path:
 def test_truncated_checkpoint_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRANSFUSION_DEBUG", raising=False)
     ckpt = _truncated_checkpoint(tmp_path)
-    err = _one_line_error(capsys, ["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
-                                   "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), "--ckpt_path", str(ckpt)])
+    err = _one_line_error(capsys, ["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"), "--config",
+                                   str(CONFIGS / "transfusion_embedded_predict.yaml"), "--ckpt_path", str(ckpt)])
     assert f"checkpoint {ckpt} cannot be read (truncated or not a torch checkpoint: a zip archive cut short" in err, err
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(UserError, match=r"notes\.ckpt cannot be read .*not a zip archive"):

@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transfusion"
-LAYERS = [("errors", "models", "diffusion", "flow", "images", "flops", "_torchvision_compat"), ("data",), ("generation",),
-          ("evaluation",), ("lightning",), ("cli", "sweep", "quickstart", "export")]
+LAYERS = [("errors", "models", "diffusion", "flow", "images", "flops", "_torchvision_compat"), ("data",),
+          ("generation",), ("evaluation",), ("lightning",), ("cli", "sweep", "quickstart", "export")]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 
 

@@ -235,7 +235,7 @@ def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderMo
                         else ("autoencoder", "autoencoder_embedded.yaml"))
         raise FileNotFoundError(f"{name} checkpoint {path!r} does not exist; train one with "
                                 f"`transfusion fit --config lightning_configs/{config}`")
-    check_checkpoint_file(path, f"{cls.__name__} checkpoint")
+    check_checkpoint_file(path, "VQ-VAE checkpoint" if cls is VQAutoencoderModule else "autoencoder checkpoint")
     try:
         module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
     except (TypeError, ValueError, KeyError, RuntimeError) as error:  # the weights or hyperparameters of another class

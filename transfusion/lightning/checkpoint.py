@@ -42,7 +42,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
         check_checkpoint_file(path)  # a truncated copy: an error naming the file, not torch's zip reader
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 

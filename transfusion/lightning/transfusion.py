@@ -331,7 +331,8 @@ class TransfusionModule(GenerativeModule):
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path is None:  # a fresh fit; a resumed one has its weights from the checkpoint
             if self.hparams.freeze_text and not (self.hparams.text_model or self.hparams.init_from):
-                raise UserError("freeze_text freezes pretrained text weights: set model option text_model (or init_from)")
+                raise UserError("freeze_text freezes pretrained text weights: "
+                                "set model option text_model (or init_from)")
             if self.hparams.init_from:
                 self._load_network(self.hparams.init_from)
             if self.hparams.text_model:
