@@ -20,12 +20,18 @@ versions) in the checkpoint folders; ``fit --ckpt_path`` builds the model from t
 names every architecture field that differs from the checkpoint's (``validate|test|predict`` take the
 model's arguments from the checkpoint); an invalid option stops the command before any data is read,
 with a one-line message naming it.
+
+Errors: a user error (``transfusion.errors``: a bad option, file or record) ends the command with one line,
+``transfusion <subcommand>: error: <message>``, and exit status 2; other errors are internal and keep their
+traceback. ``--debug`` (anywhere on the command line) or ``TRANSFUSION_DEBUG=1`` shows the traceback of user
+errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +41,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 import lightning as L
 
+from transfusion.errors import check_checkpoint_file, one_line, user_error
 from transfusion.lightning.checkpoint import AtomicCheckpointIO
 
 
@@ -88,6 +95,8 @@ class TransfusionCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):  # a truncated copy: name the file, not torch's zip
+            check_checkpoint_file(self.config[subcommand]["ckpt_path"])
         if subcommand == "fit":  # resuming: the config given builds the model; on_load_checkpoint names mismatches
             return
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
@@ -221,13 +230,28 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``transfusion`` command: a user error ends in one line and exit status 2 (``--debug``: the traceback)."""
     command_line = argv is None  # keep sys.argv intact then: DDP launchers re-run this command from it
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        module, function = SUBCOMMANDS[argv[0]]
-        getattr(importlib.import_module(module), function)(argv[1:])
-    else:
-        cli_main(None if command_line else argv)
+    debug = os.environ.get("TRANSFUSION_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        debug, argv = True, [a for a in argv if a != "--debug"]
+        if command_line:  # DDP children re-run sys.argv: they keep the setting through the environment
+            sys.argv[1:] = argv
+            os.environ["TRANSFUSION_DEBUG"] = "1"
+    name = f"transfusion {argv[0]}" if argv and not argv[0].startswith("-") else "transfusion"
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module, function = SUBCOMMANDS[argv[0]]
+            getattr(importlib.import_module(module), function)(argv[1:])
+        else:
+            cli_main(None if command_line else argv)
+    except Exception as error:
+        cause = user_error(error)  # Lightning and jsonargparse may wrap it (raise ... from)
+        if cause is None or debug:
+            raise
+        print(f"{name}: error: {one_line(cause)}", file=sys.stderr)
+        raise SystemExit(2) from error
 
 
 if __name__ == "__main__":

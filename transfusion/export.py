@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion.errors import check_checkpoint_file
 from transfusion.lightning.hub import CONFIG, WEIGHTS, HubMixin
 
 # a checkpoint from a plain Trainer (no _class_path): the first class whose arguments its hyper-parameters all have
@@ -48,6 +49,7 @@ def export(ckpt_path: str | Path, output: str | Path, llama: bool = False, weigh
     ckpt_path, output = Path(ckpt_path), Path(output)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist")
+    check_checkpoint_file(ckpt_path)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hparams = checkpoint.get("hyper_parameters", {})
     class_path = _class_path(hparams)

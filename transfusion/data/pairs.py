@@ -20,6 +20,7 @@ from collections import Counter
 from tqdm.auto import tqdm
 
 from transfusion.data.preprocess import BadRecord, check_size, clean_caption, open_image, preprocess_image
+from transfusion.errors import UserError
 
 MAX_WARNINGS = 20  # per dataset; the summary counts the rest
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class BadDataWarning(UserWarning):
     """A record was skipped or converted."""
 
 
-class BadDataError(ValueError):
+class BadDataError(UserError):
     """Strict mode met a bad record, or no record was usable."""
 
 

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 
 from PIL import Image
+
+from transfusion.errors import UserError
 from torch.utils.data import Dataset
 
 from transfusion.data.shapes import ShapesDataset
@@ -37,8 +39,8 @@ def _segment(value, base: Path, where: str):
             with Image.open(path) as image:
                 return image.convert("RGB")
         except OSError as err:
-            raise ValueError(f"{where}: cannot read image {str(path)!r}: {err}") from err
-    raise ValueError(f"{where}: a segment must be a string or {{\"image\": path}}, got {value!r}")
+            raise UserError(f"{where}: cannot read image {str(path)!r}: {err}") from err
+    raise UserError(f"{where}: a segment must be a string or {{\"image\": path}}, got {value!r}")
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -59,30 +61,30 @@ def read_prompts(path: str | Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
+            raise UserError(f"{where}: not valid JSON ({err.msg})") from err
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+            raise UserError(f"{where}: expected a JSON object, got {type(item).__name__}")
         unknown = set(item) - {"prompt", "image", "segments", "generate", "reference", "max_new_tokens"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+            raise UserError(f"{where}: unknown keys {sorted(unknown)}")
         segments = list(item.get("segments", []))
         if "prompt" in item:
             segments.append(item["prompt"])
         if "image" in item:
             segments.append({"image": item["image"]})
         if item.get("generate") not in (None, "image", "text"):
-            raise ValueError(f"{where}: generate must be 'image' or 'text', got {item['generate']!r}")
+            raise UserError(f"{where}: generate must be 'image' or 'text', got {item['generate']!r}")
         if item.get("generate") == "image":
             segments.append(IMAGE_MARKER)
         if not segments:
-            raise ValueError(f"{where}: empty prompt (give prompt, image or segments)")
+            raise UserError(f"{where}: empty prompt (give prompt, image or segments)")
         prompt = [_segment(s, path.parent, where) for s in segments]
         has_image = any(isinstance(s, Image.Image) for s in prompt)
         kind = ("edit" if has_image else "text-to-image") if prompt[-1] is IMAGE else "to-text"
         records.append({"prompt": prompt, "reference": item.get("reference"), "kind": kind,
                         "max_new_tokens": item.get("max_new_tokens", None if kind == "to-text" else 0)})
     if not records:
-        raise ValueError(f"prompt file {str(path)!r} contains no prompt")
+        raise UserError(f"prompt file {str(path)!r} contains no prompt")
     return records
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
+
+from transfusion.errors import UserError
 
 BOI_PIECE, EOI_PIECE, PAD_PIECE = "<boi>", "<eoi>", "<pad>"
 BOS_PIECE, EOS_PIECE = "<bos>", "<eos>"  # appended only to a tokenizer.json without them
@@ -148,18 +151,27 @@ class Tokenizer:
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)),
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=1.0,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            user_defined_symbols=[BOI_PIECE, EOI_PIECE],
-            byte_fallback=True,
-            max_sentence_length=16384,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(list(texts)),
+                model_writer=buffer,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=1.0,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+                user_defined_symbols=[BOI_PIECE, EOI_PIECE],
+                byte_fallback=True,
+                max_sentence_length=16384,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as error:  # sentencepiece checks vocab_size against the text in an INTERNAL error
+            if found := re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(error)):
+                raise UserError(f"vocab_size {found[1]} is smaller than the {found[2]} pieces the text needs (each "
+                                f"of its characters, 256 bytes, 6 special tokens); use at least {found[2]}") from error
+            if found := re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(error)):
+                raise UserError(f"vocab_size {found[1]} is more pieces than this text yields; use at most {found[2]}"
+                                ) from error
+            raise
         output.write_bytes(buffer.getvalue())
         return Tokenizer(output)

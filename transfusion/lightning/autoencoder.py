@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from transfusion.errors import check_checkpoint_file
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.hub import HubMixin
 from transfusion.lightning.optim import OptimizerConfig
@@ -234,6 +235,7 @@ def load_frozen(cls: type[AutoencoderModule], path: str | dict) -> AutoencoderMo
                         else ("autoencoder", "autoencoder_embedded.yaml"))
         raise FileNotFoundError(f"{name} checkpoint {path!r} does not exist; train one with "
                                 f"`transfusion fit --config lightning_configs/{config}`")
+    check_checkpoint_file(path, "VQ-VAE checkpoint" if cls is VQAutoencoderModule else "autoencoder checkpoint")
     try:
         module = contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
     except (TypeError, ValueError, KeyError, RuntimeError) as error:  # the weights or hyperparameters of another class

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from transfusion.errors import UserError, check_checkpoint_file
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that never leaves a partly written checkpoint behind (local paths)."""
@@ -39,6 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             _fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint_file(path)  # a truncated copy: an error naming the file, not torch's zip reader
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -85,5 +92,5 @@ def check_config(stored: dict, current: Any, what: str, fields: tuple[str, ...] 
             for n in names if old.get(n, missing) != new.get(n, missing)]
     if diff:
         diff = [d.replace(repr(missing), "(absent)") for d in diff]
-        raise ValueError(f"{what} was saved with a different configuration; mismatched fields:\n  "
+        raise UserError(f"{what} was saved with a different configuration; mismatched fields:\n  "
                          + "\n  ".join(diff))

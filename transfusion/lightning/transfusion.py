@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from transfusion.data.tokenizer import Tokenizer, find_tokenizer
+from transfusion.errors import UserError, check_checkpoint_file
 from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.generation.transfusion import check_sampler
@@ -333,7 +334,8 @@ class TransfusionModule(GenerativeModule):
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path is None:  # a fresh fit; a resumed one has its weights from the checkpoint
             if self.hparams.freeze_text and not (self.hparams.text_model or self.hparams.init_from):
-                raise ValueError("freeze_text freezes pretrained text weights: set model option text_model (or init_from)")
+                raise UserError("freeze_text freezes pretrained text weights: "
+                                "set model option text_model (or init_from)")
             if self.hparams.init_from:
                 self._load_network(self.hparams.init_from)
             if self.hparams.text_model:
@@ -355,15 +357,16 @@ class TransfusionModule(GenerativeModule):
         """Network weights from a checkpoint of the same architecture, trained with the same autoencoder."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        check_checkpoint_file(path, "init_from checkpoint")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if "transfusion_config" not in checkpoint:
-            raise ValueError(f"init_from={path!r} is not a Transfusion checkpoint (no transfusion_config)")
+            raise UserError(f"init_from={path!r} is not a Transfusion checkpoint (no transfusion_config)")
         check_config(checkpoint["transfusion_config"], self.config, f"init_from={path!r}", ARCHITECTURE)
         state = checkpoint["state_dict"]
         rename_legacy_keys(state, "autoencoder.")
         ours = self.autoencoder.state_dict()
         if any(not torch.equal(state.get(f"autoencoder.{k}", torch.empty(0)), v.cpu()) for k, v in ours.items()):
-            raise ValueError(f"init_from={path!r} was trained with another autoencoder than model.init_args.autoencoder")
+            raise UserError(f"init_from={path!r} was trained with another autoencoder than model.init_args.autoencoder")
         network = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         set_model_state_dict(self.model, network, options=StateDictOptions(full_state_dict=True))
         rank_zero_info(f"network weights from {path} (step {checkpoint.get('global_step', '?')})")
