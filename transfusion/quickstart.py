@@ -208,7 +208,7 @@ def quickstart_main(argv: list[str]) -> dict:
     start = time.time()
     weights = [f"ema_{d:g}" for d in args.ema or []] + (["raw"] if args.ema else [])  # [] : the checkpoint's own
     for name in weights or [None]:  # the first in samples/, the others in samples_<name>/
-        folder = out / ("samples" if name in (None, weights[0]) else f"samples_{name}")
+        folder = out / ("samples" if name is None or name == weights[0] else f"samples_{name}")
         cli_main(["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
                   "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args, *device,
                   *(["--model.init_args.eval_weights", name] if name else []),
