@@ -73,7 +73,7 @@ class EditRows(Dataset):
 
     def edit_document(self, instruction: list[int], keep_source: bool, keep_instruction: bool,
                       clean_target: bool = False) -> Document:
-        """One edit document: tokens, next-token targets (``text_loss``) and ``max_t`` (source, if kept, then target)."""
+        """One edit document: its tokens and next-token targets (``text_loss``); images and max_t are the caller's."""
         source = [Picture(0, loss=False)] if keep_source else []  # enters clean
         text = [Text(instruction)] if keep_instruction else []  # none: ends at EOI, as a dropped caption
         pieces = (text + source if self.instruction_first else source + text) + [Picture(1, loss=not clean_target)]
