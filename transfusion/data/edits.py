@@ -6,7 +6,8 @@ An edit becomes one document::
 
 The source image enters clean (``max_t`` -1: t = 0, no diffusion loss), bidirectional within itself and
 seen by everything after it; the target image is noised and trained with the diffusion loss; the text loss
-covers the instruction (and BOI, so a model learns to answer an instruction with an image). For
+covers the instruction, the BOI after it (a model learns to answer an instruction with an image; not after an
+EOI, below) and the EOS after the target's EOI. For
 classifier-free guidance in both conditions (InstructPix2Pix), the instruction, the source image, or both
 are dropped, each with its own probability::
 
