@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,6 +180,40 @@ def _legacy_edit_document(self, instruction, keep_source, keep_instruction):
     return doc + [tok.eos_id] if keep_instruction else doc
 
 
+def _legacy_edit_getitem(self, index):
+    """``EditRows.__getitem__`` before the rows carried ``text_loss`` (commit 54bc61a), verbatim."""
+    rng = np.random.default_rng([self.seed, index, 11])
+    if self.mix is not None and rng.random() < self.mix_ratio:
+        return {**self.mix[index % len(self.mix)], "index": index}
+    L, n = self.seq_len, self.layout.patches_per_image
+    tokens, doc_ids, images, max_t, docs = [], [], [], [], 0
+    while True:
+        edit = self.edits[int(rng.integers(len(self.edits)))]
+        instruction = edit["instructions"][int(rng.integers(len(edit["instructions"])))]
+        u = rng.random()
+        keep_instruction = not (u < self.drops[0] or self.drops[1] <= u < self.drops[2])
+        keep_source = not self.drops[0] <= u < self.drops[2]
+        doc = self.document(self.tok.encode(instruction), keep_source, keep_instruction)
+        if len(tokens) + len(doc) > L:
+            break
+        doc_ids += [docs] * len(doc)
+        docs += 1
+        tokens += doc
+        if keep_source:
+            images.append(edit["source"])
+            max_t.append(CLEAN)
+        images.append(edit["target"])
+        max_t.append(0)
+    tokens = torch.tensor(tokens + [self.tok.pad_id] * (L - len(tokens)))
+    doc_ids = torch.tensor(doc_ids + [L] * (L - len(doc_ids)))
+    is_image = tokens == -1
+    image_ids = torch.full((L,), -1, dtype=torch.long)
+    image_ids[is_image] = torch.arange(len(images)).repeat_interleave(n)
+    tokens[is_image] = self.tok.pad_id
+    return {"tokens": tokens, "doc_ids": doc_ids, "image_ids": image_ids, "images": torch.stack(images),
+            "max_t": torch.tensor(max_t, dtype=torch.long), "index": index}
+
+
 def _rows(dataset, count):
     return [dataset[i] for i in range(count)]
 
@@ -196,13 +231,19 @@ def test_pair_and_edit_rows_are_bitwise_those_of_before(tok, layout, monkeypatch
     pairs = TransfusionRows(ShapesDataset(50, 16), text, layout, seq_len=48, text_ratio=0.5, caption_dropout=0.3,
                             p_caption_first=0.6, image_first_max_t=200, seed=4)
     edits = [EditRows(ShapeEdits(50, 16), layout, seq_len=48, p_drop_instruction=0.2, p_drop_source=0.2,
-                      p_drop_both=0.2, instruction_first=first, seed=5) for first in (False, True)]
+                      p_drop_both=0.2, instruction_first=first, prompted_boi_loss=True, seed=5)  # the rows before
+             for first in (False, True)]
     for caption in ([], tok.encode("a red circle")):
         for image_first in (False, True):
             assert pairs.document(caption, image_first) == _legacy_pair_document(pairs, caption, image_first)
     new = [_rows(pairs, 40)] + [_rows(e, 40) for e in edits]
+    for row in (r for rows in new[1:] for r in rows):  # edit rows: only the source's patches are no code targets
+        text_loss = row.pop("text_loss", torch.ones_like(row["tokens"], dtype=torch.bool))
+        sources = torch.isin(row["image_ids"], (row["max_t"] == CLEAN).nonzero()[:, 0])
+        assert torch.equal(~text_loss, sources)
     monkeypatch.setattr(TransfusionRows, "document", _legacy_pair_document)
     monkeypatch.setattr(EditRows, "document", _legacy_edit_document)
+    monkeypatch.setattr(EditRows, "__getitem__", _legacy_edit_getitem)
     old = [_rows(pairs, 40)] + [_rows(e, 40) for e in edits]
     for a, b in zip(new, old):
         _assert_same_rows(a, b)

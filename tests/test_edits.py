@@ -102,6 +102,82 @@ def test_edit_documents_and_their_dropout(layout):
     assert batch["images"].shape[0] == batch["max_t"].shape[0] == int((batch["image_ids"] >= 0).sum()) // n
 
 
+def _lm_pairs(row: dict, tok) -> list[tuple[int, int]]:
+    """(input, target) token pairs of a row that the LM loss trains (``Transfusion.loss``'s rule)."""
+    tokens, doc, is_text = row["tokens"], row["doc_ids"], row["image_ids"] < 0
+    text_loss = row.get("text_loss", torch.ones_like(tokens, dtype=torch.bool))
+    keep = (is_text[:-1] & is_text[1:] & (doc[:-1] == doc[1:]) & (tokens[:-1] != tok.boi_id)
+            & (tokens[1:] != tok.pad_id) & text_loss[1:])
+    return list(zip(tokens[:-1][keep].tolist(), tokens[1:][keep].tolist()))
+
+
+@pytest.mark.parametrize("instruction_first", [False, True])
+def test_edit_rows_teach_ending_after_the_edited_image_never_eoi_boi(layout, instruction_first):
+    tok, n = layout.tokenizer, layout.patches_per_image
+    rows = EditRows(ShapeEdits(50, 16), layout, seq_len=96, num_rows=200, p_drop_instruction=0.1, p_drop_source=0.1,
+                    p_drop_both=0.1, instruction_first=instruction_first, p_clean_target=0.3, seed=7)
+    image = [tok.boi_id] + [-1] * n + [tok.eoi_id]
+    clean_targets, targets, ends = 0, 0, 0
+    for i in range(len(rows)):
+        row = rows[i]
+        pairs = _lm_pairs(row, tok)
+        assert (tok.eoi_id, tok.boi_id) not in pairs  # the BOI after a source is the prompt's, never learnt
+        assert pairs.count((tok.eoi_id, tok.eos_id)) == int((row["tokens"] == tok.eos_id).sum())  # each end learnt
+        ends += pairs.count((tok.eoi_id, tok.eos_id))
+        for ids, max_t in _documents(row, tok):
+            if any(t >= 0 and t not in (tok.bos_id, tok.boi_id, tok.eoi_id) for t in ids):  # an instruction
+                assert ids[-len(image) - 1:] == image + [tok.eos_id]  # EOS right after the target's EOI
+            assert max_t[-1] in (0, CLEAN) and all(m == CLEAN for m in max_t[:-1])  # a kept source: clean, first
+            clean_targets += max_t[-1] == CLEAN
+            targets += 1
+        assert row["images"].shape[0] == len(row["max_t"])
+    assert ends > 0.7 * targets  # all but the documents without an instruction (20%) end with EOS
+    assert abs(clean_targets / targets - 0.3) < 4.5 * (0.21 / targets) ** 0.5  # p_clean_target
+    with pytest.raises(ValueError, match="p_clean_target"):
+        EditRows(ShapeEdits(5, 16), layout, p_clean_target=1.0)
+
+
+def test_clean_targets_keep_their_end_and_before_the_fix_eoi_boi_was_learnt(layout):
+    tok = layout.tokenizer
+    kwargs = dict(seq_len=96, num_rows=30, p_drop_instruction=0.0, p_drop_source=0.0, p_drop_both=0.0,
+                  instruction_first=True, seed=2)
+    clean = EditRows(ShapeEdits(20, 16), layout, p_clean_target=0.999, **kwargs)
+    for i in range(len(clean)):
+        row = clean[i]
+        assert (row["max_t"] == CLEAN).all()  # source and target enter clean: no diffusion loss in this row
+        assert _lm_pairs(row, tok).count((tok.eoi_id, tok.eos_id)) == int((row["tokens"] == tok.eos_id).sum()) > 0
+    before = EditRows(ShapeEdits(20, 16), layout, prompted_boi_loss=True, **kwargs)
+    row = before[0]
+    assert (tok.eoi_id, tok.boi_id) in _lm_pairs(row, tok) and row["text_loss"][row["image_ids"] < 0].all()
+    after = EditRows(ShapeEdits(20, 16), layout, **kwargs)[0]
+    assert torch.equal(after["tokens"], row["tokens"]) and torch.equal(after["max_t"], row["max_t"])
+    off = ~after["text_loss"] & (after["image_ids"] < 0)
+    assert int(off.sum()) == int((row["tokens"] == tok.eos_id).sum())  # one BOI per document
+
+
+def test_edit_data_module_mixes_caption_rows_as_the_quickstart_trains(layout):
+    from transfusion.data.edit_datamodule import EditDataModule
+
+    tok = layout.tokenizer
+    data = EditDataModule(seq_len=96, rows_per_epoch=200, num_edits=50, caption_ratio=0.5, image_first_max_t=100,
+                          p_clean_target=0.1, instruction_first=True, layout=layout)
+    data.setup("fit")
+    kinds = {"caption first": 0, "image first": 0, "edit": 0}
+    for i in range(60):
+        row = data.train_set[i]
+        for ids, max_t in _documents(row, tok):
+            if ids.count(tok.boi_id) == 2:
+                kinds["edit"] += 1
+            elif ids[1] == tok.boi_id and ids[-1] == tok.eos_id and ids[-2] != tok.eoi_id:  # BOI <im> EOI text EOS
+                kinds["image first"] += 1
+                assert max_t == [100]  # read from a nearly clean picture, as the quickstart trains captions
+            elif ids[-2:] == [tok.eoi_id, tok.eos_id]:
+                kinds["caption first"] += 1
+    assert all(kinds.values()), kinds
+    with pytest.raises(ValueError, match="p_clean_target"):
+        EditDataModule(p_clean_target=-0.1)
+
+
 # ---------------------------------------------------------------- the model: the source enters clean
 
 @pytest.fixture(scope="module")
@@ -224,6 +300,52 @@ def test_edit_score_reads_what_changed():
     assert rates["asked"] == 0.0 and rates["kept"] == 1.0 and rates["all"] == 0.0
     with pytest.raises(ValueError, match="pictures"):
         right.update(torch.stack([items[0]["target"]]), sources, edits)
+
+
+def test_edit_and_follow_scores_fail_a_prompt_that_does_not_end_after_one_image():
+    from transfusion.lightning.evaluation import Evaluation, edit_metrics, follow_metrics
+
+    data = ShapeEdits(6, 32, seed=2, split="heldout")
+    items = [data[i] for i in range(len(data))]
+    target = [it["target"] for it in items]
+    # fake generator outputs: exactly one image, a second image (EOI -> BOI), text after it, no image at all
+    outputs = [[target[0]], [target[1], target[1]], [target[2], " a"], [], [target[4]], [target[5]]]
+
+    class Generator:
+        def generate(self, prompts, seeds=None):
+            return [outputs[s] for s in seeds]
+
+    class Module:
+        hparams = {"generation_seed": 0}
+
+        def generator(self, **overrides):
+            assert overrides == {"max_new_tokens": 1}  # one token after the image shows whether it ends
+            return Generator()
+
+    class Data:
+        def edit_examples(self, num):
+            return [{**it, "instruction": it["instructions"][0]} for it in items[:num]]
+
+        def edit_prompt(self, source, instruction):
+            return [instruction, source, IMAGE]
+
+    edits = Evaluation(metrics=["edit"], num_samples=6, batch_size=4)._edit(Module(), Data(), 0, 1)
+    assert [e["single"] for e in edits] == [True, False, False, False, True, True]
+    rates = edit_metrics(edits)
+    assert rates["edit@shapes/one_image"] == 0.5 and rates["edit@shapes"] == 0.5  # the first picture is right in 5
+    assert rates["edit@shapes/asked"] == 5 / 6  # asked / kept read the first picture: the empty output is blank
+    score = EditScore()
+    score.update(torch.stack(target), [it["source_attributes"] for it in items], [it["edit"] for it in items])
+    assert score.compute()["one_image"] == 1.0 and score.compute()["all"] == 1.0  # without counts: as before
+    with pytest.raises(ValueError, match="output counts"):
+        score.update(torch.stack(target), [it["source_attributes"] for it in items], [it["edit"] for it in items],
+                     [True])
+    # caption -> image: the same rule
+    captions = [it["target_attributes"].caption(0) for it in items]
+    samples = [(c, t, c, c, one) for c, t, one in zip(captions, target, [True, False, True, True, False, True])]
+    rates = follow_metrics(samples)
+    assert rates["follow@shapes/one_image"] == 4 / 6 and rates["follow@shapes"] == 4 / 6
+    assert follow_metrics([s[:4] for s in samples])["follow@shapes"] == 1.0
 
 
 # ---------------------------------------------------------------- fine-tuning from a checkpoint, through the CLI

@@ -225,7 +225,7 @@ def test_evaluation_every_n_training_steps(trained_with_evaluation):
     assert all(float(r["eval/ppl"]) > 1 for r in rows)
     report = json.loads((Path(trained_with_evaluation.default_root_dir) / "evaluation" / "evaluation.json").read_text())
     follow = {"follow@shapes", "captions@shapes", *(f"follow@shapes/{k}" for k in
-                                                    ("size", "colour", "shape", "position", "one_object", "blank")),
+                                                    ("size", "colour", "shape", "position", "one_object", "blank", "one_image")),
               *(f"captions@shapes/{k}" for k in ("size", "colour", "shape", "position"))}
     assert report["training_steps"] == 6 and set(report["metrics"]) == {"cider_d", "ppl"} | follow
     assert all(0.0 <= report["metrics"][k] <= 1.0 for k in follow)

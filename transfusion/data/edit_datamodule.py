@@ -24,7 +24,8 @@ class EditDataModule(RowsDataModule):
                  num_edits: int = 10_000, edits: EditSource | None = None, p_drop_instruction: float = 0.05, p_drop_source: float = 0.05,
                  p_drop_both: float = 0.05, caption_ratio: float = 0.0, num_workers: int = 0, seed: int = 0,
                  instruction_first: bool = False, predict_examples: int = 8, prompts: str | None = None,
-                 strict: bool = False,
+                 strict: bool = False, p_clean_target: float = 0.0, prompted_boi_loss: bool = False,
+                 image_first_max_t: int | None = 500,
                  layout: SequenceLayout | None = None):
         """
         Args:
@@ -32,7 +33,13 @@ class EditDataModule(RowsDataModule):
             edits: a real editing source (``EditFilesSource`` / ``EditFolderSource``); None: the embedded edits.
             p_drop_instruction, p_drop_source, p_drop_both: dropout of the instruction, the source image or both,
                 for classifier-free guidance in both conditions (InstructPix2Pix: 0.05 each).
-            caption_ratio: share of training rows that are image-caption rows of the embedded shapes.
+            caption_ratio: share of training rows that are image-caption rows of the embedded shapes (caption-first
+                and image-first, as ``TransfusionRows``), so captioning and ending a document are not forgotten.
+            image_first_max_t: those rows' image-first limit (the quickstart's: 100).
+            p_clean_target: share of edit targets that enter clean, so EOI -> EOS is learnt after a clean edited
+                image, as generation commits it (``transfusion.data.edits``).
+            prompted_boi_loss: keep the BOI after the source's EOI a next-token target (off: the model learns
+                "EOI -> BOI" and no longer ends documents or captions).
             instruction_first: the instruction before the source image (``transfusion.data.edits``); prompts for
                 the model then put it first too (``edit_prompt``).
             predict_examples: held-out edits that are the ``predict`` prompts (or a ``prompts`` file).
@@ -45,6 +52,8 @@ class EditDataModule(RowsDataModule):
                 raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
         if not 0.0 <= caption_ratio <= 1.0:
             raise ValueError(f"data option caption_ratio must be in [0, 1], got {caption_ratio}")
+        if not 0.0 <= p_clean_target < 1.0:
+            raise ValueError(f"data option p_clean_target must be in [0, 1), got {p_clean_target}")
         drops = (p_drop_instruction, p_drop_source, p_drop_both)
         if any(p < 0 for p in drops) or sum(drops) >= 1:
             raise ValueError(f"data options p_drop_instruction, p_drop_source, p_drop_both must be >= 0 and sum to "
@@ -70,12 +79,15 @@ class EditDataModule(RowsDataModule):
         mix = None
         if hp.caption_ratio > 0:
             mix = TransfusionRows(ShapesDataset(10_000, self.layout.image_size, seed=hp.seed), None, self.layout,
-                                  seq_len=hp.seq_len, num_rows=hp.rows_per_epoch, text_ratio=0.0, seed=hp.seed)
+                                  seq_len=hp.seq_len, num_rows=hp.rows_per_epoch, text_ratio=0.0,
+                                  image_first_max_t=hp.image_first_max_t, seed=hp.seed)
         self.train_set = EditRows(self._edits("train"), self.layout, hp.seq_len, hp.rows_per_epoch,
                                   hp.p_drop_instruction, hp.p_drop_source, hp.p_drop_both, mix, hp.caption_ratio,
-                                  hp.instruction_first, seed=hp.seed)
+                                  hp.instruction_first, seed=hp.seed,
+                                  p_clean_target=hp.p_clean_target, prompted_boi_loss=hp.prompted_boi_loss)
         self.val_set = EditRows(self._edits("validation"), self.layout, hp.seq_len, hp.val_rows, 0.0, 0.0, 0.0,
-                                instruction_first=hp.instruction_first, seed=hp.seed + 1)
+                                instruction_first=hp.instruction_first, seed=hp.seed + 1,
+                                prompted_boi_loss=hp.prompted_boi_loss)
 
     def edit_prompt(self, source, instruction: str) -> list:
         """The prompt that asks the model for an edit, in the order it was trained on."""

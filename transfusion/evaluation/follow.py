@@ -99,29 +99,37 @@ def read_shapes(image: torch.Tensor, threshold: float = 60.0, min_pixels: int = 
 class FollowScore:
     """Accumulates how generated pictures follow their captions; ``compute()`` gives the rates.
 
-    ``update(images, captions)``: images (N, 3, H, W) in [-1, 1] and the captions they were generated from.
-    Rates: each attribute, ``all`` (all four right, whatever else the picture holds), ``one_object``
-    (exactly one object) and ``blank`` (no object). ``confusion(attribute)`` counts (asked, read) pairs.
+    ``update(images, captions, single)``: images (N, 3, H, W) in [-1, 1] (each prompt's first image), the captions
+    they were generated from and whether each prompt's output was exactly that one image (None: all were).
+    Rates: each attribute, ``all`` (all four right, whatever else the picture holds, and exactly one image out),
+    ``one_object`` (exactly one object), ``blank`` (no object) and ``one_image``. ``confusion(attribute)`` counts
+    (asked, read) pairs.
     """
 
     def __init__(self):
         self.records: list[tuple[dict, dict]] = []  # (asked, read)
+        self.single: list[bool] = []  # per record: the prompt's output was exactly one image
 
-    def update(self, images: torch.Tensor, captions: list[str]) -> None:
-        if len(images) != len(captions):
-            raise ValueError(f"FollowScore.update: {len(images)} images for {len(captions)} captions")
-        for image, caption in zip(images, captions):
+    def update(self, images: torch.Tensor, captions: list[str], single: list[bool] | None = None) -> None:
+        single = [True] * len(images) if single is None else list(single)
+        if not len(images) == len(captions) == len(single):
+            raise ValueError(f"FollowScore.update: {len(images)} images for {len(captions)} captions "
+                             f"({len(single)} output counts)")
+        for image, caption, one in zip(images, captions, single):
             asked = parse_caption(caption)
             missing = [a for a in ATTRIBUTES if a not in asked]
             if missing:
                 raise ValueError(f"FollowScore: caption {caption!r} names no {', '.join(missing)}; "
                                  "prompt following needs captions of the embedded shapes")
             self.records.append((asked, read_shapes(image)))
+            self.single.append(bool(one))
 
     def compute(self) -> dict[str, float]:
         n = max(len(self.records), 1)
         rates = {a: sum(read[a] == asked[a] for asked, read in self.records) / n for a in ATTRIBUTES}
-        rates["all"] = sum(all(read[a] == asked[a] for a in ATTRIBUTES) for asked, read in self.records) / n
+        rates["all"] = sum(all(read[a] == asked[a] for a in ATTRIBUTES) and one
+                           for (asked, read), one in zip(self.records, self.single)) / n
+        rates["one_image"] = sum(self.single) / n
         rates["one_object"] = sum(read["objects"] == 1 for _, read in self.records) / n
         rates["blank"] = sum(read["objects"] == 0 for _, read in self.records) / n
         return rates

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
 from transfusion.lightning.ema import ema_weights
-from transfusion.images import image_grid
+from transfusion.images import IMAGE, image_grid
 
 METRICS = ("fid", "clip", "cider", "ppl", "follow", "edit")
 DEFAULT_METRICS = ("fid", "clip", "cider", "ppl")  # follow reads the embedded shapes only: opt in
@@ -52,10 +52,12 @@ class Evaluation(Callback):
             num_samples: N held-out examples: N captions -> images (FID, CLIP), N images -> captions (CIDEr).
             metrics: any of fid, clip, cider, ppl (default: these four), follow (the embedded shapes only: ``follow@shapes`` is the share of
                 caption -> image pictures with all four attributes right, ``follow@shapes/<attribute>``,
-                ``/one_object`` and ``/blank`` its parts; ``captions@shapes`` the same for image -> caption text),
+                ``/one_object``, ``/blank`` and ``/one_image`` (the prompt's output was exactly one image: one text
+                token is sampled after it) its parts; ``captions@shapes`` the same for image -> caption text),
                 edit (an editing data module's held-out edits, ``EditDataModule``: ``edit@shapes`` is the share of
-                edited pictures with the asked change, the rest kept and one object; ``edit@shapes/asked``, ``/kept``,
-                ``/one_object`` its parts; a before / instruction / after grid goes to the logger).
+                edits with the asked change, the rest kept, one object and exactly one image out;
+                ``edit@shapes/asked``, ``/kept``, ``/one_object``, ``/one_image`` its parts; a before / instruction /
+                after grid goes to the logger).
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
             fid_features: 2048 (standard FID, key ``fid``) or 64/192/768 (earlier Inception layers, key ``fid@64``
                 ...: cheap, for tests; not comparable with FID).
@@ -191,8 +193,8 @@ class Evaluation(Callback):
                          index=[s["index"] for s in samples])
             results["cider_d"] = float(cider.compute())
         if "follow" in self.metrics:
-            results.update(follow_metrics(_gather([(s["caption"], s["generated"], s["generated_caption"], s["references"][0])
-                                                   for s in samples])))
+            results.update(follow_metrics(_gather([(s["caption"], s["generated"], s["generated_caption"],
+                                                    s["references"][0], s["single"]) for s in samples])))
         if "edit" in self.metrics:
             edits = self._edit(pl_module, datamodule, rank, world)
             results.update(edit_metrics(_gather(edits)))
@@ -217,12 +219,18 @@ class Evaluation(Callback):
         chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
             seeds = [seed + i for i in chunk]
-            images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds)
+            if "follow" in self.metrics and hasattr(pl_module, "generator"):  # one text token after: does it end?
+                outputs = pl_module.generator(max_new_tokens=1).generate(
+                    [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
+                images, single = _first_images(outputs, examples[chunk[0]]["image"]), [_single(o) for o in outputs]
+            else:
+                images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds)
+                single = [True] * len(chunk)
             captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds, self.max_caption_tokens)
-            for i, image, caption in zip(chunk, images, captions):
+            for i, image, caption, one in zip(chunk, images, captions, single):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
                                 "real": examples[i]["image"].cpu(), "generated": image.cpu(),
-                                "generated_caption": caption})
+                                "generated_caption": caption, "single": one})
         return samples
 
     def _edit(self, pl_module, datamodule, rank: int, world: int) -> list[dict]:
@@ -230,17 +238,18 @@ class Evaluation(Callback):
         if not hasattr(datamodule, "edit_examples"):
             raise ValueError(f"the edit metric needs an editing data module (EditDataModule), got {type(datamodule).__name__}")
         examples = datamodule.edit_examples(self.num_samples)
-        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(max_new_tokens=0)
+        # one text token after the edited image: EOS ends the output there; BOI or text is not one image
+        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(max_new_tokens=1)
         mine, edits = list(range(rank, len(examples), world)), []
         for start in tqdm(range(0, len(mine), self.batch_size), desc=f"edits (rank {rank})", disable=rank != 0,
                           leave=False):
             chunk = mine[start:start + self.batch_size]
             outputs = generator.generate([datamodule.edit_prompt(examples[i]["source"], examples[i]["instruction"])
                                           for i in chunk], seeds=[seed + i for i in chunk])
-            for i, out in zip(chunk, outputs):
+            for i, out, edited in zip(chunk, outputs, _first_images(outputs, examples[chunk[0]]["source"])):
                 example = examples[i]
                 edits.append({"index": i, "source": example["source"].cpu(), "instruction": example["instruction"],
-                              "edited": next(s for s in out if isinstance(s, torch.Tensor)).cpu(),
+                              "edited": edited.cpu(), "single": _single(out),
                               "source_attributes": example.get("source_attributes"), "edit": example.get("edit")})
         return edits
 
@@ -333,18 +342,30 @@ class Evaluation(Callback):
         return report
 
 
+def _first_images(outputs: list[list], like: torch.Tensor) -> list[torch.Tensor]:
+    """Each generated output's first image; a black picture (read as blank) where a prompt returned none."""
+    return [next((s for s in out if isinstance(s, torch.Tensor)), torch.full_like(like, -1.0)) for out in outputs]
+
+
+def _single(output: list) -> bool:
+    """The output is exactly one image: the model ended its document after it (no second image, no text)."""
+    return len(output) == 1 and isinstance(output[0], torch.Tensor)
+
+
 def follow_metrics(samples: list[tuple]) -> dict[str, float]:
-    """Prompt-following rates from (caption, generated image, generated caption, reference caption) tuples."""
+    """Prompt-following rates from (caption, generated image, generated caption, reference caption[, exactly one
+    image out]) tuples."""
     from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores
 
     if not samples:
         raise ValueError("evaluation: follow needs at least one sample (num_samples > 0)")
     score = FollowScore()
-    score.update(torch.stack([s[1] for s in samples]), [s[0] for s in samples])
+    score.update(torch.stack([s[1] for s in samples]), [s[0] for s in samples],
+                 [s[4] if len(s) > 4 else True for s in samples])
     rates = score.compute()
     captions = caption_scores([s[2] for s in samples], [s[3] for s in samples])
     return {"follow@shapes": rates["all"],
-            **{f"follow@shapes/{k}": rates[k] for k in (*ATTRIBUTES, "one_object", "blank")},
+            **{f"follow@shapes/{k}": rates[k] for k in (*ATTRIBUTES, "one_object", "blank", "one_image")},
             "captions@shapes": captions["all"], **{f"captions@shapes/{k}": captions[k] for k in ATTRIBUTES}}
 
 
@@ -356,7 +377,7 @@ def edit_metrics(edits: list[dict]) -> dict[str, float]:
         raise ValueError("evaluation: edit needs held-out edits with their attributes (the embedded ShapeEdits)")
     score = EditScore()
     score.update(torch.stack([e["edited"] for e in edits]), [e["source_attributes"] for e in edits],
-                 [e["edit"] for e in edits])
+                 [e["edit"] for e in edits], [e.get("single", True) for e in edits])
     return {"edit@shapes" if k == "all" else f"edit@shapes/{k}": v for k, v in score.compute().items()}
 
 
