@@ -102,7 +102,7 @@ def test_sweep_writes_table3_csv_json_and_plot(sweep_dir):
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     metrics = ["ppl", "cider_d", "fid@64", "clip_score@test-clip", "follow@shapes", "captions@shapes"]
-    parts = [f"follow@shapes/{k}" for k in ("blank", "colour", "one_object", "position", "shape", "size")]
+    parts = [f"follow@shapes/{k}" for k in ("blank", "colour", "one_image", "one_object", "position", "shape", "size")]
     assert list(rows[0])[-len(metrics) - len(parts) - 4:] == metrics[:5] + parts + metrics[5:] + [
         f"captions@shapes/{k}" for k in ("colour", "position", "shape", "size")]  # the CSV has every rate
     main_runs = {(r["model"], r["size"]) for r in rows if not r["ablation"]}
