@@ -161,18 +161,11 @@ class PairStream:
         return pair_row(tokens, doc_ids, images, max_t, L, n, self.ctx.layout.tokenizer.pad_id)
 
 
-class DocumentStream:
+class DocumentStream(PairStream):
     """A consumer's interleaved documents (``documents`` shards) packed into rows by the rules of
     ``transfusion.data.documents`` (``record_document``, ``pack``); a document longer than ``seq_len`` is skipped
     and counted (reason "document longer than seq_len", warned with its shard and key). ``state`` is the position
-    of the next unused record, as for pairs."""
-
-    def __init__(self, shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int, state: dict | None,
-                 skips: Skips):
-        self.set, self.ctx, self.skips = shard_set, ctx, skips
-        self.state = dict(state or {"pass": 0, "offset": 0})
-        self.items = self._documents(records(shard_set, ctx, consumer, consumers, self.state, skips))
-        self.pending = None
+    of the next unused record, as for pairs (whose constructor it shares)."""
 
     def _images(self, raw: dict) -> list[torch.Tensor]:
         values = record_pictures(raw, self.set.image)
