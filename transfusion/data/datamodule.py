@@ -30,6 +30,14 @@ class RowsDataModule(ResumableDataModule):
                                  "with it")
             self.layout = module.sequence_layout()
 
+    def caption_rows(self, **options) -> TransfusionRows:
+        """Embedded caption-image rows (caption first or image first, no text rows) to mix into a fine-tune, so that
+        captioning and document endings are not forgotten; ``options`` go to ``TransfusionRows``."""
+        hp = self.hparams
+        return TransfusionRows(ShapesDataset(10_000, self.layout.image_size, seed=hp.seed), None, self.layout,
+                               seq_len=hp.seq_len, num_rows=hp.rows_per_epoch, text_ratio=0.0,
+                               image_first_max_t=hp.image_first_max_t, seed=hp.seed, **options)
+
     def _loader(self, dataset, sampler=None) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.hparams.num_workers, collate_fn=collate_rows,

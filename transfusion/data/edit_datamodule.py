@@ -13,9 +13,9 @@ from transfusion.data.datamodule import RowsDataModule
 from transfusion.data.edit_sources import EditSource, EditTriples
 from transfusion.data.edits import EditRows
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout, TransfusionRows
+from transfusion.data.sequences import SequenceLayout
 from transfusion.data.shape_edits import ShapeEdits
-from transfusion.data.shapes import TEMPLATES, ShapesDataset
+from transfusion.data.shapes import TEMPLATES
 from transfusion.images import IMAGE
 
 
@@ -78,9 +78,7 @@ class EditDataModule(RowsDataModule):
         hp = self.hparams
         mix = None
         if hp.caption_ratio > 0:
-            mix = TransfusionRows(ShapesDataset(10_000, self.layout.image_size, seed=hp.seed), None, self.layout,
-                                  seq_len=hp.seq_len, num_rows=hp.rows_per_epoch, text_ratio=0.0,
-                                  image_first_max_t=hp.image_first_max_t, seed=hp.seed)
+            mix = self.caption_rows()
         self.train_set = EditRows(self._edits("train"), self.layout, hp.seq_len, hp.rows_per_epoch,
                                   hp.p_drop_instruction, hp.p_drop_source, hp.p_drop_both, mix, hp.caption_ratio,
                                   hp.instruction_first, seed=hp.seed,

@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader
 from transfusion.data.datamodule import RowsDataModule
 from transfusion.data.documents import DocumentRows
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout, TransfusionRows
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.sequences import SequenceLayout
 from transfusion.data.stories import ShapeStories
 from transfusion.images import IMAGE
 
@@ -61,10 +60,7 @@ class StoryDataModule(RowsDataModule):
         hp = self.hparams
         mix = None
         if hp.caption_ratio > 0:
-            mix = TransfusionRows(ShapesDataset(10_000, self.layout.image_size, seed=hp.seed), None, self.layout,
-                                  seq_len=hp.seq_len, num_rows=hp.rows_per_epoch, text_ratio=0.0,
-                                  image_first_max_t=hp.image_first_max_t, caption_dropout=hp.caption_dropout,
-                                  seed=hp.seed)
+            mix = self.caption_rows(caption_dropout=hp.caption_dropout)
         self.train_set = DocumentRows(self.stories("train", hp.num_stories), self.layout, hp.seq_len,
                                       hp.rows_per_epoch, hp.image_first_max_t, mix, hp.caption_ratio, seed=hp.seed)
         self.val_set = DocumentRows(self.stories("validation", max(hp.val_rows, 64)), self.layout, hp.seq_len,
