@@ -31,14 +31,14 @@ IMAGE_MARKER = "<image>"
 def _segment(value, base: Path, where: str):
     if isinstance(value, str):
         return IMAGE if value == IMAGE_MARKER else value
-    if isinstance(value, dict) and set(value) == {"image"}:
+    if isinstance(value, dict) and set(value) == {"image"} and isinstance(value["image"], str):
         path = base / value["image"]
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image file {str(path)!r} does not exist")
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")
-        except OSError as err:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's ways of failing
             raise UserError(f"{where}: cannot read image {str(path)!r}: {err}") from err
     raise UserError(f"{where}: a segment must be a string or {{\"image\": path}}, got {value!r}")
 
@@ -48,7 +48,10 @@ def read_prompts(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"prompt file {str(path)!r}: invalid UTF-8 at byte {err.start}") from err
     records = []
     for number, line in enumerate(lines, start=1):
         where = f"{path}:{number}"
@@ -67,6 +70,8 @@ def read_prompts(path: str | Path) -> list[dict]:
         unknown = set(item) - {"prompt", "image", "segments", "generate", "reference", "max_new_tokens"}
         if unknown:
             raise UserError(f"{where}: unknown keys {sorted(unknown)}")
+        if not isinstance(item.get("segments", []), list):
+            raise UserError(f"{where}: segments must be a list, got {item['segments']!r}")
         segments = list(item.get("segments", []))
         if "prompt" in item:
             segments.append(item["prompt"])
@@ -78,6 +83,11 @@ def read_prompts(path: str | Path) -> list[dict]:
             segments.append(IMAGE_MARKER)
         if not segments:
             raise UserError(f"{where}: empty prompt (give prompt, image or segments)")
+        tokens, reference = item.get("max_new_tokens"), item.get("reference")
+        if tokens is not None and (type(tokens) is not int or tokens < 0):
+            raise UserError(f"{where}: max_new_tokens must be a non-negative integer, got {tokens!r}")
+        if reference is not None and not isinstance(reference, str):
+            raise UserError(f"{where}: reference must be a string, got {reference!r}")
         prompt = [_segment(s, path.parent, where) for s in segments]
         has_image = any(isinstance(s, Image.Image) for s in prompt)
         kind = ("edit" if has_image else "text-to-image") if prompt[-1] is IMAGE else "to-text"

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import datasets
 
 from transfusion.data.pairs import BadDataError, BadDataWarning
+from transfusion.errors import UserError
 
 VAL_SPLITS = ("validation", "val", "valid", "test")
 
@@ -45,7 +46,7 @@ def _normalise(ds: datasets.Dataset, image_column: str, caption_column: str, whe
     """Rename the configured columns to ``image`` / ``captions`` and keep only them, undecoded."""
     missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{where}: no column {missing} (columns: {ds.column_names}); set image_column / caption_column")
+        raise UserError(f"{where}: no column {missing} (columns: {ds.column_names}); set image_column / caption_column")
     ds = ds.select_columns([image_column, caption_column])
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
@@ -101,7 +102,17 @@ def load_files(format: str, files: str | list[str] | None) -> tuple[datasets.Dat
     patterns = [files] if isinstance(files, str) else list(files)
     if not any(glob.glob(p) for p in patterns):
         raise FileNotFoundError(f"no file matches {patterns}")
-    return datasets.load_dataset(format, data_files=patterns, split="train"), f"{format} files {patterns}"
+    return load_dataset(format, f"{format} files {patterns}", data_files=patterns, split="train"), \
+        f"{format} files {patterns}"
+
+
+def load_dataset(builder: str, where: str, **kwargs) -> datasets.Dataset:
+    """``datasets.load_dataset`` of local files; a file it cannot parse is a :class:`BadDataError` naming ``where``."""
+    try:
+        return datasets.load_dataset(builder, **kwargs)
+    except Exception as err:  # datasets raises many types for malformed files, the parser's error as the cause
+        cause = f" ({type(err.__cause__).__name__}: {err.__cause__})" if err.__cause__ is not None else ""
+        raise BadDataError(f"cannot read {where}: {err}{cause}".replace("\n", " ")) from err
 
 
 def read_metadata(folder: Path, strict: bool, what: str, rows: str) -> tuple[datasets.Dataset, Path]:
@@ -114,10 +125,8 @@ def read_metadata(folder: Path, strict: bool, what: str, rows: str) -> tuple[dat
     errors = check_text_file(str(found[0]), strict)
     data_file = utf8_copy(found[0]) if errors and builder == "json" else str(found[0])
     try:
-        meta = datasets.load_dataset(builder, data_files=data_file, split="train",
-                                     **({"encoding_errors": errors} if errors and builder == "csv" else {}))
-    except Exception as err:  # datasets raises many types for malformed files
-        raise ValueError(f"cannot read {str(found[0])!r}: {err}") from err
+        meta = load_dataset(builder, repr(str(found[0])), data_files=data_file, split="train",
+                            **({"encoding_errors": errors} if errors and builder == "csv" else {}))
     finally:
         if data_file != str(found[0]):
             os.remove(data_file)  # the loaded table lives in the datasets cache
@@ -142,9 +151,13 @@ class ImageFolderSource(ImageCaptionSource):
                                    f"one row per image or caption: {self.image_column}, {self.caption_column}")
         for column in (self.image_column, self.caption_column):
             if column not in meta.column_names:
-                raise ValueError(f"{str(path)!r} has no column {column!r} (columns: {meta.column_names})")
+                raise UserError(f"{str(path)!r} has no column {column!r} (columns: {meta.column_names})")
         grouped: dict[str, list[str]] = defaultdict(list)  # one row per caption, or a list per image
-        for file_name, caption in zip(meta[self.image_column], meta[self.caption_column]):
+        for row, (file_name, caption) in enumerate(zip(meta[self.image_column], meta[self.caption_column]), 1):
+            captions = caption if isinstance(caption, list) else [caption]
+            if not isinstance(file_name, str) or not all(c is None or isinstance(c, str) for c in captions):
+                raise UserError(f"{str(path)!r} row {row}: {self.image_column} must be a string and "
+                                f"{self.caption_column} a string or a list of strings, got {file_name!r}, {caption!r}")
             grouped[str(folder / str(file_name))].extend(caption if isinstance(caption, list) else [caption])
         return _image_dataset(list(grouped), list(grouped.values()))
 
@@ -167,10 +180,18 @@ class CocoSource(ImageCaptionSource):
                 return json.load(f)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"COCO annotation file {path!r} does not exist") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"COCO annotation file {path!r} is not valid JSON: {err}") from err
+        except ValueError as err:  # invalid JSON or UTF-8
+            raise UserError(f"COCO annotation file {path!r} is not valid JSON: {err}") from err
 
     def load(self, split: str) -> datasets.Dataset | None:
+        path = self.karpathy_split or (self.annotations if split == "train" else self.val_annotations)
+        try:
+            return self._load(split)
+        except (KeyError, TypeError, AttributeError) as err:  # valid JSON of another shape
+            raise UserError(f"COCO annotation file {path!r} is not in the COCO captions layout "
+                            f"({type(err).__name__}: {err})") from err
+
+    def _load(self, split: str) -> datasets.Dataset | None:
         if self.karpathy_split:
             wanted = {"train": ("train", "restval"), "validation": ("val",), "test": ("test",)}[split]
             paths, captions = [], []
@@ -250,7 +271,7 @@ class TextSource:
             part = train.skip(self.val_documents) if split == "train" else train.take(self.val_documents)
         else:
             if len(train) < 2:
-                raise ValueError(f"{self!r}: needs at least two documents to hold one out")
+                raise BadDataError(f"{self!r}: needs at least two documents to hold one out, got {len(train)}")
             n_train = len(train) - max(1, round(len(train) * self.val_fraction))
             part = train.select(range(n_train) if split == "train" else range(n_train, len(train)))
         return _texts(part, self.text_column)
@@ -258,7 +279,7 @@ class TextSource:
 
 def _texts(ds, column: str) -> Iterator[str]:
     if column not in (ds.column_names or [column]):
-        raise ValueError(f"no text column {column!r} (columns: {ds.column_names}); set text_column")
+        raise UserError(f"no text column {column!r} (columns: {ds.column_names}); set text_column")
     for row in ds:
         text = row[column]
         if isinstance(text, str) and text.strip():
@@ -334,7 +355,7 @@ class TextFilesSource(TextSource):
         if fmt == "text":
             kwargs["sample_by"] = self.sample_by
         try:
-            ds = datasets.load_dataset(fmt, data_files=usable, split="train", **kwargs)
+            ds = load_dataset(fmt, f"{fmt} files {files}", data_files=usable, split="train", **kwargs)
         finally:
             for f in set(usable) - set(files):
                 os.remove(f)  # UTF-8 repaired copies; the loaded table lives in the datasets cache

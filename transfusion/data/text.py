@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from transfusion.data.tokenizer import Tokenizer
+from transfusion.errors import UserError
 
 EMBEDDED_TEXT = Path(__file__).resolve().parents[2] / "data" / "embedded" / "lee_background.txt"
 
@@ -28,10 +29,13 @@ def read_documents(path: str | os.PathLike | None = None) -> list[str]:
         raise FileNotFoundError(
             f"text corpus {str(path)!r} not found; run `python data/prepare_text.py` or pass another file"
         )
-    documents = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        documents = [line.strip() for line in path.read_bytes().decode("utf-8").splitlines()]
+    except UnicodeDecodeError as error:
+        raise UserError(f"text corpus {str(path)!r}: invalid UTF-8 at byte {error.start}") from error
     documents = [d for d in documents if d]
     if not documents:
-        raise ValueError(f"text corpus {str(path)!r} contains no non-empty line")
+        raise UserError(f"text corpus {str(path)!r} contains no non-empty line")
     return documents
 
 
@@ -40,7 +44,7 @@ def split_documents(documents: list[str], val_fraction: float = 0.1) -> tuple[li
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if len(documents) < 2:
-        raise ValueError("the text corpus needs at least two documents to hold one out")
+        raise UserError(f"the text corpus needs at least two documents to hold one out, got {len(documents)}")
     n_val = max(1, round(len(documents) * val_fraction))
     return documents[:-n_val], documents[-n_val:]
 

@@ -76,13 +76,16 @@ class Tokenizer:
         self.appended_ids = list(range(self.base_size, next_id))
         self.special_ids = {self.bos_id, self.eos_id, self.pad_id, self.boi_id, self.eoi_id}
         if len(self.special_ids) != 5:
-            raise ValueError(f"tokenizer {self.path!r}: BOS, EOS, PAD, BOI and EOI must be distinct, got ids "
+            raise UserError(f"tokenizer {self.path!r}: BOS, EOS, PAD, BOI and EOI must be distinct, got ids "
                              f"{self.bos_id}, {self.eos_id}, {self.pad_id}, {self.boi_id}, {self.eoi_id}")
 
     def _open_sentencepiece(self, path: Path) -> None:
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as error:  # sentencepiece's INTERNAL errors name neither file nor cause
+            raise UserError(f"tokenizer {self.path!r} is not a SentencePiece model ({error})") from error
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {self.path!r} has no BOS/EOS pieces; train it with bos_id and eos_id set")
+            raise UserError(f"tokenizer {self.path!r} has no BOS/EOS pieces; train it with bos_id and eos_id set")
         self._size = self.sp.get_piece_size()
 
         def lookup(piece: str) -> int | None:
@@ -100,14 +103,21 @@ class Tokenizer:
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust error says what is wrong, not which file
-            raise ValueError(f"tokenizer {self.path!r} is not a Hugging Face tokenizer.json: {e}") from e
+            raise UserError(f"tokenizer {self.path!r} is not a Hugging Face tokenizer.json: {e}") from e
         config_path = path.with_name(HF_CONFIG)
-        self.hf_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        try:
+            self.hf_config = json.loads(config_path.read_bytes()) if config_path.is_file() else None
+        except ValueError as error:  # invalid JSON or UTF-8
+            raise UserError(f"{str(config_path)!r} is not valid JSON ({error})") from error
+        if self.hf_config is not None and not isinstance(self.hf_config, dict):
+            raise UserError(f"{str(config_path)!r} must hold a JSON object, got {type(self.hf_config).__name__}")
         config = self.hf_config or {}
         self._size = max(self.hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
         def lookup(name) -> int | None:
             name = _token_name(name)
+            if name is not None and not isinstance(name, str):
+                raise UserError(f"{str(config_path)!r}: a special token must be a string, got {name!r}")
             return None if name is None else self.hf.token_to_id(name)
 
         bos, eos = lookup(config.get("bos_token")), lookup(config.get("eos_token"))

@@ -45,6 +45,8 @@ import posixpath
 
 import numpy as np
 
+from transfusion.errors import UserError
+
 FORMAT = 1
 INDEX = "index.json"
 KINDS = ("webdataset", "parquet")
@@ -92,24 +94,24 @@ def new_index(kind: str, content: str, image: str = "pixels", **fields) -> dict:
     return {**index, **fields}
 
 
-def parse_index(text: str, where: str) -> dict:
-    """Check an ``index.json``'s text; errors name ``where`` (its URL)."""
+def parse_index(text: str | bytes, where: str) -> dict:
+    """Check an ``index.json``'s text (or bytes); errors (``UserError``) name ``where`` (its URL)."""
     try:
         index = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise UserError(f"{where}: not valid JSON ({error})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ValueError(f"{where}: not a shard index of format {FORMAT} (written by `transfusion shards`)")
+        raise UserError(f"{where}: not a shard index of format {FORMAT} (written by `transfusion shards`)")
     for field, allowed in (("kind", KINDS), ("content", CONTENTS), ("image", IMAGE_STORAGE)):
         if index.get(field) not in allowed:
-            raise ValueError(f"{where}: {field} must be one of {allowed}, got {index.get(field)!r}")
+            raise UserError(f"{where}: {field} must be one of {allowed}, got {index.get(field)!r}")
     shards = index.get("shards")
     if not isinstance(shards, list) or not shards:
-        raise ValueError(f"{where}: no shards listed")
+        raise UserError(f"{where}: no shards listed")
     for i, shard in enumerate(shards):
         if not (isinstance(shard, dict) and isinstance(shard.get("path"), str)
                 and isinstance(shard.get("samples"), int) and shard["samples"] >= 0):
-            raise ValueError(f"{where}: shard {i} must be {{'path': str, 'samples': int >= 0}}, got {shard!r}")
+            raise UserError(f"{where}: shard {i} must be {{'path': str, 'samples': int >= 0}}, got {shard!r}")
     return index
 
 

@@ -7,9 +7,11 @@ import json
 import posixpath
 import tarfile
 
+import pyarrow as pa
 from fsspec.core import url_to_fs
 
 from transfusion.data.shards import format as fmt
+from transfusion.errors import UserError
 
 ARRAY_COLUMNS = {"latents": "latent", "codes": "codes"}
 
@@ -18,7 +20,7 @@ def read_index(url: str) -> dict:
     fs, root = url_to_fs(url)
     where = posixpath.join(url.rstrip("/"), fmt.INDEX)
     with fs.open(posixpath.join(root, fmt.INDEX), "rb") as f:
-        return fmt.parse_index(f.read().decode("utf-8"), where)
+        return fmt.parse_index(f.read(), where)
 
 
 def has_index(url: str) -> bool:
@@ -33,7 +35,7 @@ def captions_of(members: dict, where: str) -> list[str]:
         captions = members.get("txt", b"").decode("utf-8")
     captions = [captions] if isinstance(captions, str) else captions
     if not captions:
-        raise ValueError(f"{where}: no caption")
+        raise UserError(f"{where}: no caption")
     return list(captions)
 
 
@@ -43,12 +45,14 @@ def tar_records(f, index: dict, where: str):
         if index["content"] == "text":
             return {"key": key, "text": members["txt"].decode("utf-8")}
         if index["content"] != "pairs":
-            raise ValueError(f"{where}: reading {index['content']!r} sets into memory is not supported")
+            raise UserError(f"{where}: reading {index['content']!r} sets into memory is not supported")
         out = {"key": key, "captions": captions_of(members, f"{where}: {key}")}
         if index["image"] in fmt.ARRAY_EXTENSIONS:
             out["array"] = fmt.read_array(members[fmt.ARRAY_EXTENSIONS[index["image"]]])
         else:
-            out["image"] = next(members[e] for e in fmt.IMAGE_EXTENSIONS if e in members)
+            out["image"] = next((members[e] for e in fmt.IMAGE_EXTENSIONS if e in members), None)
+            if out["image"] is None:
+                raise UserError(f"{where}: {key}: no image (members {sorted(members)})")
         return out
 
     key, members = None, {}
@@ -95,8 +99,13 @@ def read_records(url: str) -> tuple[dict, list[dict]]:
         where = posixpath.join(url.rstrip("/"), shard["path"])
         with fs.open(posixpath.join(root, shard["path"]), "rb") as f:
             read = tar_records if index["kind"] == "webdataset" else parquet_records
-            found = list(read(f, index, where))
+            try:
+                found = list(read(f, index, where))
+            except UserError:
+                raise
+            except (tarfile.TarError, pa.ArrowException, ValueError, KeyError, TypeError) as error:  # bad bytes
+                raise UserError(f"{where}: cannot be read ({type(error).__name__}: {error})") from error
         if len(found) != shard["samples"]:
-            raise ValueError(f"{where}: {len(found)} records, its index says {shard['samples']}")
+            raise UserError(f"{where}: {len(found)} records, its index says {shard['samples']}")
         records += found
     return index, records

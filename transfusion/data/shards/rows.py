@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from transfusion.data.documents import pack, parse_segments, record_document
-from transfusion.data.pairs import BadDataWarning
+from transfusion.data.pairs import BadDataError, BadDataWarning
 from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_image
 from transfusion.data.sequences import SequenceLayout, collate_rows, pair_document, pair_row
 from transfusion.data.shards.stream import (ShardSet, TruncatedRecord, consumer_slices, partition, read_records,
                                             record_captions, record_image, record_pictures, record_segments,
                                             record_text)
+from transfusion.errors import UserError
 
 MAX_WARNINGS = 10  # per consumer; every skip is counted
 
@@ -56,12 +57,12 @@ class Skips:
     def check(self, span: int, name: str) -> None:
         """Fail, instead of looping for ever, once a consumer's whole range (``span`` records) has been skipped."""
         if self.streak >= span:
-            raise ValueError(f"shard set {name!r}: the last {self.streak} records read by this consumer (its whole "
+            raise BadDataError(f"shard set {name!r}: the last {self.streak} records read by this consumer (its whole "
                              f"range of a pass) were all skipped ({dict(self.counts)}): no usable record")
 
     def skip(self, where: str, reason: str) -> None:
         if self.strict:
-            raise ValueError(f"bad record {where}: {reason} (strict=True)")
+            raise BadDataError(f"bad record {where}: {reason} (strict=True)")
         self.streak += 1
         self.counts[reason.split(" (")[0].split(": ")[0]] += 1  # the reason without its details
         if self.warned < MAX_WARNINGS:
@@ -73,7 +74,7 @@ def records(shard_set: ShardSet, ctx: RowContext, consumer: int, consumers: int,
     """Yield ((pass, offset), set index, raw record, where) of a consumer's range, pass after pass, from ``state``."""
     lo, hi = partition(shard_set.total, consumers, consumer)
     if hi == lo:
-        raise ValueError(f"shard set {shard_set.name!r} has {shard_set.total} samples, fewer than the "
+        raise UserError(f"shard set {shard_set.name!r} has {shard_set.total} samples, fewer than the "
                          f"{consumers} consumers (processes x data workers) reading it")
     p, offset = state["pass"], state["offset"]
     while True:

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transfusion.data.shards.format import (ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, INDEX, SHARD_EXTENSIONS,
                                             parse_index, read_array, split_member)
+from transfusion.errors import UserError
 
 RETRIES = 3  # attempts after the first, with backoff 0.5 s, 1 s, 2 s
 try:  # fsspec's http filesystem lets some aiohttp errors through unwrapped
@@ -35,6 +37,10 @@ try:  # fsspec's http filesystem lets some aiohttp errors through unwrapped
 except ImportError:  # pragma: no cover
     _ClientError = OSError
 TRANSIENT = (OSError, TimeoutError, _ClientError)  # FileNotFoundError excepted: a missing shard is no glitch
+
+
+class CorruptShard(UserError):
+    """A shard whose bytes are not a tar or Parquet file: bad data, not a read glitch, so never retried."""
 
 
 class TruncatedRecord(Exception):
@@ -93,7 +99,7 @@ def open_shard_set(source: str | list[str], storage_options: dict | None = None)
         if not retry(lambda: fs.exists(index_path), f"{folder}/{INDEX}"):
             raise FileNotFoundError(f"shard set {folder!r}: no {INDEX} (write one with `transfusion shards --index`, "
                                     "or pass a glob or list of shard URLs)")
-        text = retry(lambda: fs.cat_file(index_path).decode("utf-8"), f"{folder}/{INDEX}")
+        text = retry(lambda: fs.cat_file(index_path), f"{folder}/{INDEX}")
         index = parse_index(text, f"{folder}/{INDEX}")
         shards = index["shards"]
         return ShardSet(folder, index["kind"], index["content"], index["image"], index.get("autoencoder_fingerprint"),
@@ -111,12 +117,12 @@ def open_shard_set(source: str | list[str], storage_options: dict | None = None)
             urls.append(item)
     kinds = {kind for kind, ext in SHARD_EXTENSIONS.items() for u in urls if u.endswith(ext)}
     if len(kinds) != 1 or not all(u.endswith(tuple(SHARD_EXTENSIONS.values())) for u in urls):
-        raise ValueError(f"shards must all be .tar or all .parquet, got {urls[:3]}...")
+        raise UserError(f"shards must all be .tar or all .parquet, got {urls[:3]}...")
     kind = kinds.pop()
     counted = [count_shard(u, kind, options) for u in urls]  # once, at setup
     contents = {c for _, c, _ in counted}
     if len(contents) != 1:
-        raise ValueError(f"shards of {urls[0]!r}... hold different contents {sorted(contents)}")
+        raise UserError(f"shards of {urls[0]!r}... hold different contents {sorted(contents)}")
     return ShardSet(urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1})", kind, contents.pop(),
                     counted[0][2], None, urls, [n for n, _, _ in counted], options)
 
@@ -126,7 +132,7 @@ def count_shard(url: str, kind: str, options: dict) -> tuple[int, str, str]:
     def scan():
         with fsspec.open(url, "rb", **options) as f:
             if kind == "parquet":
-                file = pq.ParquetFile(f)
+                file = _parse_parquet(url, lambda: pq.ParquetFile(f))
                 return file.metadata.num_rows, set(file.schema_arrow.names)
             keys, extensions = [], set()
             with tarfile.open(fileobj=f, mode="r:") as tar:
@@ -136,7 +142,10 @@ def count_shard(url: str, kind: str, options: dict) -> tuple[int, str, str]:
                         keys.append(key)
                     extensions.add(ext)
             return len(keys), extensions
-    count, names = retry(scan, f"shard {url}")
+    try:
+        count, names = retry(scan, f"shard {url}")
+    except tarfile.TarError as error:
+        raise CorruptShard(f"shard {url}: not a readable tar ({error})") from error
     if kind == "parquet":
         content = "text" if "text" in names else "documents" if "segments" in names else "pairs"
         image = "latents" if "latent" in names else "codes" if "codes" in names else "pixels"
@@ -206,7 +215,11 @@ def _open(url: str, options: dict):
 def _tar_records(url: str, options: dict, first: int, end: int):
     f = _open(url, options)
     try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError as error:
+            raise CorruptShard(f"shard {url}: not a readable tar ({error})") from error
+        with tar:
             number, key, record, members = -1, None, None, iter(tar)
             while True:
                 try:
@@ -215,7 +228,7 @@ def _tar_records(url: str, options: dict, first: int, end: int):
                     break
                 except tarfile.ReadError as error:  # the archive ends inside a member
                     if "unexpected end of data" not in str(error) and "truncated" not in str(error):
-                        raise OSError(f"{url}: not a readable tar ({error})") from error
+                        raise CorruptShard(f"shard {url}: not a readable tar ({error})") from error
                     break
                 if not member.isfile():
                     continue
@@ -244,15 +257,26 @@ def _tar_records(url: str, options: dict, first: int, end: int):
         f.close()
 
 
+def _parse_parquet(url: str, read):
+    """``read()``; pyarrow's errors for bytes that are not Parquet as a CorruptShard (a remote OSError is retried)."""
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as error:  # a local file's OSError is its bytes, not a glitch
+        if isinstance(error, OSError) and fsspec.utils.get_protocol(url) not in ("file", "local"):
+            raise
+        reason = " ".join(f"{type(error).__name__}: {error}".split())  # pyarrow's messages span lines
+        raise CorruptShard(f"shard {url}: not a readable Parquet file ({reason})") from error
+
+
 def _parquet_records(url: str, options: dict, first: int, end: int):
     f = _open(url, options)
     try:
-        file = pq.ParquetFile(f)
+        file = _parse_parquet(url, lambda: pq.ParquetFile(f))
         offset = 0
         for group in range(file.num_row_groups):
             rows = file.metadata.row_group(group).num_rows
             if offset + rows > first and offset < end:  # only the row groups that overlap [first, end)
-                table = file.read_row_group(group).to_pylist()
+                table = _parse_parquet(url, lambda: file.read_row_group(group).to_pylist())
                 for i in range(max(first - offset, 0), min(end - offset, rows)):
                     yield offset + i, table[i]
             offset += rows
