@@ -37,11 +37,12 @@ from pathlib import Path
 
 import transfusion  # noqa: F401  (torchvision shim before lightning)
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 import lightning as L
 
-from transfusion.errors import check_checkpoint_file, one_line, user_error
+from transfusion.errors import UserError, check_checkpoint_file, one_line, user_error
 from transfusion.lightning.checkpoint import AtomicCheckpointIO
 
 
@@ -86,7 +87,12 @@ class TransfusionCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as error:  # the Trainer checks its own options
+            if user_error(error) is not None:
+                raise
+            raise UserError(f"invalid trainer option: {' '.join(str(error).split())}") from error
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
@@ -133,8 +139,21 @@ def find_last_checkpoint(trainer: L.Trainer) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
+def check_config_files(args: list[str]) -> None:
+    """A ``--config`` file that is not UTF-8 text is a UserError naming it (jsonargparse would raise a codec error)."""
+    for i, arg in enumerate(args):
+        path = arg.partition("=")[2] if arg.startswith(("--config=", "-c=")) else \
+            args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if path and os.path.isfile(path):
+            try:
+                Path(path).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"config file {path}: invalid UTF-8 at byte {error.start}") from error
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
     """Run the LightningCLI on ``args`` (None: the command line)."""
+    check_config_files(sys.argv[1:] if args is None else args)
     if args is None:
         return TransfusionCLI(run=run)
     argv, sys.argv = sys.argv, sys.argv[:1]  # in-process call: the outer command line is not ours to parse

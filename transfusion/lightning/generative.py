@@ -28,6 +28,7 @@ import torch
 
 from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
+from transfusion.errors import UserError, check_checkpoint_file, user_error
 from transfusion.lightning.autoencoder import rename_legacy_keys
 from transfusion.lightning.ema import select_weights
 from transfusion.lightning.flops import FlopAccounting
@@ -40,6 +41,19 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
     generator_class: type
     image_sampling_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, with a checkpoint that cannot be read or does not fit (another class, missing arguments,
+        weights of other shapes) a UserError naming the file."""
+        check_checkpoint_file(checkpoint_path)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except Exception as error:
+            if user_error(error) is not None:  # names the file, or the fields that differ
+                raise
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+            raise UserError(f"checkpoint {checkpoint_path} cannot be loaded as a {cls.__name__} ({reason})") from error
 
     @property
     def positions_per_image(self) -> int:

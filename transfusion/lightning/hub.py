@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 
 from transfusion.data.tokenizer import HF_CONFIG, HUGGING_FACE
+from transfusion.errors import UserError, user_error
 from transfusion.lightning.checkpoint import check_config, flatten_config
 
 WEIGHTS, CONFIG, VAE = "model.safetensors", "config.json", "vae"
@@ -59,6 +60,19 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
       missing; ``private``, ``branch``, ``create_pr``, ``commit_message`` as for ``HfApi.upload_folder``), after
       ``hf auth login`` or with ``token=``.
     """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """A saved folder that cannot be loaded (bad JSON, truncated weights, wrong arguments) is a UserError naming
+        it; errors of a Hub download are the Hub's."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if user_error(error) is not None or not os.path.isdir(pretrained_model_name_or_path):
+                raise
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+            raise UserError(f"{str(pretrained_model_name_or_path)!r} cannot be loaded as a {cls.__name__} "
+                            f"({reason})") from error
 
     def _save_pretrained(self, save_directory: Path) -> None:
         self.configure_model()  # a network built lazily (TransfusionModule) is built now, so its weights are saved
@@ -99,11 +113,11 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         if config is None:  # ModelHubMixin found no config.json: say why
             config = json.loads(fetch(CONFIG).read_text())
         if not isinstance(config, dict) or not {"class_path", "init_args", "config"} <= set(config):
-            raise ValueError(f"the config.json of {model_id!r} was not written by transfusion's save_pretrained "
+            raise UserError(f"the config.json of {model_id!r} was not written by transfusion's save_pretrained "
                              f"(no class_path, init_args and config)")
         saved = config["class_path"].rpartition(".")[2]
         if saved != cls.__name__:
-            raise ValueError(f"{model_id!r} holds a {saved} ({config['class_path']}), not a {cls.__name__}: "
+            raise UserError(f"{model_id!r} holds a {saved} ({config['class_path']}), not a {cls.__name__}: "
                              f"load it with {saved}.from_pretrained")
         init_args = dict(config["init_args"])
         if "tokenizer" in init_args:  # tokenizer.model, or tokenizer.json with tokenizer_config.json beside it
@@ -123,7 +137,7 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
         missing, unexpected = module.load_state_dict(load_file(fetch(WEIGHTS)), strict=False)
         missing = [k for k in missing if not (vae and k.startswith("autoencoder."))]  # loaded from vae/
         if missing or unexpected:
-            raise ValueError(f"the weights of {model_id!r} do not fit {cls.__name__}: missing {missing[:5]}, "
+            raise UserError(f"the weights of {model_id!r} do not fit {cls.__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         module.weights_source = config.get("weights", "raw")  # an EMA's, if saved so (transfusion.lightning.ema)
         return module.to(map_location).eval()
