@@ -82,6 +82,12 @@ class TransfusionCLI(LightningCLI):
             print(f"transfusion {self.subcommand}: error: model and data disagree: {'; '.join(clash)}", file=sys.stderr)
             raise ConfigError(2)
 
+    def _set_seed(self) -> None:
+        try:  # numpy's bounds error names neither the option nor the value's origin
+            super()._set_seed()
+        except (ValueError, TypeError) as error:
+            raise UserError(f"seed_everything: {error}") from error
+
     def instantiate_trainer(self, **kwargs):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]

@@ -182,6 +182,8 @@ class Tokenizer:
             if found := re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", str(error)):
                 raise UserError(f"vocab_size {found[1]} is more pieces than this text yields; use at most {found[2]}"
                                 ) from error
-            raise
+            reason = " ".join(str(error).split())
+            raise UserError(f"sentencepiece cannot train a tokenizer of vocab_size {vocab_size} ({model_type}) on "
+                            f"this text: {reason}") from error
         output.write_bytes(buffer.getvalue())
         return Tokenizer(output)
