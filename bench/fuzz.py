@@ -54,8 +54,8 @@ class Invalid(Exception):
     """The package accepted an input but gave something malformed back (or left a half-written output)."""
 
 
-class Skipped(Exception):
-    """A counted skip."""
+class TimeUp(BaseException):
+    """The target's time budget (``--seconds``) is spent: no more inputs."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,7 +451,9 @@ def run_text_files(value, work, assets):
 def metadata_strategy(assets):
     name = st.sampled_from(["a.png", "b.png", "missing.png", "", "../a.png", "sub/", "a.png\x00"]) | JSON
     caption = TEXT | JSON
-    row = st.fixed_dictionaries({"file_name": name, "text": caption}) | st.dictionaries(
+    names = st.sampled_from(["a.png", "b.png", "missing.png", "", "../a.png", "sub/", "a.png\x00"])
+    good = st.fixed_dictionaries({"file_name": names, "text": TEXT | st.lists(TEXT | st.none(), max_size=3)})
+    row = good | good | good | st.fixed_dictionaries({"file_name": name, "text": caption}) | st.dictionaries(
         st.sampled_from(["file_name", "text", "other"]), JSON, max_size=3)
     jsonl = st.builds(lambda rows: "\n".join(json.dumps(r) for r in rows).encode(), st.lists(row, max_size=4))
     csv = st.builds(lambda rows: ("file_name,text\n" + "\n".join(f"{a},{b}" for a, b in rows)).encode(
@@ -490,8 +492,13 @@ def coco_strategy(assets):
     image = st.fixed_dictionaries({"id": st.sampled_from([1, 2, "1", None]) | JSON,
                                    "file_name": st.sampled_from(["a.png", "b.png", "missing.png"]) | JSON})
     annotation = st.fixed_dictionaries({"image_id": st.sampled_from([1, 2, 3, "1"]) | JSON, "caption": TEXT | JSON})
-    data = st.fixed_dictionaries({"images": st.lists(image, max_size=3) | JSON,
-                                  "annotations": st.lists(annotation, max_size=4) | JSON}) | JSON
+    good_image = st.fixed_dictionaries({"id": st.sampled_from([1, 2, 3]),
+                                        "file_name": st.sampled_from(["a.png", "b.png", "missing.png"])})
+    good_annotation = st.fixed_dictionaries({"image_id": st.sampled_from([1, 2, 3, 4]), "caption": TEXT})
+    good = st.fixed_dictionaries({"images": st.lists(good_image, max_size=3),
+                                  "annotations": st.lists(good_annotation, max_size=4)})
+    data = good | good | good | st.fixed_dictionaries({"images": st.lists(image, max_size=3) | JSON,
+                                                       "annotations": st.lists(annotation, max_size=4) | JSON}) | JSON
     karpathy = st.fixed_dictionaries({"images": st.lists(st.fixed_dictionaries({
         "split": st.sampled_from(["train", "restval", "val"]) | JSON, "filename": st.sampled_from(["a.png"]) | JSON,
         "sentences": st.lists(st.fixed_dictionaries({"raw": TEXT | JSON}), max_size=2) | JSON}), max_size=3) | JSON})
@@ -820,7 +827,7 @@ def _error_names(target: Target, work: Path) -> list[str]:
 
 
 def run_target(target: Target, assets: Assets, n: int, limit: float, seed: int, out: Path | None,
-               progress: bool = True) -> Tally:
+               progress: bool = True, seconds: float | None = None) -> Tally:
     tally = Tally(target.name)
     strategy = target.strategy(assets)
     start = time.perf_counter()
@@ -830,6 +837,8 @@ def run_target(target: Target, assets: Assets, n: int, limit: float, seed: int, 
               suppress_health_check=list(HealthCheck))
     @given(strategy)
     def one(value):
+        if seconds is not None and time.perf_counter() - start > seconds:
+            raise TimeUp()
         outcome, failure, message = attempt(target, value, assets, limit)
         tally.outcomes[outcome] += 1
         if failure is not None:
@@ -844,7 +853,10 @@ def run_target(target: Target, assets: Assets, n: int, limit: float, seed: int, 
         if progress and tally.inputs % 500 == 0:
             print(f"  {target.name}: {tally.inputs} inputs, {dict(tally.outcomes)}", file=sys.stderr, flush=True)
 
-    one()
+    try:
+        one()
+    except TimeUp:
+        pass
     tally.seconds = time.perf_counter() - start
     return tally
 
@@ -880,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[t.name for t in TARGETS])
     parser.add_argument("--limit", type=float, default=20.0, help="seconds one input may take (else a hang)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=None, help="stop a target after this long (fewer inputs)")
     parser.add_argument("--out", default="outputs/fuzz", help="an example input of each failure class; results.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -893,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for target in [t for t in TARGETS if t.name in args.targets]:
-            tally = run_target(target, assets, args.n, args.limit, args.seed, out)
+            tally = run_target(target, assets, args.n, args.limit, args.seed, out, seconds=args.seconds)
             results.append(tally)
             print(f"{target.name}: {tally.inputs} inputs in {tally.seconds:.0f} s, {dict(tally.outcomes)}, "
                   f"failure classes: {len(tally.failures)}", flush=True)

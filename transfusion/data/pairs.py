@@ -62,7 +62,7 @@ class CheckedRows:
         """After the checks: an error if no row is usable, else a warning summing up what was skipped."""
         name, total = self.name, len(self.rows)
         if not self.index:
-            raise BadDataError(f"{name}: none of its {total} rows is usable (skipped: {self.summary()}); "
+            raise BadDataError(f"{name}: none of its {total} rows is usable ({self.summary()}); "
                                "see the warnings above for the files")
         if self.skipped:
             warnings.warn(f"{name}: {len(self.index)} of {total} rows usable; {self.summary()}", BadDataWarning)

@@ -265,7 +265,7 @@ class TextSource:
     def documents(self, split: str) -> Iterable[str]:
         """Non-empty documents of ``train`` or the held-out ``validation`` split."""
         if self._split("validation") is not None:
-            return _texts(self._split("train" if split == "train" else "validation"), self.text_column)
+            return _texts(self._split("train" if split == "train" else "validation"), self.text_column, repr(self))
         train = self._split("train")
         if self.streaming:
             part = train.skip(self.val_documents) if split == "train" else train.take(self.val_documents)
@@ -274,12 +274,12 @@ class TextSource:
                 raise BadDataError(f"{self!r}: needs at least two documents to hold one out, got {len(train)}")
             n_train = len(train) - max(1, round(len(train) * self.val_fraction))
             part = train.select(range(n_train) if split == "train" else range(n_train, len(train)))
-        return _texts(part, self.text_column)
+        return _texts(part, self.text_column, repr(self))
 
 
-def _texts(ds, column: str) -> Iterator[str]:
+def _texts(ds, column: str, where: str) -> Iterator[str]:
     if column not in (ds.column_names or [column]):
-        raise UserError(f"no text column {column!r} (columns: {ds.column_names}); set text_column")
+        raise UserError(f"{where}: no text column {column!r} (columns: {ds.column_names}); set text_column")
     for row in ds:
         text = row[column]
         if isinstance(text, str) and text.strip():
