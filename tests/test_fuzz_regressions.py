@@ -214,6 +214,11 @@ def test_tokenizer_files(tmp_path, tokenizer_path):
     path.write_bytes(Path(tokenizer_path).read_bytes()[:100])  # was sentencepiece's RuntimeError: INTERNAL
     with pytest.raises(UserError, match=rf"tokenizer '{re.escape(str(path))}' is not a SentencePiece model"):
         Tokenizer(path)
+    model = Path(tokenizer_path).read_bytes()
+    start = model.index(b"<0x65>") + 2
+    path.write_bytes(model[:start] + b"\x83" + model[start + 1:])  # a piece of invalid UTF-8: was UnicodeDecodeError
+    with pytest.raises(UserError, match=r"is not a SentencePiece model \('utf-8' codec can't decode byte 0x83"):
+        Tokenizer(path)
     path = tmp_path / "tokenizer.json"
     path.write_text('{"model": 3}')  # was an untyped ValueError
     with pytest.raises(UserError, match=r"tokenizer\.json' is not a Hugging Face tokenizer\.json"):

@@ -82,7 +82,7 @@ class Tokenizer:
     def _open_sentencepiece(self, path: Path) -> None:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError) as error:  # sentencepiece's INTERNAL errors name neither file nor cause
+        except (RuntimeError, OSError, ValueError) as error:  # INTERNAL errors, a piece that is not UTF-8: unnamed
             raise UserError(f"tokenizer {self.path!r} is not a SentencePiece model ({error})") from error
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
             raise UserError(f"tokenizer {self.path!r} has no BOS/EOS pieces; train it with bos_id and eos_id set")
