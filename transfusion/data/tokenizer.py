@@ -83,7 +83,8 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError, ValueError) as error:  # INTERNAL errors, a piece that is not UTF-8: unnamed
-            raise UserError(f"tokenizer {self.path!r} is not a SentencePiece model ({error})") from error
+            reason = " ".join(str(error).split())
+            raise UserError(f"tokenizer {self.path!r} is not a SentencePiece model ({reason})") from error
         if self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
             raise UserError(f"tokenizer {self.path!r} has no BOS/EOS pieces; train it with bos_id and eos_id set")
         self._size = self.sp.get_piece_size()
@@ -103,7 +104,8 @@ class Tokenizer:
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust error says what is wrong, not which file
-            raise UserError(f"tokenizer {self.path!r} is not a Hugging Face tokenizer.json: {e}") from e
+            reason = " ".join(str(e).split())  # the parser quotes the JSON it met, newlines included
+            raise UserError(f"tokenizer {self.path!r} is not a Hugging Face tokenizer.json: {reason}") from e
         config_path = path.with_name(HF_CONFIG)
         try:
             self.hf_config = json.loads(config_path.read_bytes()) if config_path.is_file() else None
