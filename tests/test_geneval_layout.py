@@ -121,3 +121,14 @@ def test_a_bad_line_stops_the_command_in_one_line(tmp_path, tokenizer_path, auto
     assert err[-1] == (f"transfusion predict: error: {path}:2: missing tag, include (a GenEval line has prompt, tag, "
                        "include and optionally exclude)")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_writer_refuses_other_prompts():
+    from types import SimpleNamespace
+
+    from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.lightning.callbacks import GenEvalWriter
+
+    with pytest.raises(ValueError, match="GenEvalWriter writes GenEval prompts: set data.class_path to "
+                                         "transfusion.data.geneval_prompts.GenEvalPrompts"):
+        GenEvalWriter().on_predict_start(SimpleNamespace(datamodule=TransfusionDataModule()), None)
