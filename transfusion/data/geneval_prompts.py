@@ -172,13 +172,16 @@ class GenEvalPrompts(L.LightningDataModule):
         self.save_hyperparameters()
         self.metadata = read_metadata(metadata)  # at start-up: a bad line stops the command before the model loads
 
-    def predict_dataloader(self) -> DataLoader:
+    def setup(self, stage: str | None = None) -> None:
+        # here, before Lightning's post-setup barrier: every rank sees the folder as it was before any rank wrote
         hp, root = self.hparams, Path(self.hparams.output_dir)
         lines = [{"index": i, "metadata": m, "folder": str(root / folder_name(i))} for i, m in enumerate(self.metadata)]
-        todo = [line for line in lines if not (hp.skip_complete and is_complete(Path(line["folder"]), line["metadata"],
-                                                                               hp.samples))]
-        rank_zero_info(f"GenEval: {len(lines)} prompts in {hp.metadata}; {len(lines) - len(todo)} complete in {root} "
-                    f"skipped, {len(todo)} to generate ({hp.samples} images each)")
-        # in this process: the IMAGE marker is compared by identity
-        return DataLoader(GenEvalLines(todo), batch_size=hp.batch_size, shuffle=False, num_workers=0,
-                          collate_fn=ExpandLines(hp.samples))
+        self.todo = [line for line in lines if not (hp.skip_complete and is_complete(Path(line["folder"]),
+                                                                                   line["metadata"], hp.samples))]
+        rank_zero_info(f"GenEval: {len(lines)} prompts in {hp.metadata}; {len(lines) - len(self.todo)} complete in "
+                       f"{root} skipped, {len(self.todo)} to generate ({hp.samples} images each)")
+
+    def predict_dataloader(self) -> DataLoader:
+        # in this process (num_workers 0): the IMAGE marker is compared by identity
+        return DataLoader(GenEvalLines(self.todo), batch_size=self.hparams.batch_size, shuffle=False, num_workers=0,
+                          collate_fn=ExpandLines(self.hparams.samples))
