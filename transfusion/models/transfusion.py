@@ -28,7 +28,7 @@ from transfusion.diffusion import Diffusion
 from transfusion.flow import RectifiedFlow
 from transfusion.models.attention import block_mask, dense_mask, positions
 from transfusion.models.patch import build_patch_layers
-from transfusion.models.transformer import Transformer, TransformerConfig, is_image_weight
+from transfusion.models.transformer import Transformer, TransformerConfig
 
 
 @dataclass
