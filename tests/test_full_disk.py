@@ -87,6 +87,45 @@ def test_fit_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, autoe
     assert torch.load(previous, weights_only=True)["global_step"] == 5  # and loadable
 
 
+ON_TMPFS = """
+import os, sys, torch
+from pathlib import Path
+from transfusion.atomic import atomic_write
+from transfusion.errors import DiskFullError
+path = Path(sys.argv[1]) / "last.ckpt"
+with atomic_write(path, "checkpoint") as f:  # as AtomicCheckpointIO writes: 80 kB of the 256 kB
+    torch.save({"step": 1, "w": torch.zeros(20_000)}, f)
+try:
+    with atomic_write(path, "checkpoint") as f:  # 200 kB more do not fit
+        torch.save({"step": 2, "w": torch.ones(50_000)}, f)
+except DiskFullError as error:
+    print(error)
+print(sorted(os.listdir(path.parent)), torch.load(path, weights_only=True)["step"])
+"""
+
+
+@pytest.mark.slow  # a process in a user namespace
+def test_a_real_full_file_system_keeps_the_previous_checkpoint(tmp_path):
+    """ENOSPC from a 256 kB tmpfs, mounted in a user namespace (where the system allows one; CI may not)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+               f'mount -t tmpfs -o size=256k none "{mount}" && exec "$0" -c "$1" "{mount}"', sys.executable, ON_TMPFS]
+    try:
+        result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                                timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare command")
+    if "mount" in result.stderr or "unshare" in result.stderr:
+        pytest.skip(f"no tmpfs in a user namespace here: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    message, listing = result.stdout.strip().splitlines()
+    free = re.fullmatch(rf"checkpoint {mount}/last.ckpt not written: No space left on device \(([\d.]+) KiB free on "
+                        rf"{mount}\); the previous last.ckpt there is unchanged", message)
+    assert free and float(free[1]) < 256, message  # the tmpfs's own free space
+    assert listing == "['last.ckpt'] 1"  # no temporary file; the previous checkpoint loads
+
+
 def test_an_error_reported_at_fsync_keeps_the_previous_checkpoint_or_is_retried(tmp_path, monkeypatch):
     """A network file system may accept every write and report the full disk when the data is flushed."""
     from transfusion.lightning.checkpoint import AtomicCheckpointIO

@@ -98,6 +98,7 @@ def atomic_write(path: str | os.PathLike, what: str = "file", mode: str = "wb", 
         os.replace(tmp, path)  # atomic on POSIX and Windows
         _fsync_dir(path.parent)
     except Exception as error:
+        tmp.unlink(missing_ok=True)  # first: the message gives the free space without it
         if full := full_disk_error(error):
             raise disk_full(path, full, what, kept or _kept(path)) from error
         raise
@@ -145,6 +146,7 @@ def atomic_folder(path: str | os.PathLike, what: str = "folder", last: str = "co
         _fsync_dir(path)
         _fsync_dir(path.parent)
     except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # first: the message gives the free space without it
         if full := full_disk_error(error):
             raise disk_full(path, full, what, _kept(path)) from error
         raise
