@@ -26,13 +26,14 @@ FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def full_disk_error(error: BaseException | None) -> OSError | None:
     """The out-of-space ``OSError`` that ``error`` is or arose from (``torch.save`` hides it behind the zip
-    writer's own ``RuntimeError``, safetensors in its message), else None."""
+    writer's own ``RuntimeError``, safetensors and distributed checkpoints in their messages), else None."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in FULL:
             return error
-        code = re.search(r"\(os error (\d+)\)", str(error))  # Rust's io::Error (safetensors, tokenizers)
-        if code and int(code[1]) in FULL:
-            return OSError(int(code[1]), os.strerror(int(code[1])))
+        # in a message: Rust's io::Error (safetensors), another process's OSError (distributed checkpoints)
+        code = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(error))
+        if code and int(code[1] or code[2]) in FULL:
+            return OSError(int(code[1] or code[2]), os.strerror(int(code[1] or code[2])))
         error = error.__cause__ or error.__context__
     return None
 

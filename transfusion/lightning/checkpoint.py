@@ -60,7 +60,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     raise DiskFullError(full.errno, f"checkpoint {path} not written: {full}") from error
                 raise
         # the previous checkpoint is replaced only once the new one is whole on disk
-        with atomic_write(path, "checkpoint", kept=_kept(Path(path))) as f:
+        with atomic_write(path, "checkpoint", kept=kept(Path(path))) as f:
             torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any | None = None,
@@ -69,7 +69,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-def _kept(path: Path) -> str:
+def kept(path: Path) -> str:
     """What a reader still finds after a failed write of ``path``: the previous file and the checkpoints beside it."""
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name)
     beside = f"; {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} beside it unchanged" if others else ""
