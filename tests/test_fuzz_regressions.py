@@ -181,7 +181,11 @@ def test_corrupt_parquet_shard_is_named_at_once(tmp_path):
     buffer = io.BytesIO()
     pq.write_table(pa.table({"key": ["a", "b"], "captions": [["red"], ["blue"]], "image": [_png(), _png()]}), buffer)
     data = buffer.getvalue()
-    for shard in (b"not parquet at all", data[:4] + b"\x00" * 200 + data[204:]):  # no footer; a corrupt page
+    captions = pa.array([b"red", b"blue \x80"], pa.binary()).view(pa.string())  # a string that is not UTF-8
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"key": ["a", "b"], "caption": captions, "image": [_png(), _png()]}), buffer)
+    for shard in (b"not parquet at all", data[:4] + b"\x00" * 200 + data[204:],  # no footer; a corrupt page; was
+                  buffer.getvalue()):  # ArrowInvalid, OSError retried 3 times (3.5 s), UnicodeDecodeError
         folder = _shard_set(tmp_path / f"set{len(shard)}", shard, name="shard-000000.parquet")
         for source in (folder, folder / "*.parquet"):  # with its index.json, and a glob (counted from the footer)
             start = time.perf_counter()

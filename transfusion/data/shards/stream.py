@@ -261,7 +261,7 @@ def _parse_parquet(url: str, read):
     """``read()``; pyarrow's errors for bytes that are not Parquet as a CorruptShard (a remote OSError is retried)."""
     try:
         return read()
-    except (pa.ArrowException, OSError) as error:  # a local file's OSError is its bytes, not a glitch
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # a local file's OSError is its bytes too
         if isinstance(error, OSError) and fsspec.utils.get_protocol(url) not in ("file", "local"):
             raise
         reason = " ".join(f"{type(error).__name__}: {error}".split())  # pyarrow's messages span lines
