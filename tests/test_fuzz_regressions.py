@@ -252,7 +252,6 @@ def test_hugging_face_tokenizer_config(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-@pytest.mark.slow  # four CLI start-ups
 def test_config_file_and_trainer_options(tmp_path, capsys, monkeypatch):
     from transfusion.cli import main
 
@@ -290,7 +289,6 @@ def saved(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
     return root
 
 
-@pytest.mark.slow  # four loads of a module
 def test_checkpoints_that_do_not_fit(saved, tmp_path, autoencoder_ckpt):
     from transfusion.lightning.transfusion import TransfusionModule
 
