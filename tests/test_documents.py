@@ -133,8 +133,8 @@ def test_loss_flags_reach_the_lm_and_diffusion_losses(tok, layout, tokenizer_pat
     length = len(DocumentRows([record], layout).document(0).tokens)
     batch = collate_rows([DocumentRows([record], layout, seq_len=length, num_rows=1)[0]])  # one document
     latents = module.encode_images(batch["images"])
-    max_t = module._max_t(batch)
-    assert max_t.tolist() == [1000, 0]  # the loss-off image enters clean
+    max_t = batch["max_t"]
+    assert max_t.tolist() == [0, CLEAN]  # the loss-off image enters clean (0: the full schedule)
     off = module.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t,
                             pad_id=tok.pad_id, boi_id=tok.boi_id, generator=torch.Generator().manual_seed(0),
                             text_loss=batch["text_loss"])

@@ -8,8 +8,9 @@ states into the cache.
 The cosine schedule's alpha_bar at t = T is about 2e-9, so the clean latent implied by the first noise
 predictions multiplies their errors by ~2e4; bounding it (``clip_x0``, as pixel-space DDPM clips to
 [-1, 1]) keeps an imperfect model's chain from diverging. Latents have unit variance; 5 is loose.
-A rectified-flow model (``objective: flow``) predicts velocities instead, sampled by Euler steps (``sampler: euler``,
-``transfusion.flow``; ``clip_x0`` bounds its implied x0 = x_s - s v), with the same guidance formulas on velocities.
+The model's schedule (``transfusion.schedules``) runs the chain: a rectified-flow model (``objective: flow``) predicts
+velocities instead, sampled by Euler steps (``sampler: euler``; ``clip_x0`` bounds its implied x0 = x_s - s v), with
+the same guidance formulas on velocities.
 
 Classifier-free guidance: eps = eps_u + s (eps_c - eps_u), eps_u from the prompt's unconditional row; for
 editing (``image_cfg_scale`` s_I) eps = eps_u + s_I (eps_i - eps_u) + s (eps_c - eps_i), eps_i from the row
@@ -27,21 +28,13 @@ from transfusion.models.attention import dense_mask
 from transfusion.models.kv_cache import set_commit
 
 
-def check_sampler(objective: str, sampler: str) -> None:
-    """Euler for rectified flow, DDPM or DDIM for DDPM; anything else raises, naming the option to set."""
-    if (objective == "flow") != (sampler == "euler"):
-        fix = "euler" if objective == "flow" else "ddpm (or ddim)"
-        raise ValueError(f"sampler {sampler!r} cannot sample a model trained with objective {objective!r}: "
-                         f"use sampler {fix} (--model.init_args.sampler {fix.split()[0]})")
-
-
 class TransfusionGenerator(MixedModalGenerator):
     """Generates from a ``Transfusion`` model, a ``KLAutoencoder`` (its latent scale included) and a ``Tokenizer``."""
 
     def __init__(self, model, autoencoder, tokenizer, options=None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
         self.n = model.cfg.patches_per_image
-        check_sampler(model.cfg.objective, self.options.sampler)
+        model.schedule.check_sampler(self.options.sampler)
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.encode_latents(pixels[None])[0]
@@ -89,7 +82,7 @@ class TransfusionGenerator(MixedModalGenerator):
         noisy = self._block(run, [[-1] * self.n] * run.R, active, img_ids)  # the same positions at every step
         run.next_pos.copy_(start)  # noisy patches are never committed: positions do not advance
 
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t_now = t[0].item()  # an int for DDPM, a float s T for flow
             images = {ids[r]: (x[k % len(image_rows)], t_now) for k, r in enumerate(rows)}
             _, eps = self._forward(run, noisy, images, commit=False)
@@ -103,7 +96,7 @@ class TransfusionGenerator(MixedModalGenerator):
 
         o, cfg = self.options, self.model.cfg
         shape = (len(image_rows), cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        x0 = self.model.diffusion.sample(eps_fn, shape, num_steps=o.num_steps, sampler=o.sampler, clip_x0=o.clip_x0,
+        x0 = self.model.schedule.sample(denoiser, shape, num_steps=o.num_steps, sampler=o.sampler, clip_x0=o.clip_x0,
                                          generator=[run.generators[r] for r in image_rows],
                                          device=self.device, dtype=self.model.embedding.weight.dtype)
         block = self._block(run, [[-1] * self.n + [self.tok.eoi_id]] * run.R, active, img_ids)
