@@ -15,10 +15,79 @@ from PIL import Image
 
 from transfusion.generation import IMAGE
 from transfusion.images import to_tensor
+from transfusion.schedules import CLEAN, DDPM, FULL, OBJECTIVES, RectifiedFlow, schedule_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 AUTOENCODER = {"preset": "debug", "image_size": 16}  # untrained (seeded): the same weights on every machine
+SCHEDULES = [DDPM(1000), RectifiedFlow(1000)]
+
+
+# ---------------------------------------------------------------- the interface
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["ddpm", "flow"])
+def test_max_t_codes_mean_the_same_both_ways_of_drawing(schedule):
+    max_t = torch.tensor([FULL, CLEAN, 100, 1] * 50)
+    per_image = [torch.Generator().manual_seed(i) for i in range(len(max_t))]
+    for generator in (torch.Generator().manual_seed(0), per_image):
+        t = schedule.draw_times(len(max_t), max_t, generator)
+        assert t.dtype == schedule.time_dtype and t.shape == max_t.shape
+        assert bool((t[max_t == CLEAN] == 0).all()) and bool((t[max_t != CLEAN] > 0).all())  # CLEAN: t = 0 exactly
+        bound = {FULL: 1000, 100: 100, 1: 1} if schedule is SCHEDULES[0] else \
+            {m: float(schedule.noise_level(1000 if m == FULL else m)) * 1000 for m in (FULL, 100, 1)}
+        for m, limit in bound.items():
+            assert float(t[max_t == m].max()) <= limit + 1e-3
+        assert float(t[max_t == FULL].max()) > 100  # the full schedule reaches past the limits
+    # per image: an image's time and noise do not depend on the other images of the batch
+    alone = [torch.Generator().manual_seed(2)]
+    t, noise = schedule.draw_times(1, max_t[2:3], alone), schedule.draw_noise(torch.zeros(1, 3), alone)
+    both = [torch.Generator().manual_seed(9), torch.Generator().manual_seed(2)]
+    t2, noise2 = schedule.draw_times(2, max_t[1:3], both), schedule.draw_noise(torch.zeros(2, 3), both)
+    assert torch.equal(t2[1:], t) and torch.equal(noise2[1:], noise)
+    for bad in (torch.tensor([-2]), torch.tensor([1001]), torch.tensor([0.5])):
+        with pytest.raises(ValueError, match="max_t"):
+            schedule.draw_times(1, bad)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["ddpm", "flow"])
+def test_the_chain_is_its_steps_and_the_target_is_what_the_loss_regresses(schedule):
+    x0, noise = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    t = schedule.draw_times(2, torch.tensor([FULL, 300]), torch.Generator().manual_seed(0))
+    x_t = schedule.add_noise(x0, noise, t)
+    assert torch.allclose(schedule.predict_x0(x_t, schedule.target(x0, noise), t), x0, atol=1e-6)
+    assert torch.equal(schedule.add_noise(x0, noise, torch.zeros_like(t)), x0)  # t = 0: clean, bit for bit
+    denoiser = lambda x, t: torch.tanh(x) * (t.view(-1, 1, 1) / 1000) + 0.1  # noqa: E731  (not an oracle)
+    for sampler in type(schedule).SAMPLERS:
+        generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+        out = schedule.sample(denoiser, (2, 3, 4), num_steps=4, sampler=sampler, generator=generators,
+                              dtype=torch.float64, clip_x0=5.0)
+        generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+        x = torch.stack([torch.randn(3, 4, generator=g, dtype=torch.float64) for g in generators])
+        levels = schedule.levels(4)
+        for level, next_level in zip(levels[:-1], levels[1:]):
+            x = schedule.step(x, denoiser(x, schedule.time(level, 2, x.device)), level, next_level, sampler,
+                              generator=generators, clip_x0=5.0)
+        assert torch.equal(out, x)
+    other = next(name for name in OBJECTIVES if name != type(schedule).OBJECTIVE)
+    with pytest.raises(ValueError, match=f"--model.init_args.sampler {type(schedule).SAMPLERS[0]}"):
+        schedule.sample(denoiser, (2, 3, 4), num_steps=2, sampler=schedule_class(other).SAMPLERS[0])
+    with pytest.raises(ValueError, match="objective"):
+        schedule_class("edm")
+
+
+def test_clean_passed_to_the_model_enters_clean():
+    from transfusion.models.transfusion import Transfusion, TransfusionConfig
+    from transfusion.models.transformer import TransformerConfig
+
+    model = Transfusion(TransfusionConfig(transformer=TransformerConfig.from_name("debug"), vocab_size=64,
+                                          latent_channels=4, latent_size=4, patch_size=2))
+    tokens = torch.tensor([[1, 4, 3, 3, 3, 3, 5, 4, 3, 3, 3, 3, 5, 2]])
+    image_ids = torch.full_like(tokens, -1)
+    image_ids[0, [2, 3, 4, 5, 8, 9, 10, 11]] = torch.arange(2).repeat_interleave(4)
+    out = model.loss(tokens, torch.zeros_like(tokens), image_ids, torch.randn(2, 4, 4, 4), torch.tensor([CLEAN, FULL]),
+                     generator=torch.Generator().manual_seed(0))
+    assert int(out["images"]) == 1 and out["t"].shape == (1,) and int(out["t"]) > 0  # the first image: context only
 
 
 def _module(tokenizer_path, objective: str):
