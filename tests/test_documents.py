@@ -126,7 +126,7 @@ def test_loss_flags_reach_the_lm_and_diffusion_losses(tok, layout, tokenizer_pat
     from transfusion.lightning.transfusion import TransfusionModule
 
     module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
-    n = module.positions_per_image
+    n = module.patches_per_image
     layout = SequenceLayout(tok, n, 16)
     record = {"segments": [{"text": "a red circle", "loss": False}, {"image": 0}, {"text": "then it turns blue"},
                            {"image": 1, "loss": False}], "images": ShapesDataset(2, 16).__getitem__(0)["image"][None].repeat(2, 1, 1, 1)}
@@ -151,7 +151,7 @@ def test_chameleon_honours_the_loss_flags():
 
     torch.manual_seed(0)
     model = Chameleon(ChameleonConfig(TransformerConfig.from_name("debug"), text_vocab_size=32, codebook_size=8,
-                                      image_tokens=4))
+                                      patches_per_image=4))
     tokens = torch.randint(1, 40, (1, 12))
     doc_ids, image_ids = torch.zeros(1, 12, dtype=torch.long), torch.full((1, 12), -1)
     text_loss = torch.ones(1, 12, dtype=torch.bool)

@@ -39,7 +39,7 @@ IMAGE_POSITION = -1  # in a row's token ids: one of an image's n positions (its 
 NO_IMAGE = -1  # the image id of a position that is not an image's
 PROMPT, UNCONDITIONAL, IMAGE_ONLY = 0, 1, 2  # row groups: B rows each, in this order (guidance adds the later ones)
 MIN_SKIPPED_KEYS = 32  # attention per row group (RowGroups) when it spares a group at least this many padding keys
-_KEYS = ("tokens", "doc", "img", "pos")
+_KEYS = ("tokens", "doc_ids", "image_ids", "pos")
 
 
 class Stream:
@@ -55,8 +55,8 @@ class Stream:
         self.latents: dict[int, torch.Tensor] = {}  # committed clean latents by image id (Transfusion)
 
     tokens = property(lambda self: self.buffers["tokens"][:, :self.length])
-    doc = property(lambda self: self.buffers["doc"][:, :self.length])
-    img = property(lambda self: self.buffers["img"][:, :self.length])
+    doc_ids = property(lambda self: self.buffers["doc_ids"][:, :self.length])
+    image_ids = property(lambda self: self.buffers["image_ids"][:, :self.length])
     pos = property(lambda self: self.buffers["pos"][:, :self.length])
 
     def stage(self, block: dict) -> dict:
@@ -142,7 +142,7 @@ class MixedModalGenerator:
     """
 
     options_class = SamplingOptions
-    n: int  # positions per image (set by subclasses)
+    patches_per_image: int  # n: the positions an image takes (latent patches or VQ codes; set by subclasses)
     bidirectional: bool  # attention within an image (set by subclasses)
 
     def __init__(self, model, autoencoder, tokenizer, options: SamplingOptions | None = None, seed: int = 0):
@@ -231,10 +231,11 @@ class MixedModalGenerator:
         return image.to(self.device)
 
     def _encode_prompt(self, prompt, index: int) -> tuple[list[int], list[torch.Tensor], bool, list[int]]:
-        """Token ids up to the first ``IMAGE`` (IMAGE_POSITION at image positions), what the model reads for its images, whether
-        it forces BOI, and the ids after that ``IMAGE`` (BOI for each later one), fed after its image."""
+        """Token ids up to the first ``IMAGE`` (IMAGE_POSITION at image positions), what the model reads for its
+        images, whether it forces BOI, and the ids after that ``IMAGE`` (BOI for each later one), fed after it."""
         if isinstance(prompt, (str, Image.Image, torch.Tensor)):
             prompt = [prompt]
+        n = self.patches_per_image
         ids, images, force, forced = [self.tok.bos_id], [], False, []
         for j, segment in enumerate(prompt):
             if segment is IMAGE:
@@ -246,9 +247,9 @@ class MixedModalGenerator:
                 raise ValueError(f"prompt {index}, segment {j}: after an IMAGE a prompt may hold only text and IMAGE")
             else:
                 images.append(self._image_input(self._pixels(segment, f"prompt {index}, segment {j}")))
-                ids += [self.tok.boi_id] + [IMAGE_POSITION] * self.n + [self.tok.eoi_id]
+                ids += [self.tok.boi_id] + [IMAGE_POSITION] * n + [self.tok.eoi_id]
         later_images = forced.count(self.tok.boi_id)
-        length = len(ids) + len(forced) + (self.n + 1) * (later_images + 1 if force else 0) + (0 if force else 1)
+        length = len(ids) + len(forced) + (n + 1) * (later_images + 1 if force else 0) + (0 if force else 1)
         if length > self.max_len:
             raise ValueError(f"prompt {index} has {len(ids) + len(forced)} positions; with what it asks to generate "
                              f"it exceeds the model's context max_seq_len={self.max_len}")
@@ -274,7 +275,7 @@ class MixedModalGenerator:
 
     def _prefill(self, run: Run, encoded: list) -> None:
         """Commit every prompt, left-padded so each row's last token is in the last column."""
-        B, R, tok = run.B, run.R, self.tok
+        B, R, tok, n = run.B, run.R, self.tok, self.patches_per_image
         rows = [ids for ids, *_ in encoded]
         if run.guided:  # unconditional rows: BOS, and BOI where the prompt forces an image
             rows += [[tok.bos_id] + ([tok.boi_id] if force else []) for _, _, force, _ in encoded]
@@ -284,21 +285,22 @@ class MixedModalGenerator:
                 run.keep[run.row(r, IMAGE_ONLY)] = len(kept)
                 rows.append(kept + ([tok.boi_id] if force else []))
         width = max(len(r) for r in rows)
-        images, prompt_img_ids = {}, []
+        images, prompt_image_ids = {}, []
         for r in range(R):  # unconditional rows read no image of the prompt
             inputs = [] if run.group(r) == UNCONDITIONAL else encoded[run.prompt(r)][1]
-            prompt_img_ids.append(list(range(run.next_image_id, run.next_image_id + len(inputs))))
+            prompt_image_ids.append(list(range(run.next_image_id, run.next_image_id + len(inputs))))
             images.update({run.next_image_id + k: (x, 0) for k, x in enumerate(inputs)})
             run.next_image_id += len(inputs)
         block = self._empty_block(R, width)
-        block["ids"] = [i for r in range(R) for i in prompt_img_ids[r]]  # the prompts' images in row order
+        block["ids"] = [i for r in range(R) for i in prompt_image_ids[r]]  # the prompts' images in row order
         for r, ids in enumerate(rows):
             ids_t, cols = torch.tensor(ids), slice(width - len(ids), width)
             block["tokens"][r, cols] = torch.where(ids_t >= 0, ids_t, tok.pad_id)
-            block["doc"][r, cols] = 0
+            block["doc_ids"][r, cols] = 0
             block["pos"][r, cols] = torch.arange(len(ids))
-            if prompt_img_ids[r]:
-                block["img"][r, cols][ids_t == IMAGE_POSITION] = torch.tensor(prompt_img_ids[r]).repeat_interleave(self.n)
+            if prompt_image_ids[r]:
+                positions = ids_t == IMAGE_POSITION
+                block["image_ids"][r, cols][positions] = torch.tensor(prompt_image_ids[r]).repeat_interleave(n)
             run.next_pos[r] = len(ids)
             run.first[r] = width - len(ids)
         hidden, _ = self._forward(run, {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}, images,
@@ -312,7 +314,7 @@ class MixedModalGenerator:
             return
         for r in image_rows:
             run.flush_text(r, self.tok.decode)
-            if run.next_pos[r] + self.n + 1 > self.max_len:  # no room for n positions + EOI: stop
+            if run.next_pos[r] + self.patches_per_image + 1 > self.max_len:  # no room for n positions + EOI: stop
                 run.done[r] = True
         image_rows = [r for r in image_rows if not run.done[r]]
         for r, image in (self._generate_images(run, image_rows) if image_rows else {}).items():
@@ -365,13 +367,13 @@ class MixedModalGenerator:
         full = st.stage(block)  # committed positions, then the block's: (R, S + Lq) each
         if self.options.use_cache:
             inputs, ids, caches = block, block["ids"], run.caches  # ids: the block's images, row-major (no sync)
-            mask = self._attention_mask(run, dense_mask(full["doc"], full["img"], self.bidirectional,
+            mask = self._attention_mask(run, dense_mask(full["doc_ids"], full["image_ids"], self.bidirectional,
                                                         num_queries=Lq))
             set_commit(caches, commit)
         else:
-            inputs, caches, img = full, None, full["img"]
-            ids = [int(i) for i in img[img >= 0].view(-1, self.n)[:, 0]]
-            mask = dense_mask(full["doc"], img, self.bidirectional)
+            inputs, caches, img = full, None, full["image_ids"]
+            ids = [int(i) for i in img[img >= 0].view(-1, self.patches_per_image)[:, 0]]
+            mask = dense_mask(full["doc_ids"], img, self.bidirectional)
         lookup = {i: (x, 0) for i, x in st.latents.items()} | images
         hidden, predictions = self._run_model(inputs, ids, lookup, mask, caches)
         if commit:
@@ -386,24 +388,24 @@ class MixedModalGenerator:
 
     def _empty_block(self, R: int, Lq: int) -> dict:
         block = {k: torch.zeros(R, Lq, dtype=torch.long) for k in _KEYS}
-        block["doc"][:], block["img"][:], block["tokens"][:] = PAD_DOC, NO_IMAGE, self.tok.pad_id
+        block["doc_ids"][:], block["image_ids"][:], block["tokens"][:] = PAD_DOC, NO_IMAGE, self.tok.pad_id
         return block
 
-    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, img_ids: list[int] | None = None) -> dict:
-        """New positions: ``rows[r]`` token ids (IMAGE_POSITION: the positions of image ``img_ids[r]``) for rows where
+    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, image_ids: list[int] | None = None) -> dict:
+        """New positions: ``rows[r]`` token ids (IMAGE_POSITION: the positions of image ``image_ids[r]``) for rows where
         ``real[r]``, else padding; ``ids`` lists the images in the block in row order. Built in a few whole-batch
         ops: a decoding step's cost should not grow with the rows."""
         ids, live = torch.tensor(rows), real[:, None]  # (R, Lq), (R, 1)
         Lq = ids.shape[1]
         block = {"tokens": torch.where(live & (ids >= 0), ids, self.tok.pad_id),
-                 "doc": torch.where(live, 0, PAD_DOC).expand(-1, Lq),
-                 "img": torch.full_like(ids, NO_IMAGE),
+                 "doc_ids": torch.where(live, 0, PAD_DOC).expand(-1, Lq),
+                 "image_ids": torch.full_like(ids, NO_IMAGE),
                  "pos": torch.where(live, run.next_pos[:, None] + torch.arange(Lq), 0)}
         block["ids"] = []
-        if img_ids is not None:
+        if image_ids is not None:
             patch = live & (ids == IMAGE_POSITION)
-            block["img"] = torch.where(patch, torch.tensor(img_ids)[:, None], NO_IMAGE)
-            block["ids"] = [img_ids[r] for r in patch.any(1).nonzero()[:, 0].tolist()]
+            block["image_ids"] = torch.where(patch, torch.tensor(image_ids)[:, None], NO_IMAGE)
+            block["ids"] = [image_ids[r] for r in patch.any(1).nonzero()[:, 0].tolist()]
         run.next_pos += Lq * real
         return {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}
 
@@ -422,7 +424,7 @@ class MixedModalGenerator:
         the BOI and image they added."""
         st = run.stream
         for r in rows:
-            st.doc[r] = torch.where(st.pos[r] >= run.keep[r], PAD_DOC, st.doc[r])
+            st.doc_ids[r] = torch.where(st.pos[r] >= run.keep[r], PAD_DOC, st.doc_ids[r])
             run.next_pos[r] = run.keep[r]
 
     def _decode_images(self, outputs: list[list]) -> list[list]:

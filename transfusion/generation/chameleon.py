@@ -24,16 +24,16 @@ class ChameleonGenerator(MixedModalGenerator):
 
     def __init__(self, model, autoencoder, tokenizer, options: ChameleonSamplingOptions | None = None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
-        self.n, self.bidirectional = model.cfg.image_tokens, False  # causal over codes, as trained
+        self.patches_per_image, self.bidirectional = model.cfg.patches_per_image, False  # causal over codes, as trained
         self.text_vocab = model.cfg.text_vocab_size
         codes = torch.arange(self.text_vocab, model.cfg.vocab_size, device=self.device)
         self.banned = torch.cat([self.banned, codes])  # LM mode samples text only
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode_tokens(pixels[None])[0]
+        return self.autoencoder.encode_codes(pixels[None])[0]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode_tokens(codes)
+        return self.autoencoder.decode_codes(codes)
 
     def _encode_prompt(self, prompt, index: int):
         """Token ids with each input image's codes in place of its n positions (nothing else to carry)."""
@@ -45,7 +45,7 @@ class ChameleonGenerator(MixedModalGenerator):
 
     def _run_model(self, inputs: dict, ids: list[int], images: dict, mask, caches):
         """Every position is a token: hidden states only."""
-        return self.model(inputs["tokens"], inputs["doc"], mask=mask, pos=inputs["pos"], caches=caches), None
+        return self.model(inputs["tokens"], inputs["doc_ids"], mask=mask, pos=inputs["pos"], caches=caches), None
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
         """Sample n codes for each prompt row in ``image_rows``, committing each, then commit EOI."""
@@ -56,7 +56,7 @@ class ChameleonGenerator(MixedModalGenerator):
         o, V = self.options, self.text_vocab
         generators = [run.generators[r] for r in image_rows]
         codes = []
-        for _ in range(self.n):
+        for _ in range(self.patches_per_image):
             logits = run.logits[image_rows, V:].float()  # (I, K): image codes only
             if run.guided:
                 logits_u = run.logits[uncond, V:].float()

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.generation.base import (IMAGE_ONLY, IMAGE_POSITION, NO_IMAGE, PROMPT, UNCONDITIONAL, MixedModalGenerator,
-                                         Run)
+from transfusion.generation.base import (IMAGE_ONLY, IMAGE_POSITION, NO_IMAGE, PROMPT, UNCONDITIONAL,
+                                         MixedModalGenerator, Run)
 
 
 class TransfusionGenerator(MixedModalGenerator):
@@ -32,7 +32,7 @@ class TransfusionGenerator(MixedModalGenerator):
 
     def __init__(self, model, autoencoder, tokenizer, options=None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
-        self.n, self.bidirectional = model.cfg.patches_per_image, model.cfg.bidirectional_images
+        self.patches_per_image, self.bidirectional = model.cfg.patches_per_image, model.cfg.bidirectional_images
         model.schedule.check_sampler(self.options.sampler)
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -44,8 +44,8 @@ class TransfusionGenerator(MixedModalGenerator):
     def _run_model(self, inputs: dict, ids: list[int], images: dict, mask, caches):
         x_t = torch.stack([images[i][0] for i in ids]) if ids else None
         t = torch.tensor([images[i][1] for i in ids], device=self.device) if ids else None
-        return self.model(inputs["tokens"], inputs["doc"], inputs["img"], x_t, t, mask=mask, pos=inputs["pos"],
-                          caches=caches)
+        return self.model(inputs["tokens"], inputs["doc_ids"], inputs["image_ids"], x_t, t, mask=mask,
+                          pos=inputs["pos"], caches=caches)
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
         """Denoise one latent per prompt row in ``image_rows`` (its guidance rows alongside), then commit it (t = 0)
@@ -56,8 +56,9 @@ class TransfusionGenerator(MixedModalGenerator):
         ids = {r: run.next_image_id + k for k, r in enumerate(rows)}  # each row's image id
         run.next_image_id += len(rows)
         start = run.next_pos.clone()
-        img_ids = [ids.get(r, NO_IMAGE) for r in range(run.R)]
-        noisy = self._block(run, [[IMAGE_POSITION] * self.n] * run.R, active, img_ids)  # the same positions each step
+        image_ids = [ids.get(r, NO_IMAGE) for r in range(run.R)]
+        n = self.patches_per_image
+        noisy = self._block(run, [[IMAGE_POSITION] * n] * run.R, active, image_ids)  # the same positions each step
         run.next_pos.copy_(start)  # noisy patches are never committed: positions do not advance
 
         def images(x: torch.Tensor, t) -> dict:
@@ -74,7 +75,7 @@ class TransfusionGenerator(MixedModalGenerator):
         x0 = self.model.schedule.sample(denoiser, shape, num_steps=o.num_steps, sampler=o.sampler, clip_x0=o.clip_x0,
                                         generator=[run.generators[r] for r in image_rows],
                                         device=self.device, dtype=self.model.embedding.weight.dtype)
-        block = self._block(run, [[IMAGE_POSITION] * self.n + [self.tok.eoi_id]] * run.R, active, img_ids)
+        block = self._block(run, [[IMAGE_POSITION] * n + [self.tok.eoi_id]] * run.R, active, image_ids)
         hidden, _ = self._forward(run, block, images(x0, 0), commit=True)
         for r in image_rows:
             run.logits[r] = self.model.lm_head(hidden[r, -1])
@@ -83,7 +84,7 @@ class TransfusionGenerator(MixedModalGenerator):
         return {r: x0[k] for k, r in enumerate(image_rows)}
 
     def _guide(self, predicted: list[torch.Tensor]) -> torch.Tensor:
-        """The guided prediction from the row groups' (I, C, h, w) each: conditional c, unconditional u, image-only i."""
+        """Guided prediction from the row groups' (I, C, h, w) each: conditional c, unconditional u, image-only i."""
         o = self.options
         if len(predicted) == 1:
             return predicted[0]

@@ -215,7 +215,7 @@ class TransfusionModule(GenerativeModule):
         return self.optim.configure(groups, self.trainer.estimated_stepping_batches)
 
     @property
-    def positions_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         return self.config.patches_per_image
 
     @torch.no_grad()
