@@ -26,7 +26,7 @@ PAD, BOI, EOI, TEXT_V, K, N_CODES = 3, 4, 5, 50, 20, 4
 def _model(**overrides) -> Chameleon:
     torch.manual_seed(0)
     cfg = ChameleonConfig(transformer=TransformerConfig.from_name("debug", qk_norm=True, norm_reorder=True),
-                          text_vocab_size=TEXT_V, codebook_size=K, image_tokens=N_CODES, **overrides)
+                          text_vocab_size=TEXT_V, codebook_size=K, patches_per_image=N_CODES, **overrides)
     return Chameleon(cfg).double()
 
 
@@ -133,7 +133,7 @@ def _generator(module, options):
 
 def test_images_are_exactly_n_codes_even_when_text_is_far_likelier(module):
     tok, V = module.tokenizer, module.config.text_vocab_size
-    n = module.config.image_tokens
+    n = module.config.patches_per_image
     with logit_bias(module, {tok.eos_id: 50.0, EOI: 50.0, 7: 40.0}):
         run, outputs = _generate(module, [["a red circle", IMAGE]], max_new_tokens=0, cfg_scale=3.0)
     (codes,) = outputs[0]

@@ -249,33 +249,35 @@ def test_cache_never_stores_noisy_states(module, monkeypatch):
     for lengths, committed, *_ in calls:
         assert lengths == [committed] * len(lengths)
     # every denoising step sees the patches at the positions they are finally committed at
-    commit = next(c for c in calls if c[2] is not None and int(c[2].max()) == 0 and c[3].shape[1] == gen.n + 1)
+    n = gen.patches_per_image
+    commit = next(c for c in calls if c[2] is not None and int(c[2].max()) == 0 and c[3].shape[1] == n + 1)
     for *_, pos in noisy:
-        assert torch.equal(pos, commit[3][:, : gen.n])
+        assert torch.equal(pos, commit[3][:, :n])
 
     st, caches = runs[-1].stream, runs[-1].caches
     S = st.tokens.shape[1]
     assert all(len(c) == S for c in caches)
     # recompute every committed position from scratch: clean latents at t = 0
-    ids = [int(i) for i in st.img[st.img >= 0].view(-1, gen.n)[:, 0]]
+    ids = [int(i) for i in st.image_ids[st.image_ids >= 0].view(-1, gen.patches_per_image)[:, 0]]
 
     def from_scratch(latents):
         fresh = make_caches(len(caches))
         x = torch.stack([latents[i] for i in ids])
-        mask = dense_mask(st.doc, st.img, module.model.cfg.bidirectional_images)
+        mask = dense_mask(st.doc_ids, st.image_ids, module.model.cfg.bidirectional_images)
         with torch.no_grad():
-            module.model(st.tokens, st.doc, st.img, x, torch.zeros(len(ids), dtype=torch.long), mask=mask,
-                         pos=st.pos, caches=fresh)
+            module.model(st.tokens, st.doc_ids, st.image_ids, x, torch.zeros(len(ids), dtype=torch.long),
+                         mask=mask, pos=st.pos, caches=fresh)
         return fresh
 
     fresh = from_scratch(st.latents)
     # the unconditional rows' images were retired (doc -1) after use: their keys were computed while visible
-    live = st.doc >= 0
+    live = st.doc_ids >= 0
     B = len(out)
     assert live[B:].sum(1).tolist() == [1] * B  # unconditional rows: BOS alone is left in view
     for r in range(B):  # RoPE positions of a row's live positions count from 0 without gaps
         assert torch.equal(st.pos[r][live[r]], torch.arange(int(live[r].sum())))
-    assert int(((st.img[:B] >= 0) & live[:B]).sum()) == int((st.img[:B] >= 0).sum()) == 2 * gen.n
+    images = st.image_ids[:B] >= 0
+    assert int((images & live[:B]).sum()) == int(images.sum()) == 2 * gen.patches_per_image
     for cached, recomputed in zip(caches, fresh):
         for name in ("k", "v"):
             a = getattr(cached, name)[:, :, :S].transpose(1, 2)[live]
@@ -283,7 +285,7 @@ def test_cache_never_stores_noisy_states(module, monkeypatch):
             assert rel_err(b, a) <= RTOL, (name, rel_err(b, a))
     # the check is sensitive: other image latents give other keys at the image positions
     fresh = from_scratch({i: torch.randn_like(x) for i, x in st.latents.items()})
-    image_pos = live & (st.img >= 0)
+    image_pos = live & (st.image_ids >= 0)
     a, b = caches[0].k[:, :, :S].transpose(1, 2)[image_pos], fresh[0].k[:, :, :S].transpose(1, 2)[image_pos]
     assert rel_err(a, b) > 1e-3
 

@@ -491,10 +491,10 @@ def test_loss_values_reproduce_by_hand():
 
     # replay the generator: timesteps first, then the noise
     g = torch.Generator().manual_seed(42)
-    t = model.diffusion.sample_timesteps(3, max_t, generator=g)
+    t = model.schedule.sample_timesteps(3, max_t, generator=g)
     noise = torch.randn(lat.shape, generator=g, dtype=lat.dtype)
     assert 1 <= int(t[1]) <= 300
-    x_t = model.diffusion.add_noise(lat, noise, t)
+    x_t = model.schedule.add_noise(lat, noise, t)
     with torch.no_grad():
         hidden, eps = model(tokens, doc_ids, image_ids, x_t, t)
         rows, cols = zip(*lm_pairs)
@@ -524,11 +524,11 @@ def test_min_snr_weights_each_image_by_its_timestep():
     plain = model.loss(tokens, doc_ids, image_ids, lat, pad_id=PAD, boi_id=BOI, t=t, noise=noise)
     model.cfg.min_snr_gamma = 5.0
     weighted = model.loss(tokens, doc_ids, image_ids, lat, pad_id=PAD, boi_id=BOI, t=t, noise=noise)
-    ab = model.diffusion.alpha_bar[t]
+    ab = model.schedule.alpha_bar[t]
     snr = ab / (1 - ab)
     assert snr[0] > 5 > snr[1] > snr[2]
     weights = torch.tensor([5 / float(snr[0]), 1.0, 1.0], dtype=torch.float64)  # min(SNR, 5) / SNR by hand
-    torch.testing.assert_close(model.diffusion.min_snr_weights(t, 5.0).double(), weights, rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.schedule.min_snr_weights(t, 5.0).double(), weights, rtol=1e-6, atol=0)
     torch.testing.assert_close(weighted["ddpm_loss"].double(), (plain["ddpm_per_image"] * weights).mean(),
                                rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(weighted["ddpm_per_image"], plain["ddpm_per_image"])  # logged unweighted
@@ -543,7 +543,7 @@ def test_zero_decoder_gives_ddpm_loss_of_noise_power():
     lat = torch.randn(3, 4, 4, 4, dtype=torch.float64)
     out = model.loss(tokens, doc_ids, image_ids, lat, pad_id=PAD, boi_id=BOI, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
-    model.diffusion.sample_timesteps(3, generator=g)
+    model.schedule.sample_timesteps(3, generator=g)
     noise = torch.randn(lat.shape, generator=g, dtype=lat.dtype)
     torch.testing.assert_close(out["ddpm_loss"].double(), noise.pow(2).mean(), rtol=1e-6, atol=1e-9)
 

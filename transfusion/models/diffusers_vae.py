@@ -186,8 +186,8 @@ class DiffusersAutoencoder(_DiffusersFolder):
 
 class DiffusersVQTokenizer(_DiffusersFolder):
     """A frozen ``VQModel`` behind the interface of ``VQAutoencoderModule`` (and of its ``VQAutoencoder``):
-    ``encode_codes`` / ``decode_codes`` (= ``encode_tokens`` / ``decode_tokens``), ``codebook_size``,
-    ``tokens_per_image``."""
+    ``encode_codes`` / ``decode_codes`` (codes (N, h * w) in raster order), ``codebook_size``,
+    ``patches_per_image``."""
 
     class_name = "VQModel"
 
@@ -196,7 +196,7 @@ class DiffusersVQTokenizer(_DiffusersFolder):
         return self.vae.quantize.n_e
 
     @property
-    def tokens_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         return self.config.latent_size ** 2
 
     @torch.no_grad()
@@ -220,8 +220,6 @@ class DiffusersVQTokenizer(_DiffusersFolder):
             quant = self.vae.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (N, D, h, w)
             out = self.vae.decode(quant, force_not_quantize=True)
         return out.sample.float().clamp(-1, 1)
-
-    encode_tokens, decode_tokens = encode_codes, decode_codes  # the generators' names (VQAutoencoder's)
 
 
 def load_diffusers_autoencoder(option: str | dict, vq: bool = False) -> DiffusersAutoencoder | DiffusersVQTokenizer:
