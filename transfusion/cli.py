@@ -43,6 +43,8 @@ import lightning as L
 
 from transfusion.errors import check_checkpoint_file, one_line, user_error
 from transfusion.lightning.checkpoint import AtomicCheckpointIO
+from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport
+from transfusion.lightning.preemption import PreemptionCheckpoint
 
 
 class ConfigError(SystemExit):
@@ -82,10 +84,17 @@ class TransfusionCLI(LightningCLI):
             raise ConfigError(2)
 
     def instantiate_trainer(self, **kwargs):
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        trainer = self._get(self.config_init, "trainer", default={})
+        plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        defaults = [LostRankReport()]  # a rank that dies or hangs is named (transfusion.lightning.lost_rank)
+        if trainer.get("enable_checkpointing") is not False:
+            defaults.append(PreemptionCheckpoint())  # SIGTERM: save last.ckpt at the step's end, then stop
+        kwargs["callbacks"] = callbacks + [d for d in defaults if not any(type(c) is type(d) for c in callbacks)]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -247,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cli_main(None if command_line else argv)
     except Exception as error:
+        lost = getattr(error, LOST_RANKS, None)  # a data-parallel rank died or hung: name it, not gloo's traceback
+        if lost and not debug:
+            print(f"{name}: error: {lost}", file=sys.stderr)
+            raise SystemExit(1) from error
         cause = user_error(error)  # Lightning and jsonargparse may wrap it (raise ... from)
         if cause is None or debug:
             raise
