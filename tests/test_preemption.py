@@ -1,0 +1,59 @@
+"""Preemption: SIGTERM during `transfusion fit` saves last.ckpt at the end of the current step and stops with exit
+status 143; `--ckpt_path last` then gives bitwise the losses of an uninterrupted run (docs/reliability.md)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from test_reliability import _env, _finish, _fit_command, _losses
+
+
+def _wait_for_step(root, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while max(_losses(root), default=-1) < step and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, f"the run ended before step {step}"
+
+
+def _gone(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.distributed  # several processes (2 runs side by side, a data worker each)
+def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, tokenizer_path, autoencoder_ckpt):
+    steps = 9
+    straight = subprocess.Popen(_fit_command(tmp_path / "straight", tokenizer_path, autoencoder_ckpt, steps),
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = tmp_path / "preempted"
+    preempted = subprocess.Popen(_fit_command(root, tokenizer_path, autoencoder_ckpt, steps), env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(root, 3, preempted)
+    os.killpg(preempted.pid, signal.SIGTERM)  # every process of the run, its data worker too (as SLURM does)
+    sent = time.monotonic()
+    _, err = _finish(preempted, 120)
+    assert preempted.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert time.monotonic() - sent < 60 and _gone(preempted.pid)  # one step and a checkpoint; nothing left behind
+    assert "SIGTERM: saved" in err and "resume with --ckpt_path last" in err, err[-3000:]
+    before = _losses(root)
+    saved = torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert saved == max(before) + 1 < steps  # saved after the last step it trained (and logged): nothing lost
+
+    resumed = subprocess.run(_fit_command(root, tokenizer_path, autoencoder_ckpt, steps, "--ckpt_path", "last"),
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = _finish(straight, 600)
+    assert straight.returncode == 0, err[-3000:]
+    reference, after = _losses(tmp_path / "straight"), _losses(root)
+    assert sorted(reference) == list(range(steps)) and sorted(after) == list(range(steps))
+    assert min(_losses(root, "1")) == saved  # continued from the SIGTERM checkpoint, not from step 0
+    for step, values in after.items():
+        assert values == reference[step], (step, values, reference[step])  # each step trained once, same loss
