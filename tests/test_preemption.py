@@ -57,3 +57,43 @@ def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, tokenizer_
     assert min(_losses(root, "1")) == saved  # continued from the SIGTERM checkpoint, not from step 0
     for step, values in after.items():
         assert values == reference[step], (step, values, reference[step])  # each step trained once, same loss
+
+
+def test_sigterm_inside_a_gradient_accumulation_window_saves_at_its_end(tmp_path):
+    """In-process: the checkpoint falls on an optimizer step, never between the micro-batches of one."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from transfusion.lightning.preemption import PreemptionCheckpoint
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(torch.randn(16, 2), batch_size=2)
+
+    class Terminate(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:  # the first micro-batch of the second window of two
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Terminate(), PreemptionCheckpoint()])
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.fit(Tiny())
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2  # micro-batches 2 and 3 made step 2; the run stopped before batch 4
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.processed == 4
+    assert signal.getsignal(signal.SIGTERM) == handler  # the process's own handler is back
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())

@@ -8,8 +8,10 @@ without saving anything; each rank raises when its own signal arrives.
 :class:`PreemptionCheckpoint` takes SIGTERM over while training runs: its handler only records the signal;
 after every training step the ranks agree on whether any of them received one (one tiny all-reduce), and if
 so every rank calls ``trainer.save_checkpoint`` on the ``last.ckpt`` that ``--ckpt_path last`` resumes from
-and, once the step's metrics are logged, stops with exit status 143 (128 + SIGTERM, "ended by a signal", for schedulers that restart failed jobs).
-A signal that arrives during a validation lets it finish and is honoured at the end of the next step.
+and, once the step's metrics are logged, stops with exit status 143 (128 + SIGTERM: "ended by a signal", for
+schedulers that restart failed jobs). A SIGTERM during a validation lets it finish; the next step ends the run.
+Data workers, forked before training starts, inherit a blocked SIGTERM and never see it (a run that fails leaves
+none behind: at exit they are killed before ``multiprocessing`` joins them).
 
 The checkpoint is taken where ``ModelCheckpoint`` takes its own (this is a ``Checkpoint``, which Lightning
 runs after the other callbacks), so the resumed run is bitwise the uninterrupted one. It costs up to one
@@ -19,6 +21,8 @@ training step (plus a validation) and one checkpoint write: the grace period bef
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import threading
 from pathlib import Path
@@ -47,14 +51,18 @@ class PreemptionCheckpoint(Checkpoint):
         self.received = self.saved = False
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._record)  # after Lightning registered its own
+        if self._blocked:  # SIGTERM cannot stop these workers: at exit, before multiprocessing joins them, SIGKILL
+            atexit.register(_kill, multiprocessing.active_children())
         self._unblock()  # a SIGTERM held back since setup is recorded now
 
     def _record(self, signum, frame) -> None:
         self.received = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or \
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch  # not inside a gradient accumulation window
         # the signal reaches the ranks at different moments (or only one): all decide together, at the same step
-        if self.saved or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if self.saved or not stepped or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # every rank: a collective under DDP / FSDP2
@@ -90,6 +98,16 @@ class PreemptionCheckpoint(Checkpoint):
         if self._blocked:
             self._blocked = False
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _kill(workers: list) -> None:
+    """Kill data workers that a failed run left running (normally they have exited by now)."""
+    alive = [w for w in workers if w.is_alive()]
+    if alive:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed" for each
+        for worker in alive:
+            worker.kill()
+            worker.join(5)
 
 
 def last_checkpoint_path(trainer) -> Path:
