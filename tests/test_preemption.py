@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +21,22 @@ def _wait_for_step(root, step: int, process: subprocess.Popen, timeout: float = 
 
 
 def _gone(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    """No process of the process group ``group`` is running (zombies that no one reaped yet count as gone)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return False
+    return True
+
+
+def _all_gone(group: int, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _gone(group)
 
 
 @pytest.mark.slow
@@ -41,7 +53,7 @@ def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, tokenizer_
     sent = time.monotonic()
     _, err = _finish(preempted, 120)
     assert preempted.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert time.monotonic() - sent < 60 and _gone(preempted.pid)  # one step and a checkpoint; nothing left behind
+    assert time.monotonic() - sent < 60 and _all_gone(preempted.pid)  # one step and a checkpoint; nothing left behind
     assert "SIGTERM: saved" in err and "resume with --ckpt_path last" in err, err[-3000:]
     before = _losses(root)
     saved = torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
