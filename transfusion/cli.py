@@ -93,6 +93,8 @@ class TransfusionCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         defaults = [LostRankReport()]  # a rank that dies or hangs is named (transfusion.lightning.lost_rank)
         if trainer.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                defaults.append(ModelCheckpoint())  # Lightning's default, which it leaves out beside another Checkpoint
             defaults.append(PreemptionCheckpoint())  # SIGTERM: save last.ckpt at the step's end, then stop
         kwargs["callbacks"] = callbacks + [d for d in defaults if not any(type(c) is type(d) for c in callbacks)]
         return super().instantiate_trainer(**kwargs)
