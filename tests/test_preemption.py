@@ -109,3 +109,26 @@ def test_sigterm_inside_a_gradient_accumulation_window_saves_at_its_end(tmp_path
     assert trainer.fit_loop.epoch_loop.batch_progress.total.processed == 4
     assert signal.getsignal(signal.SIGTERM) == handler  # the process's own handler is back
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_fit_adds_the_preemption_and_lost_rank_callbacks(tmp_path, tokenizer_path, autoencoder_ckpt):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from test_reliability import CONFIGS
+    from transfusion.cli import cli_main
+    from transfusion.lightning.lost_rank import LostRankReport
+    from transfusion.lightning.preemption import PreemptionCheckpoint
+
+    def callbacks(*extra):
+        cli = cli_main(["--config", str(CONFIGS / "transfusion_embedded.yaml"), "--model.init_args.preset", "debug",
+                        "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
+                        "--trainer.default_root_dir", str(tmp_path), *extra], run=False)
+        return [type(c) for c in cli.trainer.callbacks], cli.trainer.checkpoint_callback
+
+    types, first = callbacks()
+    assert {LostRankReport, PreemptionCheckpoint} <= set(types) and isinstance(first, ModelCheckpoint)
+    # without a ModelCheckpoint in the config, Lightning's default one is still there (and still the first)
+    types, first = callbacks("--trainer.callbacks", "[]")
+    assert types.count(ModelCheckpoint) == 1 and type(first) is ModelCheckpoint and PreemptionCheckpoint in types
+    types, _ = callbacks("--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false")
+    assert PreemptionCheckpoint not in types and ModelCheckpoint not in types and LostRankReport in types
