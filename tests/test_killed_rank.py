@@ -52,3 +52,27 @@ def test_killed_rank_stops_the_other_then_resume_is_bitwise(tmp_path, tokenizer_
     assert min(_losses(root, "1")) == saved  # continued from the checkpoint, not from step 0
     for step, values in after.items():  # steps run twice (after the last checkpoint, before the kill) agree too
         assert set(values) == set(reference[step]), (step, values, reference[step])
+
+
+def test_roll_call_names_the_ranks_that_do_not_answer(tmp_path):
+    """In-process, one gloo rank of a pretended world of 3: ranks 1 and 2 never write to the store."""
+    import torch.distributed as dist
+
+    from transfusion.lightning.lost_rank import is_collective_failure, roll_call
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        start = time.monotonic()
+        assert roll_call(0, 1, wait_s=5) == {}  # everyone answered: no wait
+        assert time.monotonic() - start < 2
+        lost = roll_call(0, 3, wait_s=0.3)
+        assert sorted(lost) == [1, 2] and "did not answer within 0.3 s" in lost[1]
+    finally:
+        dist.destroy_process_group()
+    assert roll_call(1, 2, wait_s=0.3) == {0: "cannot be reached (its rendezvous store does not answer: ValueError)"}
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:36748")
+    assert is_collective_failure(gloo) and not is_collective_failure(ValueError("bad option"))
+    wrapped = RuntimeError("training step failed")
+    wrapped.__cause__ = gloo
+    assert is_collective_failure(wrapped) and not is_collective_failure(RuntimeError("CUDA out of memory"))
