@@ -121,7 +121,8 @@ def test_fit_adds_the_preemption_and_lost_rank_callbacks(tmp_path, tokenizer_pat
 
     def callbacks(*extra):
         cli = cli_main(["--config", str(CONFIGS / "transfusion_embedded.yaml"), "--model.init_args.preset", "debug",
-                        "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
+                        "--model.init_args.tokenizer", tokenizer_path,
+                        "--model.init_args.autoencoder", autoencoder_ckpt,
                         "--trainer.default_root_dir", str(tmp_path), *extra], run=False)
         return [type(c) for c in cli.trainer.callbacks], cli.trainer.checkpoint_callback
 

@@ -8,7 +8,8 @@
 * Named: :class:`LostRankReport` catches that failure in ``on_exception`` and finds which ranks are gone: the
   process that launched the others (Lightning's launcher) reads their exit status; every other rank holds a
   roll call over torch's rendezvous store (each survivor writes its rank and waits ``wait_s`` for the others);
-  a store that does not answer means rank 0, which holds it, is gone. The message is attached to the
+  a store that does not answer means rank 0, which holds it, is gone. A hung rank that this process launched is
+  killed, so that nothing is left running. The message is attached to the
   exception (``LOST_RANKS``), and ``transfusion fit`` prints it as its one-line error (exit status 1).
 """
 
@@ -37,6 +38,9 @@ class LostRankReport(L.Callback):
             return
         rank, world = trainer.global_rank, trainer.world_size
         lost = dead_children(trainer) or roll_call(rank, world, self.wait_s)
+        for r, process in children(trainer).items():  # launched from here and hung: not left running
+            if r in lost and process.poll() is None:
+                process.kill()
         named = "; ".join(f"rank {r} of {world} {why}" for r, why in sorted(lost.items())) or \
             f"a collective failed but all {world} ranks answered the roll call"
         message = f"{named}: rank {rank} stops too; rerun with --ckpt_path last to resume from the last checkpoint"
@@ -54,15 +58,20 @@ def is_collective_failure(error: BaseException | None) -> bool:
     return False
 
 
-def dead_children(trainer) -> dict[int, str]:
-    """{rank: how it ended} for the processes that Lightning's launcher started from this one and that ended."""
-    lost = {}
+def children(trainer) -> dict:
+    """{rank: subprocess.Popen} of the ranks that Lightning's launcher started from this process (none elsewhere)."""
     first = trainer.node_rank * trainer.num_devices + 1  # the launcher is local rank 0, its children 1, 2, ...
-    for i, process in enumerate(getattr(trainer.strategy.launcher, "procs", None) or []):
+    return {first + i: p for i, p in enumerate(getattr(trainer.strategy.launcher, "procs", None) or [])}
+
+
+def dead_children(trainer) -> dict[int, str]:
+    """{rank: how it ended} for the ranks launched from this process that ended with an error or a signal."""
+    lost = {}
+    for rank, process in children(trainer).items():
         code = process.poll()
         if code is not None and code != 0:
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-            lost[first + i] = f"is lost ({how}, pid {process.pid})"
+            lost[rank] = f"is lost ({how}, pid {process.pid})"
     return lost
 
 
