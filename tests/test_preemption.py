@@ -133,3 +133,20 @@ def test_fit_adds_the_preemption_and_lost_rank_callbacks(tmp_path, tokenizer_pat
     assert types.count(ModelCheckpoint) == 1 and type(first) is ModelCheckpoint and PreemptionCheckpoint in types
     types, _ = callbacks("--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false")
     assert PreemptionCheckpoint not in types and ModelCheckpoint not in types and LostRankReport in types
+
+
+def test_ckpt_path_last_finds_a_sharded_checkpoint_folder(tmp_path):
+    """FSDP2 writes last.ckpt as a folder of shards: `--ckpt_path last` resumes from it too (a bare folder is no
+    checkpoint)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from transfusion.cli import find_last_checkpoint
+
+    trainer = SimpleNamespace(checkpoint_callbacks=[ModelCheckpoint(dirpath=tmp_path)], loggers=[],
+                              default_root_dir=str(tmp_path))
+    (tmp_path / "last.ckpt").mkdir()
+    assert find_last_checkpoint(trainer) is None
+    (tmp_path / "last.ckpt" / ".metadata").write_bytes(b"shards")
+    assert find_last_checkpoint(trainer) == str(tmp_path / "last.ckpt")

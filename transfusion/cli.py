@@ -136,7 +136,8 @@ def find_last_checkpoint(trainer: L.Trainer) -> str | None:
         root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
         folders += sorted(root.glob("*/checkpoints"))
     folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    # a file, or the folder of shards that FSDP2 writes (torch.distributed.checkpoint: .metadata inside)
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file() or (p / ".metadata").is_file()]
     if not found:
         print(f"transfusion fit: --ckpt_path last: no last*.ckpt under {', '.join(map(str, folders))}; "
               "starting from scratch", file=sys.stderr)
