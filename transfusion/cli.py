@@ -43,6 +43,8 @@ import lightning as L
 
 from transfusion.errors import check_checkpoint_file, one_line, user_error
 from transfusion.lightning.checkpoint import AtomicCheckpointIO
+from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport
+from transfusion.lightning.preemption import PreemptionCheckpoint
 
 
 class ConfigError(SystemExit):
@@ -82,10 +84,19 @@ class TransfusionCLI(LightningCLI):
             raise ConfigError(2)
 
     def instantiate_trainer(self, **kwargs):
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        trainer = self._get(self.config_init, "trainer", default={})
+        plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        defaults = [LostRankReport()]  # a rank that dies or hangs is named (transfusion.lightning.lost_rank)
+        if trainer.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                defaults.append(ModelCheckpoint())  # Lightning's default, which it leaves out beside another Checkpoint
+            defaults.append(PreemptionCheckpoint())  # SIGTERM: save last.ckpt at the step's end, then stop
+        kwargs["callbacks"] = callbacks + [d for d in defaults if not any(type(c) is type(d) for c in callbacks)]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -125,7 +136,8 @@ def find_last_checkpoint(trainer: L.Trainer) -> str | None:
         root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
         folders += sorted(root.glob("*/checkpoints"))
     folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    # a file, or the folder of shards that FSDP2 writes (torch.distributed.checkpoint: .metadata inside)
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file() or (p / ".metadata").is_file()]
     if not found:
         print(f"transfusion fit: --ckpt_path last: no last*.ckpt under {', '.join(map(str, folders))}; "
               "starting from scratch", file=sys.stderr)
@@ -247,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cli_main(None if command_line else argv)
     except Exception as error:
+        lost = getattr(error, LOST_RANKS, None)  # a data-parallel rank died or hung: name it, not gloo's traceback
+        if lost and not debug:
+            print(f"{name}: error: {lost}", file=sys.stderr)
+            raise SystemExit(1) from error
         cause = user_error(error)  # Lightning and jsonargparse may wrap it (raise ... from)
         if cause is None or debug:
             raise
