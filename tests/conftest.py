@@ -3,11 +3,14 @@ Inception weights and a small CLIP."""
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `transfusion` command: set before torch loads OpenMP
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # test files import lightning, transformers and diffusers before transfusion's packages
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
