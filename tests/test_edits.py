@@ -181,15 +181,8 @@ def test_edit_data_module_mixes_caption_rows_as_the_quickstart_trains(layout):
 # ---------------------------------------------------------------- the model: the source enters clean
 
 @pytest.fixture(scope="module")
-def module(tokenizer_path, autoencoder_ckpt):
-    from transfusion.lightning.transfusion import TransfusionModule
-
-    torch.manual_seed(0)
-    m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", min_snr_gamma=5.0)
-    with torch.no_grad():  # an untrained patch decoder predicts eps = 0 whatever it sees
-        proj = m.model.patch_decoder.proj.weight
-        proj.copy_(0.2 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
-    return m.double().eval()
+def module(make_debug_transfusion):
+    return make_debug_transfusion(min_snr_gamma=5.0)
 
 
 def _edit_batch(module):
