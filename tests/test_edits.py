@@ -72,6 +72,7 @@ def _documents(row: dict, tok) -> list[tuple[list[int], list[int]]]:
     return docs
 
 
+@pytest.mark.slow
 def test_edit_documents_and_their_dropout(layout):
     tok, n = layout.tokenizer, layout.patches_per_image
     rows = EditRows(ShapeEdits(50, 16), layout, seq_len=96, num_rows=400, p_drop_instruction=0.1,
@@ -398,6 +399,7 @@ def test_fine_tune_from_a_checkpoint_evaluates_edits_and_predicts_from_a_prompt_
     assert Image.open(tmp_path / "samples" / "edits.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_init_from_refuses_another_architecture(tmp_path, tokenizer_path, autoencoder_ckpt):
     base = _base_fit(tmp_path / "base", tokenizer_path, autoencoder_ckpt)
     with pytest.raises(ValueError, match="n_layers"):
