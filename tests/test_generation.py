@@ -94,7 +94,7 @@ def _boi_bias_for_mixed_output(module, logit_bias, prompt, **options) -> tuple[f
     """Smallest BOI logit bias under which greedy decoding writes text, then (itself) BOI and an image, then text."""
     for b in range(0, 60, 2):
         with logit_bias(module, {module.tokenizer.boi_id: float(b)}):
-            out = generate(module, [prompt], seeds=[1], use_cache=False, **options)[0]
+            out = generate(module, [prompt], seeds=[1], use_cache=True, **options)[0]
         k = kinds(out)
         if "image" in k and k[0] == "text" and "text" in k[k.index("image"):]:
             return float(b), out
@@ -106,9 +106,9 @@ def _boi_bias_for_mixed_output(module, logit_bias, prompt, **options) -> tuple[f
 def test_cache_matches_recompute_when_model_samples_boi(module, cfg_scale, sampler, logit_bias):
     options = dict(max_new_tokens=12, cfg_scale=cfg_scale, sampler=sampler)
     prompt = ["a red circle"]
-    bias, reference = _boi_bias_for_mixed_output(module, logit_bias, prompt, **options)
+    bias, cached = _boi_bias_for_mixed_output(module, logit_bias, prompt, **options)  # searched with the cache
     with logit_bias(module, {module.tokenizer.boi_id: bias}):
-        cached = generate(module, [prompt], seeds=[1], use_cache=True, **options)[0]
+        reference = generate(module, [prompt], seeds=[1], use_cache=False, **options)[0]
     assert_same_outputs(cached, reference)
 
 
