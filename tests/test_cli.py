@@ -15,6 +15,7 @@ from transfusion.models.transformer import TransformerConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedded.yaml"),
             "chameleon_embedded_predict.yaml": ("predict", "chameleon_embedded.yaml"),
+            "geneval_predict.yaml": ("predict", "transfusion_embedded.yaml"),
             "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml"),
             "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml")}
 

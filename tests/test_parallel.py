@@ -137,3 +137,41 @@ def test_gradient_accumulation_matches_the_larger_batch(runs, tokenizer_path, au
     so the 1.5% tolerance tells accumulation from none."""
     single, accumulated = _metric(runs["single"], "val/loss"), _metric(tmp_path, "val/loss")
     assert abs(accumulated - single) < 0.015 * single
+
+
+def test_a_full_disk_keeps_the_previous_sharded_checkpoint(runs, tokenizer_path, autoencoder_ckpt, tmp_path):
+    """The FSDP2 run resumed in its own folder cannot write its next sharded checkpoint (no file may grow past half
+    a rank's shard file): both ranks stop, the command in one line, and the previous checkpoint directory is byte
+    for byte the same, with no temporary folder beside it (single-file checkpoints: tests/test_full_disk.py)."""
+    import hashlib
+    import re
+    import resource
+    import shutil
+    import signal
+
+    root = tmp_path / "fsdp2"
+    shutil.copytree(runs["fsdp2"], root)
+    previous = _last(root)
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(previous.iterdir())}
+
+    before, limit = digest(), min(p.stat().st_size for p in previous.glob("*.distcp")) // 2
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    args = _args(root, tokenizer_path, autoencoder_ckpt, devices=2, batch_size=4, overlay=FSDP2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "transfusion.cli", "fit", *args, "--trainer.max_steps",
+                             str(STEPS + 1), "--trainer.logger.init_args.version", previous.parents[1].name,
+                             "--ckpt_path", str(previous)], cwd=Path(__file__).resolve().parents[1], env=env,
+                            preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    (tmp_path / "stderr.txt").write_text(result.stderr)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]  # Lightning names it last-v1.ckpt: the run was copied here
+    assert re.fullmatch(rf"transfusion fit: error: checkpoint {previous.parent}/last(-v1)?\.ckpt not written: File too "
+                        rf"large on rank \d \(.* free on {previous.parent}\); (the previous last\.ckpt there is "
+                        r"unchanged|nothing was written there; last\.ckpt beside it unchanged)", last), last
+    assert digest() == before and sorted(p.name for p in previous.parent.iterdir()) == ["last.ckpt"]

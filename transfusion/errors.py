@@ -17,8 +17,16 @@ class UserError(ValueError):
     """Bad input: an option, a file or a record the user gave; the message names it."""
 
 
-# besides UserError (BadDataError is one): a named input file that is missing or would be overwritten
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError)
+class DiskFullError(OSError):
+    """An output not written for lack of space (``transfusion.atomic``); the message names the file, the free space
+    and what was kept."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+# besides UserError (BadDataError is one): a named input file that is missing or would be overwritten; a full disk
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError, DiskFullError)
 
 
 def user_error(error: BaseException) -> BaseException | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion.atomic import atomic_folder
 from transfusion.errors import check_checkpoint_file
 from transfusion.lightning.hub import CONFIG, WEIGHTS, HubMixin
 
@@ -66,7 +67,8 @@ def export(ckpt_path: str | Path, output: str | Path, llama: bool = False, weigh
 
         if not class_path.endswith("TransfusionModule"):
             raise ValueError(f"--llama exports a Transfusion model's text weights; {ckpt_path} holds a {class_path}")
-        save_llama(module.model, module.tokenizer.path, output)
+        with atomic_folder(output, "Llama folder") as folder:  # whole or not at all, as save_pretrained
+            save_llama(module.model, module.tokenizer.path, folder)
     else:
         module.save_pretrained(output)
     return output

@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from PIL import Image
+from torchvision.utils import make_grid
 
+from transfusion.data.geneval_prompts import SAMPLE_FILE, GenEvalPrompts, sample_name
 from transfusion.data.prompts import prompt_text
+from transfusion.errors import UserError
 from transfusion.images import image_grid, to_pil
 
 
@@ -75,3 +78,49 @@ class GenerationWriter(BasePredictionWriter):
         image_grid(self._captioned, self.scale).save(self.output_dir / "captions.png")
         if self._edited:
             image_grid(self._edited, self.scale).save(self.output_dir / "edits.png")
+
+
+class GenEvalWriter(BasePredictionWriter):
+    """Writes the ``predict`` outputs of ``GenEvalPrompts`` in GenEval's layout (``transfusion.data.geneval_prompts``).
+
+    Each batch holds whole lines; a line's folder is written whole: its old ``metadata.jsonl`` removed, images
+    ``samples/00000.png ...`` (numbered images beyond N removed), ``grid.png`` (one row, as ``make_grid``), then
+    ``metadata.jsonl`` last, the mark of a complete folder.
+    """
+
+    def __init__(self, grid: bool = True):
+        super().__init__(write_interval="batch")
+        self.grid = grid
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if not isinstance(trainer.datamodule, GenEvalPrompts):
+            raise UserError(f"GenEvalWriter writes GenEval prompts: set data.class_path to "
+                            f"transfusion.data.geneval_prompts.GenEvalPrompts (got {type(trainer.datamodule).__name__})")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        lines: dict[str, list[dict]] = {}
+        for record in prediction:
+            lines.setdefault(record["geneval"]["folder"], []).append(record)
+        for records in lines.values():
+            self.write_folder(records)
+
+    def write_folder(self, records: list[dict]) -> None:
+        line = records[0]["geneval"]
+        folder, n = Path(line["folder"]), line["samples"]
+        if sorted(r["geneval"]["sample"] for r in records) != list(range(n)):
+            raise RuntimeError(f"{folder}: a batch must hold every image of a line, got "
+                               f"{sorted(r['geneval']['sample'] for r in records)} of {n}")
+        (folder / "metadata.jsonl").unlink(missing_ok=True)  # incomplete until written again, last
+        samples = folder / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        for stale in samples.iterdir():
+            if SAMPLE_FILE.fullmatch(stale.name) and int(stale.stem) >= n:
+                stale.unlink()
+        images = []
+        for record in sorted(records, key=lambda r: r["geneval"]["sample"]):
+            image = next(s for s in record["output"] if isinstance(s, torch.Tensor))  # the prompt ends with IMAGE
+            to_pil(image).save(samples / sample_name(record["geneval"]["sample"]))
+            images.append(image.float().cpu())
+        if self.grid:
+            to_pil(make_grid(torch.stack(images), nrow=n, padding=2, pad_value=-1.0)).save(folder / "grid.png")
+        (folder / "metadata.jsonl").write_text(json.dumps(line["metadata"]), encoding="utf-8")  # as GenEval's json.dump

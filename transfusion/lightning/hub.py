@@ -11,7 +11,8 @@ A saved folder (or Hub repo) holds
   (its weights are then not in ``model.safetensors``);
 * ``README.md``: the model card.
 
-Loading unpickles nothing. Optimizer state is not saved: to continue training, use the Lightning checkpoint.
+A folder is written whole or not at all (``config.json``, which loading reads first, comes last). Loading
+unpickles nothing. Optimizer state is not saved: to continue training, use the Lightning checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 
+from transfusion.atomic import atomic_folder
 from transfusion.data.tokenizer import HF_CONFIG, HUGGING_FACE
 from transfusion.lightning.checkpoint import check_config, flatten_config
 
@@ -58,6 +60,18 @@ class HubMixin(ModelHubMixin, library_name="transfusion", paper_url=PAPER, tags=
       missing; ``private``, ``branch``, ``create_pr``, ``commit_message`` as for ``HfApi.upload_folder``), after
       ``hf auth login`` or with ``token=``.
     """
+
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, repo_id: str | None = None,
+                        push_to_hub: bool = False, model_card_kwargs: dict | None = None, **push_to_hub_kwargs):
+        """``ModelHubMixin.save_pretrained``, whole or not at all: written to a temporary folder beside
+        ``save_directory``, then moved in with ``config.json`` last (``transfusion.atomic.atomic_folder``); a full
+        disk raises ``DiskFullError`` and leaves an earlier folder there as it was."""
+        with atomic_folder(save_directory, "save_pretrained folder", last=CONFIG) as tmp:
+            super().save_pretrained(tmp, config=config, model_card_kwargs=model_card_kwargs)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, config=config,
+                                    model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         self.configure_model()  # a network built lazily (TransfusionModule) is built now, so its weights are saved

@@ -10,10 +10,19 @@ parameters are gathered just before it runs and freed after. Tensor parallelism 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
+import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint import FileSystemWriter
+
+from transfusion.atomic import free_space, full_disk_error
+from transfusion.errors import DiskFullError
+from transfusion.lightning.checkpoint import kept
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -25,6 +34,76 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint whole or not at all: every rank writes into ``.NAME.tmp/`` beside it, and rank 0
+        renames that over ``NAME`` once all have succeeded; a full disk on any rank keeps the previous one and
+        raises ``DiskFullError`` on every rank (``transfusion.atomic``). One file (``save_distributed_checkpoint:
+        false``) goes through the CheckpointIO, atomic already."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        kept_before = kept(path)  # for the message, as things stand before writing
+        tmp = path.with_name(f".{path.name}.tmp")  # one name for all ranks; not "*.ckpt": never taken for one
+        if self.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.barrier("sharded checkpoint")
+        error = None
+        try:
+            self._save_shards(checkpoint, tmp)
+        except BaseException as caught:  # DCP's CheckpointException is one; every rank learns of it, none waits
+            if isinstance(caught, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = caught
+        full = full_disk_error(error)
+        outcomes = [None] * self.world_size
+        outcome = None if error is None else (full.errno, full.strerror) if full is not None else (None, str(error))
+        torch.distributed.all_gather_object(outcomes, outcome)
+        failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+        if failed:
+            if self.global_rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None and full is None:
+                raise error  # an internal error: its own traceback
+            rank, (code, reason) = failed[0]
+            message = f"checkpoint {path} not written: {reason} on rank {rank} ({free_space(path)}); {kept_before}"
+            if code is not None:
+                raise DiskFullError(code, message) from error
+            raise RuntimeError(message) from error
+        if self.global_rank == 0:
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+            if old.is_file():
+                old.unlink()
+        self.barrier("sharded checkpoint renamed")
+
+    def _save_shards(self, checkpoint: dict[str, Any], folder: Path) -> None:
+        """What ``ModelParallelStrategy`` writes (each rank's shards, then ``meta.pt`` from rank 0), with a writer
+        whose out-of-space errors reach the other ranks with their errno."""
+        from torch.distributed.checkpoint import save
+
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"state_dict": checkpoint.pop("state_dict"),
+                 **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        save(state, storage_writer=_ShardWriter(folder))
+        if self.global_rank == 0:
+            torch.save(checkpoint, folder / "meta.pt")  # Lightning's name for the rest of the checkpoint
+
+
+class _ShardWriter(FileSystemWriter):
+    """``FileSystemWriter`` whose out-of-space error stays one: ``torch.save`` hides it behind the zip writer's
+    ``RuntimeError``, whose cause is lost when the error is sent to the coordinating rank."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as error:
+            if full := full_disk_error(error):
+                raise OSError(full.errno, full.strerror) from error
+            raise
 
 
 def fully_shard_blocks(model: nn.Module, mesh) -> None:

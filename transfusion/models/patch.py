@@ -148,7 +148,7 @@ class UNetPatchDecoder(nn.Module):
     def forward(self, hidden: torch.Tensor, t: torch.Tensor, skips) -> torch.Tensor:
         t_emb = self.t_embed(t)
         N, _, gh, gw = skips[-1].shape
-        h = self.proj(hidden).transpose(1, 2).reshape(N, -1, gh, gw)  # (N, ch, h/k, w/k)
+        h = self.proj(hidden).transpose(1, 2).reshape(N, self.proj.out_features, gh, gw)  # (N, ch, h/k, w/k)
         h = self.mid(torch.cat([h, skips[-1]], dim=1), t_emb)
         for block, skip in zip(self.up, reversed(skips[:-1])):
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")

@@ -301,8 +301,11 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(pos.max())} exceeds max_seq_len={self.cfg.max_seq_len}")
         if self.cfg.modality_experts and is_image is None:
             raise ValueError("a transformer with modality_experts needs is_image, the image positions (B, L)")
-        # no image position (text, or a decoding step): every position takes the text weights, the dense path
-        experts = Experts(is_image) if self.cfg.modality_experts and is_image.any() else None
+        # no image position (text, or a decoding step): every position takes the text weights, the dense path; but
+        # with gradients the image weights run on no rows, so that every data-parallel rank (DDP, FSDP2) reduces
+        # the same gradients whatever its rows hold
+        route = self.cfg.modality_experts and (is_image.any() or torch.is_grad_enabled())
+        experts = Experts(is_image) if route else None
         rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and caches is None
         for i, layer in enumerate(self.layers):

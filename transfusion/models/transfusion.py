@@ -28,7 +28,7 @@ from transfusion.diffusion import Diffusion
 from transfusion.flow import RectifiedFlow
 from transfusion.models.attention import block_mask, dense_mask, positions
 from transfusion.models.patch import build_patch_layers
-from transfusion.models.transformer import Transformer, TransformerConfig, is_image_weight
+from transfusion.models.transformer import Transformer, TransformerConfig
 
 
 @dataclass
@@ -142,7 +142,8 @@ class Transfusion(nn.Module):
         h = self.embedding(tokens)  # (B, L, D)
         is_patch = image_ids >= 0
         context = None
-        if x_t is not None and x_t.shape[0] > 0:
+        # with gradients, no images still runs the patch layers (on no rows): see the image-free case in loss
+        if x_t is not None and (x_t.shape[0] > 0 or torch.is_grad_enabled()):
             patches, context = self.patch_encoder(x_t, t)  # (N, n, D)
             if patches.shape[0] * patches.shape[1] != int(is_patch.sum()):
                 raise ValueError(
@@ -156,7 +157,7 @@ class Transfusion(nn.Module):
         eps = None
         if context is not None:
             N, n = x_t.shape[0], self.cfg.patches_per_image
-            eps = self.patch_decoder(hidden[is_patch].view(N, n, -1), t, context)
+            eps = self.patch_decoder(hidden[is_patch].view(N, n, hidden.shape[-1]), t, context)
         return hidden, eps
 
     def loss(self, tokens, doc_ids, image_ids, latents, max_t=None, pad_id: int = -1, boi_id: int = -1,
@@ -197,16 +198,11 @@ class Transfusion(nn.Module):
                 ddpm_loss = (per_image * self.diffusion.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
             else:
                 ddpm_loss = per_image.mean()
-        else:  # keep the image-only weights in the graph so data-parallel gradients stay in step
+        else:  # no noised image: the image weights still ran in forward (on no rows, or clean images), so their
+            # zero gradients reach DDP's and FSDP2's reductions as every other's do (not around them, on shards)
             per_image = latents.new_zeros(0)
-            ddpm_loss = sum(p.sum() for p in self._image_parameters()) * 0.0
+            ddpm_loss = eps.sum() * 0.0 if eps is not None else latents.new_zeros(())
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
         return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
                 "text_tokens": lm_positions.sum().detach(), "images": noised.sum().detach(),
                 "ddpm_per_image": per_image.detach(), "t": t[noised]}
-
-    def _image_parameters(self):
-        """What only images use: the patch layers and, with modality experts, the image weights."""
-        yield from self.patch_encoder.parameters()
-        yield from self.patch_decoder.parameters()
-        yield from (p for name, p in self.transformer.named_parameters() if is_image_weight(name))

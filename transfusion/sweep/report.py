@@ -8,10 +8,12 @@ params, tokens, flops (6ND), flops_exact (with attention) and the metrics (``fid
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
+from transfusion.atomic import atomic_write, write_text
 from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_text
 
 COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "params", "tokens", "flops", "flops_exact"]
@@ -177,7 +179,8 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "sweep plot") as f:
+        fig.savefig(f, format=Path(path).suffix[1:], dpi=110)
     plt.close(fig)
 
 
@@ -187,18 +190,20 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
     ``learning_rates``: how each model's rate was chosen on the sweep's grid (``Sweep.lr_choice``), if it has one."""
     output.mkdir(parents=True, exist_ok=True)
     keys = metric_keys(rows)
-    with open(output / "results.csv", "w", newline="") as f:  # every metric, per-attribute rates too
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + metric_keys(rows, parts=True), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
+    table = io.StringIO()  # every metric, per-attribute rates too
+    writer = csv.DictWriter(table, fieldnames=COLUMNS + metric_keys(rows, parts=True), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
+    # each file whole or not at all: a full disk leaves the previous one (transfusion.atomic)
+    write_text(output / "results.csv", table.getvalue(), "sweep results")
     t3 = table3(rows, reference_size, parity_curve)
     t3["learning_rates"] = dict(learning_rates or {})
     abl = ablation_tables(rows)
-    (output / "table3.md").write_text(table3_markdown(t3))
-    (output / "ablations.md").write_text(ablations_markdown(abl, keys))
+    write_text(output / "table3.md", table3_markdown(t3), "sweep results")
+    write_text(output / "ablations.md", ablations_markdown(abl, keys), "sweep results")
     plot_scaling(rows, output / "scaling.png")
     result = {"config": config, "table3": t3, "ablations": abl, "evaluations": rows}
-    (output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(output / "results.json", json.dumps(result, indent=2) + "\n", "sweep results")
     return result
 
 

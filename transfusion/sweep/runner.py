@@ -25,6 +25,8 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from transfusion.atomic import write_text
+
 MODELS = ("transfusion", "chameleon")
 
 
@@ -307,8 +309,8 @@ class Sweep:
 
                 save_llama(cli.model.model, tok, root / "model")
                 prepared[name] = str(root / "model")
-            record.write_text(json.dumps(prepared, indent=2) + "\n")
-        record.write_text(json.dumps(prepared, indent=2) + "\n")
+            write_text(record, json.dumps(prepared, indent=2) + "\n", "sweep record")
+        write_text(record, json.dumps(prepared, indent=2) + "\n", "sweep record")
         return prepared
 
     # ------------------------------------------------------------------ runs
@@ -348,9 +350,9 @@ class Sweep:
         start = time.perf_counter()
         evaluations = self._train(args)
         wall = time.perf_counter() - start
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run": asdict(run), "args": args, "wall_s": wall, "evaluations": evaluations},
-                                   indent=2) + "\n")
+        # whole or not at all: a record torn by a full disk or a kill would break the resume (transfusion.atomic)
+        write_text(path, json.dumps({"run": asdict(run), "args": args, "wall_s": wall, "evaluations": evaluations},
+                                    indent=2) + "\n", "sweep record")
         return evaluations
 
     def fit_args(self, run: Run, prepared: dict) -> list[str]:

@@ -9,6 +9,7 @@ import tarfile
 
 from fsspec.core import url_to_fs
 
+from transfusion import atomic
 from transfusion.data.shards import format as fmt
 
 
@@ -100,7 +101,5 @@ def write_foreign_index(url: str, output: str | None = None, overwrite: bool = F
     target = posixpath.join(root, fmt.INDEX)
     if fs.exists(target) and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    with fs.open(target + ".partial", "wb") as f:
-        f.write(fmt.dump_index(index).encode())
-    fs.mv(target + ".partial", target)
+    atomic.put(fs, target, fmt.dump_index(index).encode(), "shard index")
     return fs.unstrip_protocol(target), index

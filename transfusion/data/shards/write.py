@@ -6,7 +6,8 @@
 in training (images resized and centre-cropped to the model's size); bad ones are counted by reason in the index's
 ``skipped``. Shard ``n`` holds records ``n * samples_per_shard ...`` of the (optionally seeded-shuffled) record order
 and is made by one worker process, so the bytes written do not depend on the number of workers. Each shard is
-written to ``NAME.partial`` and renamed; ``index.json`` comes last (a set without it is incomplete).
+written whole or not at all (``transfusion.atomic.put``: a temporary name, fsync'ed, renamed); ``index.json`` comes
+last (a set without it is incomplete); a full disk stops with one line naming the file and the free space.
 
 With ``--encode`` images are stored encoded by the model's frozen autoencoder (KL-VAE latents or VQ codes): workers
 decode and preprocess, the parent encodes batch by batch (on the GPU when there is one) and writes the shard.
@@ -31,6 +32,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 from tqdm.auto import tqdm
 
+from transfusion import atomic
 from transfusion.data.pairs import MAX_WARNINGS, BadDataWarning, describe
 from transfusion.data.preprocess import BadRecord
 from transfusion.data.shards import format as fmt
@@ -219,11 +221,10 @@ def prepare_shard(number: int) -> tuple[int, bytes | list[dict], int, Counter, l
 
 
 # -- the writer -------------------------------------------------------------------------------------------------
-def put(fs, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: to ``path.partial``, then renamed."""
-    with fs.open(path + ".partial", "wb") as f:
-        f.write(data)
-    fs.mv(path + ".partial", path)
+def put(fs, path: str, data: bytes, url: str) -> None:
+    """Write ``data`` to ``path`` whole or not at all (``transfusion.atomic.put``) in the set at ``url``."""
+    atomic.put(fs, path, data, "shard set file", kept=f"the shard set {url} has no {fmt.INDEX}, so no reader takes "
+               "it for complete; free space and write it again with --overwrite")
 
 
 def prepare_output(fs, root: str, overwrite: bool, url: str) -> None:
@@ -283,7 +284,7 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
                 if encode:
                     payload = shard_bytes(payload, kind, content, storage, image_format)
                 name = fmt.shard_name(kind, number)
-                put(fs, posixpath.join(root, name), payload)
+                put(fs, posixpath.join(root, name), payload, url)
                 index["shards"].append({"path": name, "samples": samples})
                 skipped += bad
                 for message in messages[:max(0, MAX_WARNINGS - warned)]:
@@ -297,7 +298,7 @@ def write_shards(records, url: str, kind: str = "webdataset", samples_per_shard:
     if not index["shards"]:
         raise ValueError(f"{desc}: nothing to write (no records)")
     index["skipped"] = dict(sorted(skipped.items()))
-    put(fs, posixpath.join(root, fmt.INDEX), fmt.dump_index(index).encode())  # last: the set is complete
+    put(fs, posixpath.join(root, fmt.INDEX), fmt.dump_index(index).encode(), url)  # last: the set is complete
     return index
 
 
