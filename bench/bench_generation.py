@@ -45,7 +45,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
 
 WORDS = ("red", "blue", "circle", "square", "the", "a", "green", "top", "left", "small")
 

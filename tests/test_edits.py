@@ -72,6 +72,7 @@ def _documents(row: dict, tok) -> list[tuple[list[int], list[int]]]:
     return docs
 
 
+@pytest.mark.slow
 def test_edit_documents_and_their_dropout(layout):
     tok, n = layout.tokenizer, layout.patches_per_image
     rows = EditRows(ShapeEdits(50, 16), layout, seq_len=96, num_rows=400, p_drop_instruction=0.1,
@@ -181,15 +182,8 @@ def test_edit_data_module_mixes_caption_rows_as_the_quickstart_trains(layout):
 # ---------------------------------------------------------------- the model: the source enters clean
 
 @pytest.fixture(scope="module")
-def module(tokenizer_path, autoencoder_ckpt):
-    from transfusion.lightning.transfusion import TransfusionModule
-
-    torch.manual_seed(0)
-    m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", min_snr_gamma=5.0)
-    with torch.no_grad():  # an untrained patch decoder predicts eps = 0 whatever it sees
-        proj = m.model.patch_decoder.proj.weight
-        proj.copy_(0.2 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
-    return m.double().eval()
+def module(make_debug_transfusion):
+    return make_debug_transfusion(min_snr_gamma=5.0)
 
 
 def _edit_batch(module):
@@ -406,6 +400,7 @@ def test_fine_tune_from_a_checkpoint_evaluates_edits_and_predicts_from_a_prompt_
     assert Image.open(tmp_path / "samples" / "edits.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_init_from_refuses_another_architecture(tmp_path, tokenizer_path, autoencoder_ckpt):
     base = _base_fit(tmp_path / "base", tokenizer_path, autoencoder_ckpt)
     with pytest.raises(ValueError, match="n_layers"):

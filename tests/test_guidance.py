@@ -25,16 +25,8 @@ PROBE_T = [1000, 600, 37, 1]
 
 
 @pytest.fixture(scope="module")
-def module(tokenizer_path, autoencoder_ckpt):
-    from transfusion.lightning.transfusion import TransfusionModule
-
-    torch.manual_seed(0)
-    m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        proj = m.model.patch_decoder.proj.weight
-        proj.copy_(0.2 * torch.randn(proj.shape, generator=g))
-    return m.double().eval()
+def module(make_debug_transfusion):
+    return make_debug_transfusion()
 
 
 @contextlib.contextmanager

@@ -35,16 +35,24 @@ import os
 import sys
 from pathlib import Path
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-import lightning as L
+# The command's process-wide settings, made before torch loads OpenMP (which reads the variable once): idle
+# OpenMP threads sleep instead of spinning. On small CPU machines a spinning pool next to a data worker or
+# another process slowed training steps down up to 30x. Set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from transfusion.errors import check_checkpoint_file, one_line, user_error
-from transfusion.lightning.checkpoint import AtomicCheckpointIO
-from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport
-from transfusion.lightning.preemption import PreemptionCheckpoint
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+import lightning as L  # noqa: E402
+
+from transfusion.errors import check_checkpoint_file, one_line, user_error  # noqa: E402
+from transfusion.lightning.checkpoint import AtomicCheckpointIO  # noqa: E402
+from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport  # noqa: E402
+from transfusion.lightning.preemption import PreemptionCheckpoint  # noqa: E402
 
 
 class ConfigError(SystemExit):

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
 
 
@@ -78,6 +80,7 @@ def read_config(folder: str | Path, class_name: str) -> dict:
 
 def _load(cls_name: str, folder: Path, config: dict) -> nn.Module:
     """The diffusers model of ``folder`` in float32 (whatever the stored dtype), frozen, in eval mode."""
+    ensure_torchvision_importable()  # diffusers' model classes import torchvision
     import diffusers  # lazily: only users of such a folder need diffusers
 
     try:
