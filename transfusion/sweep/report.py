@@ -20,7 +20,7 @@ COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "par
 def metric_keys(rows: list[dict], parts: bool = False) -> list[str]:
     """Metric columns present in ``rows``, in the paper's order (text first), then prompt following; ``parts``:
     also the per-attribute rates (``follow@shapes/colour``, ...), which the tables and plots leave out."""
-    order = ["ppl", "cider_d", "fid", "clip_score", "follow", "captions"]
+    order = ["ppl", "cider_d", "fid", "clip_score", "follow", "captions", "geneval"]
     keys = {k for r in rows for k in r if k not in COLUMNS and (parts or "/" not in k)}
     return sorted(keys, key=lambda k: (order.index(k.split("@")[0]) if k.split("@")[0] in order else 99, k))
 
