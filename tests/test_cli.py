@@ -16,7 +16,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedded.yaml"),
             "chameleon_embedded_predict.yaml": ("predict", "chameleon_embedded.yaml"),
             "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml"),
-            "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml")}
+            "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml"),
+            "evaluate_scenes.yaml": ("test", "transfusion_scenes.yaml")}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep_")))
