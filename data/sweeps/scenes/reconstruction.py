@@ -16,15 +16,16 @@ root = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/sweeps/scenes")
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 600
 prepared = json.loads((root / "prepared.json").read_text())
 kl = load_frozen(AutoencoderModule, prepared["autoencoder"])
-vq = load_frozen(VQAutoencoderModule, prepared["vqvae"])
+vq = load_frozen(VQAutoencoderModule, prepared["vqvae"]) if "vqvae" in prepared else None  # not trained yet
 for split, seed in (("heldout", 2), ("train", 3)):
     data = ScenesDataset(count, 32, seed=seed, split=split)
     items = [data[i] for i in range(count)]
     images, metadata = torch.stack([x["image"] for x in items]), [x["metadata"] for x in items]
     with torch.no_grad():
         pictures = {"original": images,
-                    "KL-VAE": torch.cat([kl.decode_latents(kl.encode_latents(b)) for b in images.split(100)]),
-                    "VQ-VAE": torch.cat([vq.decode_codes(vq.encode_codes(b)) for b in images.split(100)])}
+                    "KL-VAE": torch.cat([kl.decode_latents(kl.encode_latents(b)) for b in images.split(100)])}
+        if vq is not None:
+            pictures["VQ-VAE"] = torch.cat([vq.decode_codes(vq.encode_codes(b)) for b in images.split(100)])
     print(f"\n{split} scenes, {count} pictures: share right by GenEval's rules\n")
     print("| pictures | " + " | ".join(TASKS) + " | overall |\n|---|" + "---|" * (len(TASKS) + 1))
     for name, x in pictures.items():
