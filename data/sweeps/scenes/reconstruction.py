@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-import transfusion  # noqa: F401  (torchvision shim)
 from transfusion.data.scenes import TASKS, ScenesDataset
 from transfusion.evaluation.geneval import GenEvalScore
 from transfusion.images import image_grid
