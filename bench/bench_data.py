@@ -39,7 +39,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-import transfusion  # noqa: E402,F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
 from bench_generation import make_assets  # noqa: E402
 
 

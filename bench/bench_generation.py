@@ -45,7 +45,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
 
 WORDS = ("red", "blue", "circle", "square", "the", "a", "green", "top", "left", "small")
 
@@ -120,23 +122,23 @@ def suppress_tokens(module, token_ids):
 @contextmanager
 def step_timer(module, times: list[float]):
     """Time every call of the sampler's noise-prediction function (one denoising step of the batch)."""
-    diffusion = module.model.diffusion
-    sample = type(diffusion).sample
+    schedule = module.model.schedule
+    sample = type(schedule).sample
 
-    def timed_sample(eps_fn, *args, **kwargs):
+    def timed_sample(denoiser, *args, **kwargs):
         def timed(x, t):
             start = time.perf_counter()
-            out = eps_fn(x, t)
+            out = denoiser(x, t)
             times.append(time.perf_counter() - start)
             return out
 
-        return sample(diffusion, timed, *args, **kwargs)
+        return sample(schedule, timed, *args, **kwargs)
 
-    diffusion.sample = timed_sample
+    schedule.sample = timed_sample
     try:
         yield
     finally:
-        del diffusion.sample
+        del schedule.sample
 
 
 @contextmanager

@@ -23,7 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_generation.py
 
 import torch  # noqa: E402
 
-import transfusion  # noqa: F401,E402  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
 from bench_generation import make_assets, text_of  # noqa: E402
 
 

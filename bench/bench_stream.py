@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
 
 H100_BF16 = 989e12  # dense peak, FLOP/s
 MFU = 0.40

@@ -31,7 +31,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
 
 import torch  # noqa: E402
 
-import transfusion  # noqa: E402,F401  (torchvision shim)
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before anything imports torchvision
+
 from transfusion.models.transformer import TransformerConfig  # noqa: E402
 from transfusion.models.transfusion import Transfusion, TransfusionConfig  # noqa: E402
 

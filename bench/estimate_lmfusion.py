@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 
-import transfusion  # noqa: F401  (torchvision shim before transformers)
-from transfusion.flops import attention_flops, attention_pairs, attention_width, flop_parameters
-from transfusion.models.llama import read_llama_config
-from transfusion.models.lmfusion import is_text_weight
-from transfusion.models.transformer import TransformerConfig, is_image_weight
-from transfusion.models.transfusion import Transfusion, TransfusionConfig
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision
+
+from transfusion.flops import attention_flops, attention_pairs, attention_width, flop_parameters  # noqa: E402
+from transfusion.models.llama import read_llama_config  # noqa: E402
+from transfusion.models.lmfusion import is_text_weight  # noqa: E402
+from transfusion.models.transformer import TransformerConfig, is_image_weight  # noqa: E402
+from transfusion.models.transfusion import Transfusion, TransfusionConfig  # noqa: E402
 
 # config.json of https://huggingface.co/meta-llama/Llama-3.2-1B and https://huggingface.co/Qwen/Qwen2.5-0.5B
 LLMS = {

@@ -51,7 +51,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/README.md
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import transfusion  # noqa: E402,F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import build_module, suppress_tokens, text_of  # noqa: E402

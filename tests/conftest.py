@@ -1,13 +1,18 @@
-"""Shared fixtures, made once per test session: a tokenizer, tiny trained autoencoders (KL and VQ), the FID
-Inception weights and a small CLIP."""
+"""Shared fixtures: made once per test session, a tokenizer, tiny trained autoencoders (KL and VQ), the FID
+Inception weights and a small CLIP; per test file, a debug Transfusion module standing in for a trained one; and
+helpers that several files use (``logit_bias``)."""
 
+import contextlib
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `transfusion` command: set before torch loads OpenMP
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # test files import lightning, transformers and diffusers before transfusion's packages
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
@@ -86,3 +91,49 @@ def clip_dir(tmp_path_factory):
               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
               "--trainer.logger.init_args.save_dir", str(root)])
     return str(root / "model")
+
+
+@pytest.fixture(scope="session")
+def make_debug_transfusion(tokenizer_path, autoencoder_ckpt):
+    """``make_debug_transfusion(redraw_lm_head=False, **module_args)``: a debug-preset TransfusionModule in float64
+    and eval mode standing in for a trained one. Its patch decoder (zero-initialised: it would predict eps = 0
+    whatever the context) is redrawn with std 0.2 so that images depend on what the model attends to; with
+    ``redraw_lm_head`` its LM head is redrawn with std 1 first, so that greedy text is not degenerate. Call it from
+    a module-scoped fixture: each test file gets its own module to change."""
+    from transfusion.lightning.transfusion import TransfusionModule
+
+    def make(redraw_lm_head: bool = False, **module_args):
+        torch.manual_seed(0)
+        m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", **module_args)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            if redraw_lm_head:
+                m.model.lm_head.weight.copy_(torch.randn(m.model.lm_head.weight.shape, generator=g))
+            proj = m.model.patch_decoder.proj.weight
+            proj.copy_(0.2 * torch.randn(proj.shape, generator=g))
+        return m.double().eval()
+
+    return make
+
+
+@contextlib.contextmanager
+def _logit_bias(module, bias: dict[int, float]):
+    original = module.model.lm_head
+    head = torch.nn.Linear(original.in_features, original.out_features, bias=True).to(original.weight)
+    with torch.no_grad():
+        head.weight.copy_(original.weight)
+        head.bias.zero_()
+        for token, value in bias.items():
+            head.bias[token] = value
+    module.model.lm_head = head
+    try:
+        yield
+    finally:
+        module.model.lm_head = original
+
+
+@pytest.fixture
+def logit_bias():
+    """``with logit_bias(module, {token_id: bias})``: the module's LM head swapped, for the block, for a copy with a
+    bias on some token ids (a fixed function of the hidden state, so a cache and a recomputation still agree)."""
+    return _logit_bias

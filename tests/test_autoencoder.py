@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import transfusion  # noqa: F401  (registers the torchvision shim before lightning is imported)
 from transfusion.data.images import ImageDataModule
 from transfusion.lightning.autoencoder import AutoencoderModule
 from transfusion.models.autoencoder import (

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 from pathlib import Path
@@ -26,7 +25,7 @@ PAD, BOI, EOI, TEXT_V, K, N_CODES = 3, 4, 5, 50, 20, 4
 def _model(**overrides) -> Chameleon:
     torch.manual_seed(0)
     cfg = ChameleonConfig(transformer=TransformerConfig.from_name("debug", qk_norm=True, norm_reorder=True),
-                          text_vocab_size=TEXT_V, codebook_size=K, image_tokens=N_CODES, **overrides)
+                          text_vocab_size=TEXT_V, codebook_size=K, patches_per_image=N_CODES, **overrides)
     return Chameleon(cfg).double()
 
 
@@ -101,22 +100,6 @@ def module(tokenizer_path, vq_ckpt):
     return m.double().eval()
 
 
-@contextlib.contextmanager
-def logit_bias(module, bias: dict[int, float]):
-    original = module.model.lm_head
-    head = nn.Linear(original.in_features, original.out_features, bias=True).to(original.weight)
-    with torch.no_grad():
-        head.weight.copy_(original.weight)
-        head.bias.zero_()
-        for token, value in bias.items():
-            head.bias[token] = value
-    module.model.lm_head = head
-    try:
-        yield
-    finally:
-        module.model.lm_head = original
-
-
 def _generate(module, prompts, **options):
     """The call's state (``Run``: its stream and caches) and the outputs."""
     gen, runs = _generator(module, options), []
@@ -131,9 +114,9 @@ def _generator(module, options):
                               ChameleonSamplingOptions(**options))
 
 
-def test_images_are_exactly_n_codes_even_when_text_is_far_likelier(module):
+def test_images_are_exactly_n_codes_even_when_text_is_far_likelier(module, logit_bias):
     tok, V = module.tokenizer, module.config.text_vocab_size
-    n = module.config.image_tokens
+    n = module.config.patches_per_image
     with logit_bias(module, {tok.eos_id: 50.0, EOI: 50.0, 7: 40.0}):
         run, outputs = _generate(module, [["a red circle", IMAGE]], max_new_tokens=0, cfg_scale=3.0)
     (codes,) = outputs[0]
@@ -144,7 +127,7 @@ def test_images_are_exactly_n_codes_even_when_text_is_far_likelier(module):
     assert sum(t >= V for t in row) == n
 
 
-def test_text_mode_never_samples_image_codes(module):
+def test_text_mode_never_samples_image_codes(module, logit_bias):
     V = module.config.text_vocab_size
     tok = module.tokenizer
     bias = {V + c: 50.0 for c in range(module.config.codebook_size)} | {tok.boi_id: -100.0, tok.eos_id: -100.0}

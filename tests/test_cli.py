@@ -17,7 +17,8 @@ OVERLAYS = {"transfusion_embedded_predict.yaml": ("predict", "transfusion_embedd
             "chameleon_embedded_predict.yaml": ("predict", "chameleon_embedded.yaml"),
             "geneval_predict.yaml": ("predict", "transfusion_embedded.yaml"),
             "evaluate_embedded.yaml": ("test", "transfusion_embedded.yaml"),
-            "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml")}
+            "chameleon_evaluate_embedded.yaml": ("test", "chameleon_embedded.yaml"),
+            "evaluate_scenes.yaml": ("test", "transfusion_scenes.yaml")}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep_")))

@@ -76,6 +76,7 @@ def test_truncated_checkpoint_is_named(tmp_path, capsys, monkeypatch):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "notes.ckpt")  # Trainer.fit(ckpt_path=...) from Python
 
 
+@pytest.mark.slow
 def test_debug_flag_on_the_command_line_shows_the_traceback(tmp_path):
     ckpt = _truncated_checkpoint(tmp_path)
     args = [sys.executable, "-m", "transfusion.cli", "validate", "--config", str(CONFIGS / "transfusion_embedded.yaml"),

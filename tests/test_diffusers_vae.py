@@ -102,7 +102,7 @@ def test_vq_codes_and_decoding_equal_diffusers(config, tmp_path):
 
     folder = make_vq(tmp_path / "vq", **config)
     vq = load_frozen(VQAutoencoderModule, str(folder))
-    assert (vq.codebook_size, vq.model.tokens_per_image, vq.config.image_size) == (32, 64, 16)
+    assert (vq.codebook_size, vq.model.patches_per_image, vq.config.image_size) == (32, 64, 16)
     ref = VQModel.from_pretrained(folder, low_cpu_mem_usage=False).eval()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_vq_codes_and_decoding_equal_diffusers(config, tmp_path):
     codes = vq.encode_codes(x)
     assert codes.shape == (2, 64) and codes.dtype == torch.long and len(codes.unique()) > 2
     assert torch.equal(codes, expected_codes.view(2, 64))
-    assert torch.equal(vq.model.encode_tokens(x), codes)  # the generators' names
+    assert torch.equal(vq.model.encode_codes(x), codes)  # what the generator calls
     torch.testing.assert_close(vq.decode_codes(codes), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
         vq.decode_codes(torch.full((1, 64), 32))
@@ -255,7 +255,7 @@ def test_chameleon_fit_generate_export_and_code_cache_with_a_diffusers_vqmodel(t
              "--trainer.enable_progress_bar", "false"]
     cli = cli_main(["fit", *args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
-    assert (cli.model.config.codebook_size, cli.model.config.image_tokens) == (32, 64)
+    assert (cli.model.config.codebook_size, cli.model.config.patches_per_image) == (32, 64)
 
     ckpt = cli.trainer.checkpoint_callback.last_model_path
     module = ChameleonModule.load_from_checkpoint(ckpt, map_location="cpu").eval()

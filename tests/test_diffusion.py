@@ -1,30 +1,27 @@
-"""Invariants of the DDPM schedule, forward process and samplers in transfusion.diffusion."""
+"""Invariants of the DDPM schedule, forward process and samplers in transfusion.schedules.ddpm."""
 
 import math
 
 import pytest
 import torch
 
-from transfusion.diffusion import Diffusion
+from transfusion.schedules import DDPM
 
 T = 1000
 
 
 @pytest.fixture(scope="module")
 def diff():
-    return Diffusion(num_timesteps=T, schedule="cosine")
+    return DDPM(num_timesteps=T)
 
 
-def reference_alpha_bar(schedule: str, t: int, T: int = T) -> float:
-    """alpha_bar_t from the papers' formulas, written out here in float64 (not taken from Diffusion)."""
-    if schedule == "cosine":  # Nichol & Dhariwal (2021) eq. 17, s = 0.008, betas clipped to 0.999 (only beta_T is)
-        f = lambda u: math.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        if t == T:
-            return f(T - 1) / f(0) * (1 - 0.999)
-        return f(t) / f(0)
-    # Ho et al. (2020): betas linear from 1e-4 to 0.02 over T = 1000 steps, scaled by 1000 / T
-    betas = [1000 / T * (1e-4 + (0.02 - 1e-4) * (k - 1) / (T - 1)) for k in range(1, t + 1)]
-    return math.exp(math.fsum(math.log1p(-b) for b in betas))
+def reference_alpha_bar(schedule: str, t: int, T: int = T) -> float:  # schedule: "cosine", the only one
+    """alpha_bar_t from the paper's formula, written out here in float64 (not taken from DDPM)."""
+    # Nichol & Dhariwal (2021) eq. 17, s = 0.008, betas clipped to 0.999 (only beta_T is)
+    f = lambda u: math.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    if t == T:
+        return f(T - 1) / f(0) * (1 - 0.999)
+    return f(t) / f(0)
 
 
 def posterior(x_t, x0, t: int, s: int):
@@ -43,9 +40,8 @@ def x0_from_eps(x_t, eps, t: int):
 # ---------------------------------------------------------------- schedule
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_alpha_bar_shape_endpoints_monotone(schedule):
-    d = Diffusion(num_timesteps=T, schedule=schedule)
+def test_alpha_bar_shape_endpoints_monotone():
+    d, schedule = DDPM(num_timesteps=T), "cosine"
     ab = d.alpha_bar
     assert d.num_timesteps == T
     assert ab.dtype == torch.float64 and ab.shape == (T + 1,)
@@ -73,28 +69,17 @@ def test_cosine_matches_closed_form(diff):
     assert torch.allclose(diff.alpha_bar.sqrt(), torch.cos(t / T * math.pi / 2), atol=0.02)
 
 
-def test_linear_schedule_betas():
-    d = Diffusion(num_timesteps=T, schedule="linear")
-    assert d.betas[1].item() == pytest.approx(1e-4)
-    assert d.betas[T].item() == pytest.approx(0.02)
-    # Rescaled for smaller T so the total noise stays comparable.
-    d100 = Diffusion(num_timesteps=100, schedule="linear")
-    assert d100.betas[1].item() == pytest.approx(1e-3)
-    assert d100.alpha_bar[-1].item() < 1e-3
-
-
 @pytest.mark.parametrize(
     "kwargs, name",
     [
         ({"num_timesteps": 0}, "num_timesteps"),
         ({"num_timesteps": 10.0}, "num_timesteps"),
-        ({"schedule": "sigmoid"}, "schedule"),
         ({"cosine_s": -0.1}, "cosine_s"),
     ],
 )
 def test_constructor_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        Diffusion(**kwargs)
+        DDPM(**kwargs)
 
 
 # ---------------------------------------------------------------- training side
@@ -294,14 +279,10 @@ def test_ddpm_step_is_stochastic_before_zero(diff):
     assert not torch.equal(a, b)
 
 
-def test_ddpm_posterior_variance_hand_computed():
-    # Linear schedule, T = 1000: beta_1 = 1e-4, beta_2 = 1e-4 + (0.02 - 1e-4) / 999.
-    d = Diffusion(num_timesteps=1000, schedule="linear")
-    b1 = 1e-4
-    b2 = 1e-4 + 0.0199 / 999
-    ab1 = 1 - b1
-    ab2 = ab1 * (1 - b2)
-    expected = b2 * (1 - ab1) / (1 - ab2)  # ~1.0e-4 * 1.0e-4 / 2.2e-4
+def test_ddpm_posterior_variance_hand_computed(diff):
+    d, ab1, ab2 = diff, reference_alpha_bar("cosine", 1), reference_alpha_bar("cosine", 2)
+    b2 = 1 - ab2 / ab1
+    expected = b2 * (1 - ab1) / (1 - ab2)  # the DDPM step's noise variance from t = 2 to 1
     assert d.posterior_variance(2, 1) == pytest.approx(expected, rel=1e-9)
 
     # The step itself: with x_t = eps = 0 the mean is 0, so the output is std * z.

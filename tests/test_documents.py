@@ -126,15 +126,15 @@ def test_loss_flags_reach_the_lm_and_diffusion_losses(tok, layout, tokenizer_pat
     from transfusion.lightning.transfusion import TransfusionModule
 
     module = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
-    n = module.positions_per_image
+    n = module.patches_per_image
     layout = SequenceLayout(tok, n, 16)
     record = {"segments": [{"text": "a red circle", "loss": False}, {"image": 0}, {"text": "then it turns blue"},
                            {"image": 1, "loss": False}], "images": ShapesDataset(2, 16).__getitem__(0)["image"][None].repeat(2, 1, 1, 1)}
     length = len(DocumentRows([record], layout).document(0).tokens)
     batch = collate_rows([DocumentRows([record], layout, seq_len=length, num_rows=1)[0]])  # one document
     latents = module.encode_images(batch["images"])
-    max_t = module._max_t(batch)
-    assert max_t.tolist() == [1000, 0]  # the loss-off image enters clean
+    max_t = batch["max_t"]
+    assert max_t.tolist() == [0, CLEAN]  # the loss-off image enters clean (0: the full schedule)
     off = module.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t,
                             pad_id=tok.pad_id, boi_id=tok.boi_id, generator=torch.Generator().manual_seed(0),
                             text_loss=batch["text_loss"])
@@ -151,7 +151,7 @@ def test_chameleon_honours_the_loss_flags():
 
     torch.manual_seed(0)
     model = Chameleon(ChameleonConfig(TransformerConfig.from_name("debug"), text_vocab_size=32, codebook_size=8,
-                                      image_tokens=4))
+                                      patches_per_image=4))
     tokens = torch.randint(1, 40, (1, 12))
     doc_ids, image_ids = torch.zeros(1, 12, dtype=torch.long), torch.full((1, 12), -1)
     text_loss = torch.ones(1, 12, dtype=torch.bool)

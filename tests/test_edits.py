@@ -72,6 +72,7 @@ def _documents(row: dict, tok) -> list[tuple[list[int], list[int]]]:
     return docs
 
 
+@pytest.mark.slow
 def test_edit_documents_and_their_dropout(layout):
     tok, n = layout.tokenizer, layout.patches_per_image
     rows = EditRows(ShapeEdits(50, 16), layout, seq_len=96, num_rows=400, p_drop_instruction=0.1,
@@ -181,15 +182,8 @@ def test_edit_data_module_mixes_caption_rows_as_the_quickstart_trains(layout):
 # ---------------------------------------------------------------- the model: the source enters clean
 
 @pytest.fixture(scope="module")
-def module(tokenizer_path, autoencoder_ckpt):
-    from transfusion.lightning.transfusion import TransfusionModule
-
-    torch.manual_seed(0)
-    m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug", min_snr_gamma=5.0)
-    with torch.no_grad():  # an untrained patch decoder predicts eps = 0 whatever it sees
-        proj = m.model.patch_decoder.proj.weight
-        proj.copy_(0.2 * torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
-    return m.double().eval()
+def module(make_debug_transfusion):
+    return make_debug_transfusion(min_snr_gamma=5.0)
 
 
 def _edit_batch(module):
@@ -206,9 +200,10 @@ def test_the_source_image_is_context_not_a_denoising_target(module):
     clean = batch["max_t"] == CLEAN
     assert clean.any() and (~clean).any()
     latents = module.encode_images(batch["images"])
-    max_t = module._max_t(batch)
-    assert (max_t[clean] == 0).all() and (max_t[~clean] == 1000).all()
-    t, noise = module.diffusion_draws({**batch, "row_index": torch.arange(2)}, latents, step=0)
+    max_t, schedule = batch["max_t"], module.model.schedule
+    assert (schedule.limits(max_t)[clean] == 0).all() and (schedule.limits(max_t)[~clean] == 1000).all()
+    generators = module.image_generators({**batch, "row_index": torch.arange(2)}, step=0)
+    t, noise = schedule.draw_times(len(max_t), max_t, generators), schedule.draw_noise(latents, generators)
     assert (t[clean] == 0).all() and (t[~clean] > 0).all()
     args = (batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t)
     kw = dict(pad_id=module.tokenizer.pad_id, boi_id=module.tokenizer.boi_id, t=t)
@@ -233,15 +228,15 @@ def _generator(module, **options):
 def _probe(generator, prompts, monkeypatch, times=(900, 300, 10)) -> list[torch.Tensor]:
     """The guided prediction (noise; velocity for flow, ``times`` floats s T) at fixed points (x, t) for each of the
     prompts' images, and the final latents."""
-    diffusion, probes = generator.model.diffusion, []
-    sample = type(diffusion).sample
+    schedule, probes = generator.model.schedule, []
+    sample = type(schedule).sample
 
     def probing(eps_fn, shape, *args, **kwargs):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         probes.extend(eps_fn(x, torch.full((shape[0],), t)) for t in times)  # int: long; float: float32
-        return sample(diffusion, eps_fn, shape, *args, **kwargs)
+        return sample(schedule, eps_fn, shape, *args, **kwargs)
 
-    monkeypatch.setattr(diffusion, "sample", probing)
+    monkeypatch.setattr(schedule, "sample", probing)
     latents = generator.generate(prompts, seeds=[1] * len(prompts), decode=False)
     monkeypatch.undo()
     return probes + [torch.stack([out[0] for out in latents])]
@@ -405,6 +400,7 @@ def test_fine_tune_from_a_checkpoint_evaluates_edits_and_predicts_from_a_prompt_
     assert Image.open(tmp_path / "samples" / "edits.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_init_from_refuses_another_architecture(tmp_path, tokenizer_path, autoencoder_ckpt):
     base = _base_fit(tmp_path / "base", tokenizer_path, autoencoder_ckpt)
     with pytest.raises(ValueError, match="n_layers"):

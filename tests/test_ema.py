@@ -135,6 +135,7 @@ def test_checkpoint_holds_the_raw_weights_and_every_ema(ema_run):
     assert [h["weights"] for h in evaluation.history] == ["ema_0.9", "ema_0.9"]
 
 
+@pytest.mark.slow
 def test_loading_outside_fit_takes_the_ema_and_raw_stays_reachable(ema_run):
     from transfusion.lightning.transfusion import TransfusionModule
 

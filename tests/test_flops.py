@@ -27,7 +27,7 @@ def test_parameter_counts_by_hand():
     patch = (16 * 64 + 64) + (256 * 64 + 64 + 64 * 64 + 64) + (64 * 16 + 16)
     assert flop_parameters(transfusion) == body + patch == 129552
     chameleon = Chameleon(ChameleonConfig(transformer=TransformerConfig.from_name("debug", qk_norm=True),
-                                          text_vocab_size=100, codebook_size=30, image_tokens=4))
+                                          text_vocab_size=100, codebook_size=30, patches_per_image=4))
     assert flop_parameters(chameleon) == body + 2 * 2 * 16  # + QK LayerNorm weights (head width 16), no embeddings
 
 

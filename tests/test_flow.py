@@ -1,4 +1,4 @@
-"""The rectified-flow objective (``objective: flow``, ``transfusion.flow``): the velocity loss, the Euler sampler, the
+"""The rectified-flow objective (``objective: flow``, ``transfusion.schedules.flow``): the velocity loss, the Euler sampler, the
 truncated logit-normal times and their DDPM-equivalent noise limit, then a debug model trained through
 ``transfusion fit`` and sampled through the generator (guidance, KV cache), and the errors for mismatched options.
 """
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from transfusion.data.shape_edits import ShapeEdits
-from transfusion.diffusion import Diffusion
-from transfusion.flow import RectifiedFlow
+from transfusion.schedules import DDPM, RectifiedFlow
 from transfusion.generation import IMAGE, TransfusionGenerator
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
@@ -72,7 +71,7 @@ def test_add_noise_is_the_straight_path():
     x = flow.add_noise(x0, noise, t)
     assert torch.equal(x[0], x0[0]) and torch.equal(x[2], noise[2])
     assert torch.allclose(x[1], 0.5 * (x0[1] + noise[1]), rtol=0, atol=1e-15)
-    assert torch.allclose(flow.predict_x0(x, flow.velocity(x0, noise), t), x0, rtol=0, atol=1e-14)
+    assert torch.allclose(flow.predict_x0(x, flow.target(x0, noise), t), x0, rtol=0, atol=1e-14)
     assert flow.add_noise(x0.float(), noise.float(), t).dtype == torch.float32
     with pytest.raises(ValueError, match="t must be"):
         flow.add_noise(x0, noise, t[:2])
@@ -152,7 +151,7 @@ def test_per_image_limits_and_validation():
 
 
 def test_noise_level_has_the_ddpm_signal_to_noise_ratio():
-    flow, alpha_bar = RectifiedFlow(T), Diffusion(T).alpha_bar  # float64, cosine schedule
+    flow, alpha_bar = RectifiedFlow(T), DDPM(T).alpha_bar  # float64, cosine schedule
     for t in (500, 100):
         s = flow.noise_level(t)
         assert s.dtype == torch.float64
@@ -194,10 +193,10 @@ def module(fitted):
 
 def test_fit_trains_validates_and_checkpoints_the_objective(fitted):
     metrics, module = fitted.trainer.callback_metrics, fitted.model
-    assert fitted.trainer.global_step == 4 and isinstance(module.model.diffusion, RectifiedFlow)
+    assert fitted.trainer.global_step == 4 and isinstance(module.model.schedule, RectifiedFlow)
     assert all(math.isfinite(float(metrics[k])) for k in ("train/loss", "train/ddpm_loss", "val/loss", "val/ddpm_loss"))
     assert any(k.startswith("val/ddpm_loss_t") for k in metrics)  # float times fall into the buckets
-    assert module._timestep_buckets(torch.tensor([1e-3, 250.0, 250.5, 999.9, 1000.0])).tolist() == [0, 0, 1, 3, 3]
+    assert module.model.schedule.bucket(torch.tensor([1e-3, 250.0, 250.5, 999.9, 1000.0]), 4).tolist() == [0, 0, 1, 3, 3]
     ckpt = torch.load(fitted.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
     assert ckpt["transfusion_config"]["objective"] == "flow"
     # a DDPM checkpoint, or one from before the option (DDPM), does not load into a flow model
@@ -208,21 +207,27 @@ def test_fit_trains_validates_and_checkpoints_the_objective(fitted):
     module.on_load_checkpoint(ckpt)
 
 
+def _draws(module, batch, latents, step):
+    """Times and noise drawn as a training step draws them for rows with a ``row_index``: a generator per image."""
+    generators, schedule = module.image_generators(batch, step), module.model.schedule
+    return schedule.draw_times(len(generators), batch["max_t"], generators), schedule.draw_noise(latents, generators)
+
+
 def test_draws_per_image_respect_the_limits_and_repeat(fitted):
     module = fitted.model
     n, codes = module.config.patches_per_image, torch.tensor([0, -1, 100, 500, 0, -1])  # 0: T, -1: clean
     batch = {"max_t": codes, "row_index": torch.arange(6) + 10,
              "image_ids": torch.arange(6).repeat_interleave(n).view(6, n)}
     latents = torch.zeros(6, module.config.latent_channels, module.config.latent_size, module.config.latent_size)
-    t, noise = module.diffusion_draws(batch, latents, step=3)
+    t, noise = _draws(module, batch, latents, step=3)
     assert t.dtype == torch.float32 and bool((t[codes == -1] == 0).all()) and bool((t[codes != -1] > 0).all())
     for k, limit in ((2, 100), (3, 500)):
-        assert float(t[k]) <= float(module.model.diffusion.noise_level(limit)) * 1000
-    again = module.diffusion_draws(batch, latents, step=3)
+        assert float(t[k]) <= float(module.model.schedule.noise_level(limit)) * 1000
+    again = _draws(module, batch, latents, step=3)
     assert torch.equal(t, again[0]) and torch.equal(noise, again[1])  # resumable: the same draws
-    other = module.diffusion_draws(batch, latents, step=4)[0]
+    other = _draws(module, batch, latents, step=4)[0]
     assert not torch.equal(t, other)
-    empty = module.diffusion_draws({**batch, "image_ids": torch.full((6, n), -1)}, latents[:0], step=3)
+    empty = _draws(module, {**batch, "image_ids": torch.full((6, n), -1), "max_t": codes[:0]}, latents[:0], step=3)
     assert empty[0].dtype == torch.float32 and empty[0].shape == (0,)
 
 
@@ -281,7 +286,7 @@ def test_mismatched_sampler_and_objective_are_refused(module, tmp_path, tokenize
         with pytest.raises(ValueError, match="--model.init_args.sampler euler"):
             module.generator(sampler=sampler)
     ddpm = Transfusion(replace(module.config, objective="ddpm"))
-    assert isinstance(ddpm.diffusion, Diffusion)
+    assert isinstance(ddpm.schedule, DDPM)
     with pytest.raises(ValueError, match="--model.init_args.sampler ddpm"):
         TransfusionGenerator(ddpm, module.autoencoder.model, module.tokenizer, replace(module.sampling, sampler="euler"))
     with pytest.raises(ValueError, match="sampler"):

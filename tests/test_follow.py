@@ -10,6 +10,7 @@ from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_score
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
+@pytest.mark.slow
 def test_reader_reads_rendered_pictures(image_size):
     data = ShapesDataset(720, image_size, seed=11)  # jittered, every attribute combination about 4 times
     wrong = {a: 0 for a in ATTRIBUTES}
@@ -37,6 +38,7 @@ def test_reader_counts_objects_and_blank_pictures():
     assert read_shapes(speck)["objects"] == 0
 
 
+@pytest.mark.slow
 def test_follow_score_matched_is_perfect_and_shuffled_is_chance():
     data = ShapesDataset(600, 32, seed=3)
     images = torch.stack([data[i]["image"] for i in range(len(data))])

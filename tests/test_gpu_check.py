@@ -24,8 +24,10 @@ def _dry_run(tmp_path, sections: str) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_dry_generation(tmp_path):
-    """The cheap section, in the inner loop (~8 s): images/s, text tokens/s, cache == recompute on the CPU."""
+    """The cheap section (~8 s on a quiet machine, a fresh process importing everything): images/s, text tokens/s,
+    cache == recompute on the CPU."""
     results = _dry_run(tmp_path, "generation")
     checks = [r["check"] for r in results["rows"]]
     assert "images/s, batch 2 (guidance 5, DDPM 3 steps, decoded)" in checks

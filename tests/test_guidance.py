@@ -1,9 +1,9 @@
 """Transfusion's classifier-free guidance, through the module's public surfaces (``generate_images``, ``sampling``,
-``model.diffusion``): the guided noise is eps_u + s (eps_c - eps_u), with eps_u the prediction from the caption
+``model.schedule``): the guided noise is eps_u + s (eps_c - eps_u), with eps_u the prediction from the caption
 dropped (``BOS BOI``, as in training) and eps_c the unguided conditional one; scale 0 gives the unconditional
 image, and the scale changes the image.
 
-The denoiser a generation passes to ``model.diffusion.sample`` is a function of (x_t, t): it is probed at fixed
+The denoiser a generation passes to ``model.schedule.sample`` is a function of (x_t, t): it is probed at fixed
 points, the same for every run, so runs at different scales compare prediction for prediction. A randomly
 initialised debug model in float64 stands in for a trained one, its patch decoder redrawn (zero-initialised, it
 would predict eps = 0 whatever the caption).
@@ -25,16 +25,8 @@ PROBE_T = [1000, 600, 37, 1]
 
 
 @pytest.fixture(scope="module")
-def module(tokenizer_path, autoencoder_ckpt):
-    from transfusion.lightning.transfusion import TransfusionModule
-
-    torch.manual_seed(0)
-    m = TransfusionModule(tokenizer_path, autoencoder_ckpt, preset="debug")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        proj = m.model.patch_decoder.proj.weight
-        proj.copy_(0.2 * torch.randn(proj.shape, generator=g))
-    return m.double().eval()
+def module(make_debug_transfusion):
+    return make_debug_transfusion()
 
 
 @contextlib.contextmanager
@@ -51,17 +43,17 @@ def sampling(module, **options):
 def generate(module, captions, monkeypatch, **options) -> dict:
     """Images for ``captions`` (seeds SEEDS), the latents the sampler returned, and the guided noise predictions at
     the probe points (x fixed, t in PROBE_T), each (N, C, h, w)."""
-    diffusion, record = module.model.diffusion, {}
-    sample = type(diffusion).sample
+    schedule, record = module.model.schedule, {}
+    sample = type(schedule).sample
 
     def probing_sample(eps_fn, shape, *args, **kwargs):
         g = torch.Generator().manual_seed(7)
         x = torch.randn(shape, generator=g, dtype=torch.float64)
         record["probes"] = [eps_fn(x, torch.full((shape[0],), t, dtype=torch.long)) for t in PROBE_T]
-        record["latents"] = sample(diffusion, eps_fn, shape, *args, **kwargs)
+        record["latents"] = sample(schedule, eps_fn, shape, *args, **kwargs)
         return record["latents"]
 
-    monkeypatch.setattr(diffusion, "sample", probing_sample)
+    monkeypatch.setattr(schedule, "sample", probing_sample)
     try:
         with sampling(module, **options):
             record["images"] = module.generate_images(captions, SEEDS[: len(captions)])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import transfusion  # noqa: F401  (torchvision shim before transformers)
 from transfusion.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -1,12 +1,12 @@
 """The package's layers, bottom to top: no module imports one above its own (function-level imports included).
 
-errors, atomic, models, diffusion, flow, images, flops  <  data  <  generation  <  evaluation  <  lightning  <  cli, sweep, quickstart, export, convert
+errors, atomic, models, schedules, images, flops  <  data  <  generation  <  evaluation  <  lightning  <  cli, sweep, quickstart, export, convert
 """
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "transfusion"
-LAYERS = [("errors", "atomic", "models", "diffusion", "flow", "images", "flops", "_torchvision_compat"), ("data",),
+LAYERS = [("errors", "atomic", "models", "schedules", "images", "flops", "_torchvision_compat"), ("data",),
           ("generation",), ("evaluation",), ("lightning",), ("cli", "sweep", "quickstart", "export", "convert")]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

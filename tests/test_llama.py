@@ -7,7 +7,6 @@ import pytest
 import sentencepiece as spm
 import torch
 
-import transfusion  # noqa: F401  (torchvision shim before transformers)
 from transfusion.models.llama import (llama_to_transfusion, load_llama, read_llama_config, save_llama,
                                       transfusion_to_llama)
 from transfusion.models.transformer import TransformerConfig

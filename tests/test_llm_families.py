@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import transfusion  # noqa: F401  (torchvision shim before transformers)
 from transfusion.flops import attention_width, flop_parameters
 from transfusion.models.attention import attend, dense_mask
 from transfusion.models.kv_cache import make_caches

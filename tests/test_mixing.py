@@ -39,6 +39,7 @@ def _tokens(row: dict, pad_id: int) -> int:
     return int(((row["tokens"] != pad_id) | (row["image_ids"] >= 0)).sum())
 
 
+@pytest.mark.slow
 def test_text_to_image_caption_token_ratio_and_determinism(data, tokenizer_path, one_thread):
     for ratio in (1.0, 3.0):
         dm = ddp_rows.make_datamodule(tokenizer_path, data, rows_per_epoch=400, text_ratio=ratio)

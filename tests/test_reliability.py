@@ -231,6 +231,7 @@ writer.save_checkpoint({"i": 1, "w": torch.zeros(100_000)}, path)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     path = tmp_path / "last.ckpt"
     writer = subprocess.Popen([sys.executable, "-c", TORN_WRITER, str(path)], env=_env(), stdout=subprocess.PIPE,

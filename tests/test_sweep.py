@@ -208,6 +208,7 @@ def test_sweep_rejects_bad_configs():
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")))
+@pytest.mark.slow
 def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
     from transfusion.cli import cli_main
     from transfusion.sweep import parse_sweep

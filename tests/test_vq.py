@@ -79,10 +79,10 @@ def test_vq_autoencoder_shapes_and_codes_roundtrip():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, z_e, codes, stats = model(x)
     assert recon.shape == x.shape and z_e.shape == (2, 4, 4, 4) and codes.shape == (2, 4, 4)
-    assert torch.equal(model.encode_codes(x), codes)
-    assert torch.allclose(model.decode_codes(codes), recon, atol=1e-5)  # decoding codes = the forward pass
+    assert torch.equal(model.encode_codes(x), codes.flatten(1))  # (N, h * w) in raster order
+    assert torch.allclose(model.decode_codes(codes.flatten(1)), recon.clamp(-1, 1), atol=1e-5)  # = the forward pass
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
-        model.decode_codes(torch.full((1, 4, 4), 32))
+        model.decode_codes(torch.full((1, 16), 32))
     with pytest.raises(ValueError, match="image_size"):
         model.encode(torch.zeros(1, 3, 32, 32))
 
@@ -99,7 +99,7 @@ def test_fit_logs_codebook_statistics_and_checkpoint_loads(vq_ckpt):
     assert 1 < float(train[-1]["train/codebook_perplexity"]) <= 64
     assert [r for r in rows if r.get("val/codebook_usage")]
     module = load_frozen(VQAutoencoderModule, vq_ckpt)
-    assert module.model.codebook_size == 64 and module.model.tokens_per_image == 16 and not module.training
+    assert module.model.codebook_size == 64 and module.model.patches_per_image == 16 and not module.training
     assert module.model.quantizer.codes_reset.item() == float(train[-1]["train/dead_codes_reset_total"])
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     codes = module.encode_codes(images)

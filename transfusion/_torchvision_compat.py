@@ -6,6 +6,11 @@ torchvision when it is installed and lightning imports torchmetrics, so that fai
 ``import lightning``. Registering the two missing operator schemas lets torchvision import; everything
 pure-Python in it then works (transforms, utils, model classes), while ``ops.nms`` itself does not.
 On a machine where the compiled ops load, this does nothing.
+
+Where it runs: ``import transfusion`` and the pure-PyTorch parts (models, generation, diffusion) never touch
+torchvision; the packages whose modules import lightning, torchmetrics or torchvision call it in their
+``__init__`` (data, evaluation, lightning, sweep), as do the ``transfusion`` command (``cli.py``), the lazy
+``import diffusers``, ``tests/conftest.py`` and scripts that import those libraries themselves.
 """
 
 import importlib.util

@@ -35,15 +35,25 @@ import os
 import sys
 from pathlib import Path
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
-from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-import lightning as L
+# The command's process-wide settings, made before torch loads OpenMP (which reads the variable once): idle
+# OpenMP threads sleep instead of spinning. On small CPU machines a spinning pool next to a data worker or
+# another process slowed training steps down up to 30x. Set OMP_WAIT_POLICY to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from transfusion.errors import UserError, check_checkpoint_file, one_line, user_error
-from transfusion.lightning.checkpoint import AtomicCheckpointIO
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
+from lightning.fabric.plugins import CheckpointIO  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+import lightning as L  # noqa: E402
+
+from transfusion.errors import UserError, check_checkpoint_file, one_line, user_error  # noqa: E402
+from transfusion.lightning.checkpoint import AtomicCheckpointIO  # noqa: E402
+from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport  # noqa: E402
+from transfusion.lightning.preemption import PreemptionCheckpoint  # noqa: E402
 
 
 class ConfigError(SystemExit):
@@ -89,10 +99,19 @@ class TransfusionCLI(LightningCLI):
             raise UserError(f"seed_everything: {error}") from error
 
     def instantiate_trainer(self, **kwargs):
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        trainer = self._get(self.config_init, "trainer", default={})
+        plugins = trainer.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        defaults = [LostRankReport()]  # a rank that dies or hangs is named (transfusion.lightning.lost_rank)
+        if trainer.get("enable_checkpointing") is not False:
+            if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+                defaults.append(ModelCheckpoint())  # Lightning's default, which it leaves out beside another Checkpoint
+            defaults.append(PreemptionCheckpoint())  # SIGTERM: save last.ckpt at the step's end, then stop
+        kwargs["callbacks"] = callbacks + [d for d in defaults if not any(type(c) is type(d) for c in callbacks)]
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, TypeError, ValueError) as error:  # the Trainer checks its own options
@@ -137,7 +156,8 @@ def find_last_checkpoint(trainer: L.Trainer) -> str | None:
         root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
         folders += sorted(root.glob("*/checkpoints"))
     folders.append(Path(trainer.default_root_dir) / "checkpoints")
-    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
+    # a file, or the folder of shards that FSDP2 writes (torch.distributed.checkpoint: .metadata inside)
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file() or (p / ".metadata").is_file()]
     if not found:
         print(f"transfusion fit: --ckpt_path last: no last*.ckpt under {', '.join(map(str, folders))}; "
               "starting from scratch", file=sys.stderr)
@@ -272,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cli_main(None if command_line else argv)
     except Exception as error:
+        lost = getattr(error, LOST_RANKS, None)  # a data-parallel rank died or hung: name it, not gloo's traceback
+        if lost and not debug:
+            print(f"{name}: error: {lost}", file=sys.stderr)
+            raise SystemExit(1) from error
         cause = user_error(error)  # Lightning and jsonargparse may wrap it (raise ... from)
         if cause is None or debug:
             raise

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from transfusion.cli import cli_main, main, tokenizer_main
+from transfusion.schedules import schedule_class
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 # --streamed: the share of text rows that gives transfusion_embedded.yaml's text_ratio (0.25 text tokens per
@@ -51,10 +52,10 @@ def _curve_callback(config: str, steps: int | None, examples: int, output: Path)
     yaml_config = yaml.safe_load((CONFIGS / config).read_text())
     if steps is None:
         steps = yaml_config["trainer"]["max_steps"]
-    flow = yaml_config.get("model", {}).get("init_args", {}).get("objective") == "flow"
+    objective = yaml_config.get("model", {}).get("init_args", {}).get("objective", "ddpm")
     evaluation = {"num_samples": examples, "batch_size": 64, "metrics": ["follow"],
                   "every_n_train_steps": max(1, math.ceil(steps / 4)), "on_test": False, "max_caption_tokens": 16,
-                  "sampling": {"sampler": "euler" if flow else "ddim", "num_steps": 50}, "output_dir": str(output)}
+                  "sampling": {"sampler": schedule_class(objective).FEW_STEP_SAMPLER, "num_steps": 50}, "output_dir": str(output)}
     callback = {"class_path": "transfusion.lightning.evaluation.Evaluation", "init_args": evaluation}
     return [f"--trainer.callbacks+={json.dumps(callback)}"]
 

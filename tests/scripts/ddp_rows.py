@@ -6,14 +6,17 @@ import json
 import sys
 from pathlib import Path
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
-import lightning as L
-import torch
+from transfusion._torchvision_compat import ensure_torchvision_importable
 
-from transfusion.data.image_text import ImageTextDataModule
-from transfusion.data.sequences import SequenceLayout
-from transfusion.data.sources import ImageFolderSource, TextFilesSource
-from transfusion.data.tokenizer import Tokenizer
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from transfusion.data.image_text import ImageTextDataModule  # noqa: E402
+from transfusion.data.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.sources import ImageFolderSource, TextFilesSource  # noqa: E402
+from transfusion.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def row_fingerprints(batch: dict) -> list[str]:

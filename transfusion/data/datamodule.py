@@ -1,4 +1,4 @@
-"""LightningDataModule for Transfusion on the embedded data: shapes with captions + the Lee news corpus.
+"""LightningDataModule for Transfusion on the embedded data: shapes (or scenes) with captions + the Lee news corpus.
 
 The sequence layout (tokenizer, patches per image, image size) comes from the model being trained
 (``TransfusionModule.sequence_layout()``), so it is configured once, on the model; tests and scripts
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts, shapes_prompts
 from transfusion.data.resumable import ResumableDataModule
 from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
+from transfusion.data.scenes import ScenesDataset
 from transfusion.data.shapes import ShapesDataset
 from transfusion.data.text import read_documents, split_documents, token_stream
 
@@ -59,7 +60,7 @@ class TransfusionDataModule(RowsDataModule):
                  num_examples: int = 10_000, text_path: str | None = None, text_ratio: float = 1.0,
                  p_caption_first: float = 0.8, image_first_max_t: int | None = 500, caption_dropout: float = 0.1,
                  num_workers: int = 0, seed: int = 0, predict_examples: int = 8, prompts: str | None = None,
-                 layout: SequenceLayout | None = None):
+                 images: str = "shapes", layout: SequenceLayout | None = None):
         """
         Args:
             seq_len: row length L in tokens (text tokens + image patches + specials).
@@ -71,6 +72,8 @@ class TransfusionDataModule(RowsDataModule):
             caption_dropout: probability of dropping a (caption-first) caption, for classifier-free guidance.
             predict_examples: held-out examples whose caption and image are the ``predict`` prompts.
             prompts: a prompt file for ``predict`` instead (see ``transfusion.data.prompts``).
+            images: ``shapes`` (one shape a picture, ``transfusion.data.shapes``) or ``scenes`` (1-4 shapes captioned
+                for GenEval's tasks, ``transfusion.data.scenes``: held-out combinations are the evaluation examples).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["layout"])
@@ -81,35 +84,44 @@ class TransfusionDataModule(RowsDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._resolve_layout()
-        hp, size = self.hparams, self.layout.image_size
+        hp = self.hparams
         train_docs, val_docs = split_documents(read_documents(hp.text_path))
         self.heldout_text = token_stream(val_docs, self.layout.tokenizer)
         common = dict(layout=self.layout, seq_len=hp.seq_len, text_ratio=hp.text_ratio,
                       p_caption_first=hp.p_caption_first, image_first_max_t=hp.image_first_max_t)
         text_only = hp.num_examples == 0  # a text model (e.g. the text model LMFusion starts from)
         self.train_set = TransfusionRows(
-            [] if text_only else ShapesDataset(hp.num_examples, size, seed=hp.seed),
+            [] if text_only else self.images(hp.num_examples, seed=hp.seed),
             token_stream(train_docs, self.layout.tokenizer),
             num_rows=hp.rows_per_epoch, caption_dropout=hp.caption_dropout, seed=hp.seed, **common)
         self.val_set = TransfusionRows(
-            [] if text_only else ShapesDataset(max(hp.val_rows, 64), size, seed=hp.seed + 1), self.heldout_text,
+            [] if text_only else self.images(max(hp.val_rows, 64), seed=hp.seed + 1), self.heldout_text,
             num_rows=hp.val_rows, caption_dropout=0.0, seed=hp.seed + 1, **common)
+
+    def images(self, num: int, seed: int, split: str = "train") -> ShapesDataset | ScenesDataset:
+        """The image-caption examples of the ``images`` option (``split``: scenes' train or held-out prompts)."""
+        if self.hparams.images == "scenes":
+            return ScenesDataset(num, self.layout.image_size, seed=seed, split=split)
+        return ShapesDataset(num, self.layout.image_size, seed=seed)
 
     def evaluation_examples(self, num: int) -> list[dict]:
         """``num`` held-out examples for metrics: ``{"image": (3, H, W) in [-1, 1], "caption": prompt,
-        "references": every caption of the image}`` (the ``predict`` examples, phrasings in rotation)."""
-        data = ShapesDataset(num, self.layout.image_size, seed=self.hparams.seed + 2)
+        "references": every caption of the image}`` (the ``predict`` examples, phrasings in rotation); scenes add
+        ``metadata``, the prompt's GenEval record."""
+        data = self.images(num, seed=self.hparams.seed + 2, split="heldout")
         examples = []
         for i in range(num):
             item = data[i]
             examples.append({"image": item["image"], "caption": item["captions"][i % len(item["captions"])],
-                             "references": item["captions"]})
+                             "references": item["captions"], **({"metadata": item["metadata"]} if "metadata" in item
+                                                                else {})})
         return examples
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams
         records = (read_prompts(hp.prompts) if hp.prompts
-                   else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2))
+                   else shapes_prompts(hp.predict_examples, self.layout.image_size, seed=hp.seed + 2,
+                                       dataset=self.images(hp.predict_examples, seed=hp.seed + 2, split="heldout")))
         return DataLoader(PromptDataset(records), batch_size=hp.batch_size, shuffle=False, collate_fn=collate_prompts)
 
 
@@ -121,6 +133,8 @@ def check_options(hp) -> None:
             raise ValueError(f"data option {name} must be an integer >= {least}, got {hp[name]!r}")
     if hp.num_examples == 0 and hp.text_ratio == 0:
         raise ValueError("data option num_examples: 0 trains on text only, which needs text_ratio > 0")
+    if hp.images not in ("shapes", "scenes"):
+        raise ValueError(f"data option images must be 'shapes' or 'scenes', got {hp.images!r}")
     if hp.num_workers < 0:
         raise ValueError(f"data option num_workers must be >= 0, got {hp.num_workers}")
     if hp.text_ratio < 0:

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transfusion.schedules import CLEAN, FULL  # max_t codes: enters clean (t = 0, no image loss); the full schedule
+
 if TYPE_CHECKING:  # sequences builds its pair documents here
     from transfusion.data.sequences import SequenceLayout
-
-CLEAN = -1  # max_t of an image that enters clean (t = 0, no diffusion loss)
-FULL = 0  # max_t of an image that draws from the full schedule
 
 
 class Text(NamedTuple):

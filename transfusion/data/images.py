@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from transfusion.data.pairs import ImageCaptionPairs
 from transfusion.data.resumable import ResumableDataModule
+from transfusion.data.scenes import ScenesDataset
 from transfusion.data.shapes import ShapesDataset
 from transfusion.data.sources import ImageCaptionSource
 
@@ -25,7 +26,7 @@ def collate_captioned_images(items: list[dict]) -> dict:
 
 
 class ImageDataModule(ResumableDataModule):
-    """Train/validation images in [-1, 1]: :class:`ShapesDataset`, or ``source`` (then ``num_*`` are ignored and
+    """Train/validation images in [-1, 1]: :class:`ShapesDataset` (``images="scenes"``: :class:`ScenesDataset`), or ``source`` (then ``num_*`` are ignored and
     the source's validation split, or its last ``val_fraction``, is held out). The image order resumes exactly mid-epoch."""
 
     def __init__(
@@ -41,6 +42,7 @@ class ImageDataModule(ResumableDataModule):
         scan: str = "header",
         strict: bool = False,
         captions: bool = False,
+        images: str = "shapes",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["source"])
@@ -48,6 +50,8 @@ class ImageDataModule(ResumableDataModule):
         for name in ("image_size", "num_train", "num_val", "batch_size"):
             if not isinstance(self.hparams[name], int) or self.hparams[name] <= 0:
                 raise ValueError(f"data option {name} must be a positive integer, got {self.hparams[name]!r}")
+        if images not in ("shapes", "scenes"):
+            raise ValueError(f"data option images must be 'shapes' or 'scenes', got {images!r}")
         if num_workers < 0:
             raise ValueError(f"data option num_workers must be >= 0, got {num_workers}")
         self.train_set: ShapesDataset | None = None
@@ -56,8 +60,9 @@ class ImageDataModule(ResumableDataModule):
     def setup(self, stage: str | None = None):
         hp = self.hparams
         if self.train_set is None and self.source is None:
-            self.train_set = ShapesDataset(hp.num_train, hp.image_size, hp.seed)
-            self.val_set = ShapesDataset(hp.num_val, hp.image_size, hp.seed + 1)
+            embedded = ScenesDataset if hp.images == "scenes" else ShapesDataset
+            self.train_set = embedded(hp.num_train, hp.image_size, hp.seed)
+            self.val_set = embedded(hp.num_val, hp.image_size, hp.seed + 1)
         elif self.train_set is None:
             val = self.source.load("validation")
             train = self.source.load("train")

@@ -98,9 +98,10 @@ def read_prompts(path: str | Path) -> list[dict]:
     return records
 
 
-def shapes_prompts(num_examples: int, image_size: int, seed: int) -> list[dict]:
-    """Held-out embedded examples as prompts: each caption -> an image, each image -> a caption."""
-    examples = ShapesDataset(num_examples, image_size, seed=seed)
+def shapes_prompts(num_examples: int, image_size: int, seed: int, dataset=None) -> list[dict]:
+    """Held-out embedded examples (of ``dataset``, default the shapes) as prompts: each caption -> an image, each
+    image -> a caption."""
+    examples = ShapesDataset(num_examples, image_size, seed=seed) if dataset is None else dataset
     records = []
     for i in range(num_examples):
         example = examples[i]

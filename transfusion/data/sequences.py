@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transfusion.data.documents import Picture, Text, document_tokens
+from transfusion.data.documents import FULL, Picture, Text, document_tokens
 from transfusion.data.tokenizer import Tokenizer
 
 
@@ -123,7 +123,7 @@ class TransfusionRows(Dataset):
             tokens += doc
             images.append(example["image"])
             limit = self.image_first_max_t if image_first else None
-            max_t.append(limit if limit is not None else 0)  # 0 -> the full schedule
+            max_t.append(limit if limit is not None else FULL)
         return pair_row(tokens, doc_ids, images, max_t, L, n, self.tok.pad_id)
 
 

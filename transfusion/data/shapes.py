@@ -72,15 +72,28 @@ def draw(attrs: ShapeAttributes, image_size: int, jitter: tuple[float, float] = 
     image = Image.new("RGB", (side, side), BACKGROUND)
     cx, cy = (POSITIONS[attrs.position][0] + jitter[0]) * side, (POSITIONS[attrs.position][1] + jitter[1]) * side
     r = SIZES[attrs.size] * side
-    pen = ImageDraw.Draw(image)
-    fill = COLOURS[attrs.colour]
-    if attrs.shape == "circle":
-        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif attrs.shape == "square":
-        pen.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-    else:
-        pen.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    draw_shape(ImageDraw.Draw(image), attrs.shape, COLOURS[attrs.colour], cx, cy, r)
     return image.resize((image_size, image_size), Image.LANCZOS)
+
+
+def shape_box(shape: str, cx: float, cy: float, r: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of a shape of half-width ``r`` centred on its anchor (cx, cy)."""
+    if shape == "circle":
+        return cx - r, cy - r, cx + r, cy + r
+    if shape == "square":
+        return cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r
+    return cx - r, cy - r, cx + r, cy + 0.8 * r  # triangle, point up
+
+
+def draw_shape(pen: ImageDraw.ImageDraw, shape: str, fill: tuple, cx: float, cy: float, r: float) -> None:
+    """Draw one filled shape of half-width ``r`` at (cx, cy) in the pen's pixel units."""
+    x0, y0, x1, y1 = shape_box(shape, cx, cy, r)
+    if shape == "circle":
+        pen.ellipse([x0, y0, x1, y1], fill=fill)
+    elif shape == "square":
+        pen.rectangle([x0, y0, x1, y1], fill=fill)
+    else:
+        pen.polygon([(cx, y0), (x0, y1), (x1, y1)], fill=fill)
 
 
 class ShapesDataset(Dataset):

@@ -1,7 +1,8 @@
 """Prompt following on the embedded shapes (GenEval's idea on our data): read a picture back from its pixels.
 
 ``read_shapes(image)`` finds the objects of a generated (3, H, W) picture and returns, for the largest one,
-its size, colour, shape and position, and the number of objects. ``FollowScore`` compares those readings
+its size, colour, shape and position, and the number of objects; ``read_objects(image)`` reads every object
+(with its bounding box), the detector of the GenEval-style score (``transfusion.evaluation.geneval``). ``FollowScore`` compares those readings
 with the attributes a caption asked for: per-attribute accuracy, "all four right" and "exactly one object".
 
 The reader works on what the renderer draws (``transfusion.data.shapes``): one shape on a dark background.
@@ -56,24 +57,23 @@ TRIANGLE_OFFSET = 0.065
 SQUARE_FILL = 0.88
 
 
-def read_shapes(image: torch.Tensor, threshold: float = 60.0, min_pixels: int = 4) -> dict:
-    """``{"objects": int, "size", "colour", "shape", "position"}`` read from a (3, H, W) image in [-1, 1].
-
-    The four attributes describe the largest object; they are None when the picture holds none.
-    """
+def read_objects(image: torch.Tensor, threshold: float = 60.0, min_pixels: int = 4) -> list[dict]:
+    """Every object of a (3, H, W) image in [-1, 1], largest first: ``{"size", "colour", "shape", "position",
+    "box": (x0, y0, x1, y1) in pixels, "pixels": its pixel count}``."""
     pixels = (image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5  # (3, H, W)
-    H, W = pixels.shape[1:]
     background = torch.tensor(BACKGROUND, dtype=torch.float32)[:, None, None]
     distance = (pixels - background).norm(dim=0)  # (H, W)
     parts = [p for p in _components(distance > threshold) if len(p) >= min_pixels]
-    reading = {"objects": len(parts), **{a: None for a in ATTRIBUTES}}
-    if not parts:
-        return reading
-    ys, xs = torch.tensor(parts[0]).T
+    return [_read_object(part, pixels, distance) for part in parts]
+
+
+def _read_object(part: list[tuple[int, int]], pixels: torch.Tensor, distance: torch.Tensor) -> dict:
+    H, W = distance.shape
+    ys, xs = torch.tensor(part).T
     far = distance[ys, xs]
     core = far >= 0.6 * far.max()
     mean = pixels[:, ys[core], xs[core]].mean(dim=1)
-    reading["colour"] = min(COLOURS, key=lambda c: float((mean - torch.tensor(COLOURS[c], dtype=torch.float32)).norm()))
+    reading = {"colour": min(COLOURS, key=lambda c: float((mean - torch.tensor(COLOURS[c], dtype=torch.float32)).norm()))}
 
     # coverage in [0, 1] of the object and the pixel ring around it (anti-aliased edges count partly)
     mask = torch.zeros(H, W)
@@ -91,8 +91,22 @@ def read_shapes(image: torch.Tensor, threshold: float = 60.0, min_pixels: int = 
     extent = float(max(width, height)) / W
     reading["size"] = "large" if extent > SIZES["small"] + 0.85 * SIZES["large"] else "small"
 
-    cx, cy = float(xs.min() + xs.max() + 1) / 2 / W, float(ys.min() + ys.max() + 1) / 2 / H  # box centre
+    x0, x1 = float(xs.min()), float(xs.max()) + 1
+    cx, cy = (x0 + x1) / 2 / W, (y0 + y1) / 2 / H  # box centre
     reading["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    reading["box"], reading["pixels"] = (x0, y0, x1, y1), len(part)
+    return reading
+
+
+def read_shapes(image: torch.Tensor, threshold: float = 60.0, min_pixels: int = 4) -> dict:
+    """``{"objects": int, "size", "colour", "shape", "position"}`` read from a (3, H, W) image in [-1, 1].
+
+    The four attributes describe the largest object; they are None when the picture holds none.
+    """
+    objects = read_objects(image, threshold, min_pixels)
+    reading = {"objects": len(objects), **{a: None for a in ATTRIBUTES}}
+    if objects:
+        reading.update({a: objects[0][a] for a in ATTRIBUTES})
     return reading
 
 

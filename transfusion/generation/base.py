@@ -31,12 +31,15 @@ from PIL import Image
 
 from transfusion.generation.options import SamplingOptions, sample_tokens
 from transfusion.images import IMAGE, to_tensor
-from transfusion.models.attention import RowGroups
-from transfusion.models.kv_cache import MIN_CAPACITY, make_caches
+from transfusion.models.attention import RowGroups, dense_mask
+from transfusion.models.kv_cache import MIN_CAPACITY, make_caches, set_commit
 
-PAD_DOC = -1
+PAD_DOC = -1  # the document of padding positions: no real position attends them
+IMAGE_POSITION = -1  # in a row's token ids: one of an image's n positions (its patches, or its codes once sampled)
+NO_IMAGE = -1  # the image id of a position that is not an image's
+PROMPT, UNCONDITIONAL, IMAGE_ONLY = 0, 1, 2  # row groups: B rows each, in this order (guidance adds the later ones)
 MIN_SKIPPED_KEYS = 32  # attention per row group (RowGroups) when it spares a group at least this many padding keys
-_KEYS = ("tokens", "doc", "img", "pos")
+_KEYS = ("tokens", "doc_ids", "image_ids", "pos")
 
 
 class Stream:
@@ -52,8 +55,8 @@ class Stream:
         self.latents: dict[int, torch.Tensor] = {}  # committed clean latents by image id (Transfusion)
 
     tokens = property(lambda self: self.buffers["tokens"][:, :self.length])
-    doc = property(lambda self: self.buffers["doc"][:, :self.length])
-    img = property(lambda self: self.buffers["img"][:, :self.length])
+    doc_ids = property(lambda self: self.buffers["doc_ids"][:, :self.length])
+    image_ids = property(lambda self: self.buffers["image_ids"][:, :self.length])
     pos = property(lambda self: self.buffers["pos"][:, :self.length])
 
     def stage(self, block: dict) -> dict:
@@ -100,6 +103,29 @@ class Run:
     def image_guided(self) -> bool:
         return self.R == 3 * self.B
 
+    @property
+    def groups(self) -> int:
+        """Row groups: prompts; with guidance, unconditional rows; with image guidance, image-only rows."""
+        return self.R // self.B
+
+    def row(self, prompt: int, group: int) -> int:
+        """The row of ``prompt`` in a row group."""
+        return prompt + group * self.B
+
+    def rows(self, prompts: list[int], groups=None) -> list[int]:
+        """The rows of ``prompts`` in ``groups`` (default: all), group by group."""
+        return [self.row(r, g) for g in (range(self.groups) if groups is None else groups) for r in prompts]
+
+    def guidance_rows(self, prompts: list[int]) -> list[int]:
+        """The rows that guide ``prompts``' images (unconditional, then image-only), group by group."""
+        return self.rows(prompts, range(UNCONDITIONAL, self.groups))
+
+    def prompt(self, row: int) -> int:
+        return row % self.B
+
+    def group(self, row: int) -> int:
+        return row // self.B
+
     def flush_text(self, r: int, decode) -> None:
         if self.text[r]:
             self.outputs[r].append(decode(self.text[r]))
@@ -116,7 +142,8 @@ class MixedModalGenerator:
     """
 
     options_class = SamplingOptions
-    n: int  # positions per image (set by subclasses)
+    patches_per_image: int  # n: the positions an image takes (latent patches or VQ codes; set by subclasses)
+    bidirectional: bool  # attention within an image (set by subclasses)
 
     def __init__(self, model, autoencoder, tokenizer, options: SamplingOptions | None = None, seed: int = 0):
         self.model, self.autoencoder, self.tok = model, autoencoder, tokenizer
@@ -133,8 +160,9 @@ class MixedModalGenerator:
         """A prompt image (3, H, W) in [-1, 1] -> what the model reads for it."""
         raise NotImplementedError
 
-    def _forward(self, run: Run, block: dict, images: dict, commit: bool):
-        """Run the new positions ``block``; hidden states (R, Lq, D) and the subclass's per-image outputs."""
+    def _run_model(self, inputs: dict, ids: list[int], images: dict, mask, caches):
+        """The network on ``inputs`` (tokens, doc, img, pos; (R, L) each): hidden states (R, L, D) and, for the images
+        ``ids`` among them (row-major), their predictions (Transfusion; None otherwise); ``images``: id -> (x_t, t)."""
         raise NotImplementedError
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
@@ -203,10 +231,11 @@ class MixedModalGenerator:
         return image.to(self.device)
 
     def _encode_prompt(self, prompt, index: int) -> tuple[list[int], list[torch.Tensor], bool, list[int]]:
-        """Token ids up to the first ``IMAGE`` (-1 at image positions), what the model reads for its images, whether
-        it forces BOI, and the ids after that ``IMAGE`` (BOI for each later one), fed after its image."""
+        """Token ids up to the first ``IMAGE`` (IMAGE_POSITION at image positions), what the model reads for its
+        images, whether it forces BOI, and the ids after that ``IMAGE`` (BOI for each later one), fed after it."""
         if isinstance(prompt, (str, Image.Image, torch.Tensor)):
             prompt = [prompt]
+        n = self.patches_per_image
         ids, images, force, forced = [self.tok.bos_id], [], False, []
         for j, segment in enumerate(prompt):
             if segment is IMAGE:
@@ -218,13 +247,19 @@ class MixedModalGenerator:
                 raise ValueError(f"prompt {index}, segment {j}: after an IMAGE a prompt may hold only text and IMAGE")
             else:
                 images.append(self._image_input(self._pixels(segment, f"prompt {index}, segment {j}")))
-                ids += [self.tok.boi_id] + [-1] * self.n + [self.tok.eoi_id]
+                ids += [self.tok.boi_id] + [IMAGE_POSITION] * n + [self.tok.eoi_id]
         later_images = forced.count(self.tok.boi_id)
-        length = len(ids) + len(forced) + (self.n + 1) * (later_images + 1 if force else 0) + (0 if force else 1)
+        length = len(ids) + len(forced) + (n + 1) * (later_images + 1 if force else 0) + (0 if force else 1)
         if length > self.max_len:
             raise ValueError(f"prompt {index} has {len(ids) + len(forced)} positions; with what it asks to generate "
                              f"it exceeds the model's context max_seq_len={self.max_len}")
         return ids, images, force, forced
+
+    def _images_of(self, ids: list[int]) -> list[int]:
+        """A prompt's ids kept by its image-only row: BOS and each input image (BOI, its positions, EOI)."""
+        P = IMAGE_POSITION
+        return [i for k, i in enumerate(ids) if k == 0 or i == P or (i == self.tok.boi_id and k + 1 < len(ids)
+                and ids[k + 1] == P) or (i == self.tok.eoi_id and ids[k - 1] == P)]
 
     # ------------------------------------------------------------------ the phases: prefill, then image and text steps
     def _start(self, encoded: list, seeds: list[int], max_new_tokens: list[int | None] | None) -> Run:
@@ -240,32 +275,32 @@ class MixedModalGenerator:
 
     def _prefill(self, run: Run, encoded: list) -> None:
         """Commit every prompt, left-padded so each row's last token is in the last column."""
-        B, R, tok = run.B, run.R, self.tok
+        B, R, tok, n = run.B, run.R, self.tok, self.patches_per_image
         rows = [ids for ids, *_ in encoded]
         if run.guided:  # unconditional rows: BOS, and BOI where the prompt forces an image
             rows += [[tok.bos_id] + ([tok.boi_id] if force else []) for _, _, force, _ in encoded]
         if run.image_guided:  # image-only rows: BOS and the prompt's images, then BOI where it forces one
             for r, (ids, _, force, _) in enumerate(encoded):
-                kept = [i for k, i in enumerate(ids) if k == 0 or i == -1 or
-                        (i == tok.boi_id and k + 1 < len(ids) and ids[k + 1] == -1) or (i == tok.eoi_id and ids[k - 1] == -1)]
-                run.keep[2 * B + r] = len(kept)
+                kept = self._images_of(ids)
+                run.keep[run.row(r, IMAGE_ONLY)] = len(kept)
                 rows.append(kept + ([tok.boi_id] if force else []))
         width = max(len(r) for r in rows)
-        images, prompt_img_ids = {}, []
-        for r in range(R):
-            inputs = encoded[r][1] if r < B else encoded[r - 2 * B][1] if r >= 2 * B else []
-            prompt_img_ids.append(list(range(run.next_image_id, run.next_image_id + len(inputs))))
+        images, prompt_image_ids = {}, []
+        for r in range(R):  # unconditional rows read no image of the prompt
+            inputs = [] if run.group(r) == UNCONDITIONAL else encoded[run.prompt(r)][1]
+            prompt_image_ids.append(list(range(run.next_image_id, run.next_image_id + len(inputs))))
             images.update({run.next_image_id + k: (x, 0) for k, x in enumerate(inputs)})
             run.next_image_id += len(inputs)
         block = self._empty_block(R, width)
-        block["ids"] = [i for r in range(R) for i in prompt_img_ids[r]]  # the prompts' images in row order
+        block["ids"] = [i for r in range(R) for i in prompt_image_ids[r]]  # the prompts' images in row order
         for r, ids in enumerate(rows):
             ids_t, cols = torch.tensor(ids), slice(width - len(ids), width)
             block["tokens"][r, cols] = torch.where(ids_t >= 0, ids_t, tok.pad_id)
-            block["doc"][r, cols] = 0
+            block["doc_ids"][r, cols] = 0
             block["pos"][r, cols] = torch.arange(len(ids))
-            if prompt_img_ids[r]:
-                block["img"][r, cols][ids_t == -1] = torch.tensor(prompt_img_ids[r]).repeat_interleave(self.n)
+            if prompt_image_ids[r]:
+                positions = ids_t == IMAGE_POSITION
+                block["image_ids"][r, cols][positions] = torch.tensor(prompt_image_ids[r]).repeat_interleave(n)
             run.next_pos[r] = len(ids)
             run.first[r] = width - len(ids)
         hidden, _ = self._forward(run, {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}, images,
@@ -279,7 +314,7 @@ class MixedModalGenerator:
             return
         for r in image_rows:
             run.flush_text(r, self.tok.decode)
-            if run.next_pos[r] + self.n + 1 > self.max_len:  # no room for n positions + EOI: stop
+            if run.next_pos[r] + self.patches_per_image + 1 > self.max_len:  # no room for n positions + EOI: stop
                 run.done[r] = True
         image_rows = [r for r in image_rows if not run.done[r]]
         for r, image in (self._generate_images(run, image_rows) if image_rows else {}).items():
@@ -308,7 +343,7 @@ class MixedModalGenerator:
             step_rows.append([token])
             if token == tok.boi_id:
                 run.pending[r] = True
-                real[r + run.B::run.B] = True  # its guidance rows start their image too
+                real[run.guidance_rows([r])] = True  # its guidance rows start their image too
             elif not forced:  # the prompt's text is not output
                 run.text[r].append(token)
         if run.guided:
@@ -324,6 +359,28 @@ class MixedModalGenerator:
         return True
 
     # ------------------------------------------------------------------ helpers
+    def _forward(self, run: Run, block: dict, images: dict[int, tuple[torch.Tensor, float]], commit: bool):
+        """Run the new positions ``block``: hidden states (R, Lq, D) and the predictions of ``images`` by image id;
+        ``images``: id -> (x_t, t) for the images being generated in the block (committed clean latents are looked
+        up by id). With the cache only the block runs (its KV kept if ``commit``), else the whole stream."""
+        st, Lq = run.stream, block["tokens"].shape[1]
+        full = st.stage(block)  # committed positions, then the block's: (R, S + Lq) each
+        if self.options.use_cache:
+            inputs, ids, caches = block, block["ids"], run.caches  # ids: the block's images, row-major (no sync)
+            mask = self._attention_mask(run, dense_mask(full["doc_ids"], full["image_ids"], self.bidirectional,
+                                                        num_queries=Lq))
+            set_commit(caches, commit)
+        else:
+            inputs, caches, img = full, None, full["image_ids"]
+            ids = [int(i) for i in img[img >= 0].view(-1, self.patches_per_image)[:, 0]]
+            mask = dense_mask(full["doc_ids"], img, self.bidirectional)
+        lookup = {i: (x, 0) for i, x in st.latents.items()} | images
+        hidden, predictions = self._run_model(inputs, ids, lookup, mask, caches)
+        if commit:
+            st.commit(Lq)
+            st.latents.update({i: x for i, (x, _) in images.items()})
+        return hidden[:, -Lq:], ({i: predictions[j] for j, i in enumerate(ids) if i in images} if ids else {})
+
     def _sample(self, run: Run, logits: torch.Tensor) -> torch.Tensor:
         """Next text token ids (B,) from logits (B, V)."""
         logits = logits.float().index_fill(-1, self.banned, float("-inf"))
@@ -331,24 +388,24 @@ class MixedModalGenerator:
 
     def _empty_block(self, R: int, Lq: int) -> dict:
         block = {k: torch.zeros(R, Lq, dtype=torch.long) for k in _KEYS}
-        block["doc"][:], block["img"][:], block["tokens"][:] = PAD_DOC, -1, self.tok.pad_id
+        block["doc_ids"][:], block["image_ids"][:], block["tokens"][:] = PAD_DOC, NO_IMAGE, self.tok.pad_id
         return block
 
-    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, img_ids: list[int] | None = None) -> dict:
-        """New positions: ``rows[r]`` token ids (-1 = the positions of image ``img_ids[r]``) for rows where
+    def _block(self, run: Run, rows: list[list[int]], real: torch.Tensor, image_ids: list[int] | None = None) -> dict:
+        """New positions: ``rows[r]`` token ids (IMAGE_POSITION: the positions of image ``image_ids[r]``) for rows where
         ``real[r]``, else padding; ``ids`` lists the images in the block in row order. Built in a few whole-batch
         ops: a decoding step's cost should not grow with the rows."""
         ids, live = torch.tensor(rows), real[:, None]  # (R, Lq), (R, 1)
         Lq = ids.shape[1]
         block = {"tokens": torch.where(live & (ids >= 0), ids, self.tok.pad_id),
-                 "doc": torch.where(live, 0, PAD_DOC).expand(-1, Lq),
-                 "img": torch.full_like(ids, -1),
+                 "doc_ids": torch.where(live, 0, PAD_DOC).expand(-1, Lq),
+                 "image_ids": torch.full_like(ids, NO_IMAGE),
                  "pos": torch.where(live, run.next_pos[:, None] + torch.arange(Lq), 0)}
         block["ids"] = []
-        if img_ids is not None:
-            patch = live & (ids == -1)
-            block["img"] = torch.where(patch, torch.tensor(img_ids)[:, None], -1)
-            block["ids"] = [img_ids[r] for r in patch.any(1).nonzero()[:, 0].tolist()]
+        if image_ids is not None:
+            patch = live & (ids == IMAGE_POSITION)
+            block["image_ids"] = torch.where(patch, torch.tensor(image_ids)[:, None], NO_IMAGE)
+            block["ids"] = [image_ids[r] for r in patch.any(1).nonzero()[:, 0].tolist()]
         run.next_pos += Lq * real
         return {k: v if k == "ids" else v.to(self.device) for k, v in block.items()}
 
@@ -367,7 +424,7 @@ class MixedModalGenerator:
         the BOI and image they added."""
         st = run.stream
         for r in rows:
-            st.doc[r] = torch.where(st.pos[r] >= run.keep[r], PAD_DOC, st.doc[r])
+            st.doc_ids[r] = torch.where(st.pos[r] >= run.keep[r], PAD_DOC, st.doc_ids[r])
             run.next_pos[r] = run.keep[r]
 
     def _decode_images(self, outputs: list[list]) -> list[list]:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.generation.base import MixedModalGenerator, Run
+from transfusion.generation.base import IMAGE_POSITION, UNCONDITIONAL, MixedModalGenerator, Run
 from transfusion.generation.options import ChameleonSamplingOptions, sample_tokens
-from transfusion.models.attention import dense_mask
-from transfusion.models.kv_cache import set_commit
 
 
 class ChameleonGenerator(MixedModalGenerator):
@@ -26,52 +24,39 @@ class ChameleonGenerator(MixedModalGenerator):
 
     def __init__(self, model, autoencoder, tokenizer, options: ChameleonSamplingOptions | None = None, seed: int = 0):
         super().__init__(model, autoencoder, tokenizer, options, seed)
-        self.n = model.cfg.image_tokens
+        self.patches_per_image, self.bidirectional = model.cfg.patches_per_image, False  # causal over codes, as trained
         self.text_vocab = model.cfg.text_vocab_size
         codes = torch.arange(self.text_vocab, model.cfg.vocab_size, device=self.device)
         self.banned = torch.cat([self.banned, codes])  # LM mode samples text only
 
     def _image_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode_tokens(pixels[None])[0]
+        return self.autoencoder.encode_codes(pixels[None])[0]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode_tokens(codes)
+        return self.autoencoder.decode_codes(codes)
 
     def _encode_prompt(self, prompt, index: int):
         """Token ids with each input image's codes in place of its n positions (nothing else to carry)."""
         ids, codes, force, forced = super()._encode_prompt(prompt, index)
         ids = torch.tensor(ids)
         if codes:
-            ids[ids == -1] = torch.cat(codes).cpu() + self.text_vocab
+            ids[ids == IMAGE_POSITION] = torch.cat(codes).cpu() + self.text_vocab
         return ids.tolist(), [], force, forced
 
-    def _forward(self, run: Run, block: dict, images: dict, commit: bool):
-        """Hidden states (R, Lq, D) of the new positions; every position is a token."""
-        st, Lq = run.stream, block["tokens"].shape[1]
-        full = st.stage(block)  # committed positions, then the block's: (R, S + Lq) each
-        if self.options.use_cache:
-            tokens, doc, pos = block["tokens"], block["doc"], block["pos"]
-            mask = self._attention_mask(run, dense_mask(full["doc"], full["img"], bidirectional=False, num_queries=Lq))
-            set_commit(run.caches, commit)
-            caches = run.caches
-        else:
-            tokens, doc, pos = full["tokens"], full["doc"], full["pos"]
-            mask, caches = dense_mask(doc, full["img"], bidirectional=False), None
-        hidden = self.model(tokens, doc, mask=mask, pos=pos, caches=caches)
-        if commit:
-            st.commit(Lq)
-        return hidden[:, -Lq:], {}
+    def _run_model(self, inputs: dict, ids: list[int], images: dict, mask, caches):
+        """Every position is a token: hidden states only."""
+        return self.model(inputs["tokens"], inputs["doc_ids"], mask=mask, pos=inputs["pos"], caches=caches), None
 
     def _generate_images(self, run: Run, image_rows: list[int]) -> dict[int, torch.Tensor]:
         """Sample n codes for each prompt row in ``image_rows``, committing each, then commit EOI."""
-        uncond = [r + run.B for r in image_rows] if run.guided else []
+        uncond = run.rows(image_rows, [UNCONDITIONAL]) if run.guided else []
         rows = image_rows + uncond
         active = torch.zeros(run.R, dtype=torch.bool)
         active[rows] = True
         o, V = self.options, self.text_vocab
         generators = [run.generators[r] for r in image_rows]
         codes = []
-        for _ in range(self.n):
+        for _ in range(self.patches_per_image):
             logits = run.logits[image_rows, V:].float()  # (I, K): image codes only
             if run.guided:
                 logits_u = run.logits[uncond, V:].float()
@@ -82,7 +67,7 @@ class ChameleonGenerator(MixedModalGenerator):
             for k, r in enumerate(image_rows):
                 step[r] = [V + int(code[k])]
                 if run.guided:
-                    step[r + run.B] = step[r]
+                    step[run.row(r, UNCONDITIONAL)] = step[r]
             hidden, _ = self._forward(run, self._block(run, step, active), {}, commit=True)
             run.logits[rows] = self.model.lm_head(hidden[rows, -1]).to(run.logits.dtype)
         hidden, _ = self._forward(run, self._block(run, [[self.tok.eoi_id]] * run.R, active), {}, commit=True)

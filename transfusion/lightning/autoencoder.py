@@ -157,11 +157,11 @@ class VQAutoencoderModule(AutoencoderModule):
 
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] -> codes (N, h * w) in raster order."""
-        return self.model.encode_tokens(images)
+        return self.model.encode_codes(images)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (N, h * w) -> images (N, 3, H, W) clamped to [-1, 1]."""
-        return self.model.decode_tokens(codes)
+        return self.model.decode_codes(codes)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         raise TypeError("a VQ-VAE gives discrete codes: use encode_codes / decode_codes")

@@ -59,7 +59,7 @@ class ChameleonModule(GenerativeModule):
         vq = self.autoencoder.model
         self.config = ChameleonConfig(
             transformer=transformer_config, text_vocab_size=self.tokenizer.vocab_size,
-            codebook_size=vq.codebook_size, image_tokens=vq.tokens_per_image, z_loss_weight=z_loss_weight,
+            codebook_size=vq.codebook_size, patches_per_image=vq.patches_per_image, z_loss_weight=z_loss_weight,
             attention=attention,
         )
         self.model = Chameleon(self.config)
@@ -67,19 +67,19 @@ class ChameleonModule(GenerativeModule):
                                         attention_width(self.config.transformer))  # N: the transformer body
 
     @property
-    def positions_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         """Rows as for Transfusion, with n = the VQ latent's codes per image."""
-        return self.config.image_tokens
+        return self.config.patches_per_image
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels (N, 3, H, W) in [-1, 1] -> codes (N, n); codes (N, n) from `transfusion cache-latents` pass through."""
         if images.shape[0] == 0:
-            return torch.zeros(0, self.config.image_tokens, dtype=torch.long, device=images.device)
+            return torch.zeros(0, self.config.patches_per_image, dtype=torch.long, device=images.device)
         if not images.is_floating_point():
-            if tuple(images.shape[1:]) != (self.config.image_tokens,):
+            if tuple(images.shape[1:]) != (self.config.patches_per_image,):
                 raise ValueError(f"cached codes of shape {tuple(images.shape[1:])}, the VQ-VAE gives "
-                                 f"({self.config.image_tokens},): re-run `transfusion cache-latents`")
+                                 f"({self.config.patches_per_image},): re-run `transfusion cache-latents`")
             return images.long()
         return self.autoencoder.encode_codes(images)
 

@@ -96,8 +96,9 @@ def check_config(stored: dict, current: Any, what: str, fields: tuple[str, ...] 
     stored config lacks (saved before the field existed) counts as its default, which is always the old behaviour.
     """
     old, new = flatten_config(stored), flatten_config(current)
-    if is_dataclass(current):
-        old = {**flatten_config(type(current)()), **old}
+    if is_dataclass(current):  # fields renamed since (the dataclass's RENAMED: old name -> new) under their new names
+        renamed = getattr(type(current), "RENAMED", {})
+        old = {**flatten_config(type(current)()), **{renamed.get(k, k): v for k, v in old.items()}}
     names = sorted(set(old) | set(new))
     if fields is not None:
         names = [n for n in names if n.split(".")[0] in fields]

@@ -1,6 +1,7 @@
 """The paper's evaluation as a Lightning callback: FID and CLIP score of caption->image generations,
 CIDEr-D of image->caption generations, perplexity on held-out text; and, on the embedded shapes, prompt
-following (``follow``: the attributes read back from the generated pictures and captions).
+following (``follow``: the attributes read back from the generated pictures and captions); on the embedded
+scenes, GenEval's rules (``geneval``: ``transfusion.evaluation.geneval``).
 
 Model-agnostic: it asks the LightningModule only for what ``GenerativeModule`` (``transfusion.lightning.generative``)
 provides: ``generate_images``, ``generate_captions``, ``text_logits``, ``training_flops``, ``sampling_summary``;
@@ -33,7 +34,7 @@ from transfusion.evaluation.perplexity import text_windows, update_perplexity
 from transfusion.lightning.ema import ema_weights
 from transfusion.images import IMAGE, image_grid
 
-METRICS = ("fid", "clip", "cider", "ppl", "follow", "edit")
+METRICS = ("fid", "clip", "cider", "ppl", "follow", "edit", "geneval")
 DEFAULT_METRICS = ("fid", "clip", "cider", "ppl")  # follow reads the embedded shapes only: opt in
 
 
@@ -57,7 +58,9 @@ class Evaluation(Callback):
                 edit (an editing data module's held-out edits, ``EditDataModule``: ``edit@shapes`` is the share of
                 edits with the asked change, the rest kept, one object and exactly one image out;
                 ``edit@shapes/asked``, ``/kept``, ``/one_object``, ``/one_image`` its parts; a before / instruction /
-                after grid goes to the logger).
+                after grid goes to the logger), geneval (the embedded scenes, ``images: scenes``: ``geneval@scenes`` is
+                the mean over GenEval's six tasks of the share of caption -> image pictures right by GenEval's rules,
+                ``geneval@scenes/<task>`` each task's share).
             fid_weights: torch-fidelity InceptionV3 weights (default: the file ``transfusion fid-weights`` writes).
             fid_features: 2048 (standard FID, key ``fid``) or 64/192/768 (earlier Inception layers, key ``fid@64``
                 ...: cheap, for tests; not comparable with FID).
@@ -171,7 +174,7 @@ class Evaluation(Callback):
         self._metric_objects(device)
         results: dict = {}
         samples: list[dict] = []
-        if set(self.metrics) & {"fid", "clip", "cider", "follow"}:
+        if set(self.metrics) & {"fid", "clip", "cider", "follow", "geneval"}:
             examples = datamodule.evaluation_examples(self.num_samples)
             mine = list(range(rank, len(examples), world))
             samples = self._generate(pl_module, examples, mine, rank)
@@ -195,6 +198,8 @@ class Evaluation(Callback):
         if "follow" in self.metrics:
             results.update(follow_metrics(_gather([(s["caption"], s["generated"], s["generated_caption"],
                                                     s["references"][0], s["single"]) for s in samples])))
+        if "geneval" in self.metrics:
+            results.update(geneval_metrics(_gather([(s["generated"], s["metadata"]) for s in samples])))
         if "edit" in self.metrics:
             edits = self._edit(pl_module, datamodule, rank, world)
             results.update(edit_metrics(_gather(edits)))
@@ -230,7 +235,8 @@ class Evaluation(Callback):
             for i, image, caption, one in zip(chunk, images, captions, single):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
                                 "real": examples[i]["image"].cpu(), "generated": image.cpu(),
-                                "generated_caption": caption, "single": one})
+                                "generated_caption": caption, "single": one,
+                                "metadata": examples[i].get("metadata")})
         return samples
 
     def _edit(self, pl_module, datamodule, rank: int, world: int) -> list[dict]:
@@ -367,6 +373,20 @@ def follow_metrics(samples: list[tuple]) -> dict[str, float]:
     return {"follow@shapes": rates["all"],
             **{f"follow@shapes/{k}": rates[k] for k in (*ATTRIBUTES, "one_object", "blank", "one_image")},
             "captions@shapes": captions["all"], **{f"captions@shapes/{k}": captions[k] for k in ATTRIBUTES}}
+
+
+def geneval_metrics(samples: list[tuple]) -> dict[str, float]:
+    """GenEval-style scores (``transfusion.evaluation.geneval``) from (generated image, GenEval record) pairs."""
+    from transfusion.evaluation.geneval import GenEvalScore
+
+    if not samples:
+        raise ValueError("evaluation: geneval needs at least one sample (num_samples > 0)")
+    if any(s[1] is None for s in samples):
+        raise ValueError("evaluation: geneval needs prompts with GenEval metadata: train on the embedded scenes "
+                         "(data option images: scenes)")
+    score = GenEvalScore()
+    score.update(torch.stack([s[0] for s in samples]), [s[1] for s in samples])
+    return {"geneval@scenes" if k == "overall" else f"geneval@scenes/{k}": v for k, v in score.compute().items()}
 
 
 def edit_metrics(edits: list[dict]) -> dict[str, float]:

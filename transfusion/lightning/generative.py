@@ -4,7 +4,7 @@
 A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder LightningModule), ``optim`` (an
 ``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``) and ``flop_counter`` in ``__init__``, names its
 ``generator_class`` and the ``image_sampling_fields`` that say how images are sampled, and provides
-``positions_per_image`` and ``text_logits``. It gets:
+``patches_per_image`` and ``text_logits``. It gets:
 
 * ``generator(**overrides)``: the model's generator with the module's sampling settings (``transfusion.generation``);
 * ``generate_images(captions, seeds)`` / ``generate_captions(images, seeds, max_new_tokens)``: shortcuts;
@@ -56,7 +56,7 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
             raise UserError(f"checkpoint {checkpoint_path} cannot be loaded as a {cls.__name__} ({reason})") from error
 
     @property
-    def positions_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         """n: the sequence positions one image takes (patches or codes)."""
         raise NotImplementedError
 
@@ -76,7 +76,7 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
         return autoencoder_fingerprint(self.autoencoder)
 
     def sequence_layout(self) -> SequenceLayout:
-        return SequenceLayout(self.tokenizer, self.positions_per_image, self.autoencoder.config.image_size,
+        return SequenceLayout(self.tokenizer, self.patches_per_image, self.autoencoder.config.image_size,
                               autoencoder_fingerprint=self.autoencoder_fingerprint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -41,7 +41,6 @@ MODEL_CARD = """---
 and architecture.
 
 ```python
-import transfusion
 from {{ module }} import {{ class_name }}
 
 model = {{ class_name }}.from_pretrained("this-repo-id-or-folder")  # eval mode, on the CPU

@@ -12,7 +12,6 @@ from transfusion.data.tokenizer import Tokenizer, find_tokenizer
 from transfusion.errors import UserError, check_checkpoint_file
 from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation import SamplingOptions, TransfusionGenerator
-from transfusion.generation.transfusion import check_sampler
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.generative import GenerativeModule
@@ -24,6 +23,7 @@ from transfusion.models.lmfusion import (freeze_text_weights, is_text_weight, lo
                                          load_text_weights_sharded)
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
+from transfusion.schedules import schedule_class
 
 TIMESTEP_BUCKETS = 4  # the validation DDPM loss is also logged per quarter of the noise scale
 
@@ -108,7 +108,7 @@ class TransfusionModule(GenerativeModule):
         self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
                                         sampler=sampler, clip_x0=clip_x0)
-        check_sampler(objective, sampler)
+        schedule_class(objective).check_sampler(sampler)
         if freeze_text and not modality_experts:
             raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
         if freeze_text and text_lr is not None:
@@ -215,7 +215,7 @@ class TransfusionModule(GenerativeModule):
         return self.optim.configure(groups, self.trainer.estimated_stepping_batches)
 
     @property
-    def positions_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         return self.config.patches_per_image
 
     @torch.no_grad()
@@ -233,49 +233,26 @@ class TransfusionModule(GenerativeModule):
         hidden, _ = self.model(tokens, doc_ids, torch.full_like(tokens, -1))
         return self.model.lm_head(hidden[at])
 
-    def diffusion_draws(self, batch: dict, latents: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps (N,) and noise (N, C, h, w), image k of a row drawn from (noise_seed, step, row index, k): the
-        same draws however rows are split over processes or accumulated micro-batches. Flow: logit-normal float
-        times (``RectifiedFlow.sample_timesteps``) under the same limits."""
-        flow = self.config.objective == "flow"
-        max_t = self._max_t(batch).tolist()
+    def image_generators(self, batch: dict, step: int) -> list[torch.Generator]:
+        """One generator per image of the batch, image k of a row seeded by (noise_seed, step, row index, k): its time
+        and noise (``Schedule.draw_times``) are the same however rows are split over processes or micro-batches."""
         rows = batch["row_index"].tolist()
         images_per_row = ((batch["image_ids"] >= 0).sum(1) // self.config.patches_per_image).tolist()
-        seed, t, noise = self.hparams.noise_seed, [], []
-        for row, count in zip(rows, images_per_row):
-            for k in range(count):
-                g = torch.Generator().manual_seed(hash((seed, step, row, k)) % 2**63)
-                limit = max_t[len(t)]  # 0: the image enters clean (t = 0); its noise is drawn all the same
-                if flow:
-                    t.append(self.model.diffusion.sample_timesteps(1, max(limit, 1), generator=g) * (limit > 0))
-                else:
-                    t.append(torch.randint(1, max(limit, 1) + 1, (1,), generator=g) * (limit > 0))
-                noise.append(torch.randn(latents.shape[1:], generator=g))
-        if not t:
-            return latents.new_zeros(0, dtype=torch.float32 if flow else torch.long), torch.zeros_like(latents)
-        return (torch.cat(t).to(latents.device),
-                torch.stack(noise).to(device=latents.device, dtype=latents.dtype))
-
-    def _max_t(self, batch: dict) -> torch.Tensor:
-        """Per image, the largest timestep to draw: the batch's ``max_t`` codes 0 as the full schedule (T) and
-        -1 as an image that enters clean (0: t = 0, no diffusion loss; the source image of an edit)."""
-        T = self.model.diffusion.num_timesteps
-        return torch.where(batch["max_t"] > 0, batch["max_t"], torch.where(batch["max_t"] < 0, 0, T))
+        return [torch.Generator().manual_seed(hash((self.hparams.noise_seed, step, row, k)) % 2**63)
+                for row, count in zip(rows, images_per_row) for k in range(count)]
 
     def _common_step(self, batch: dict, stage: str, generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.encode_images(batch["images"])
-        max_t = self._max_t(batch)
-        t = noise = None
-        if "row_index" in batch:
-            t, noise = self.diffusion_draws(batch, latents, self.global_step if stage == "train" else -1)
-        out = self.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, max_t,
+        if "row_index" in batch:  # rows that know their place in the data: draws per image (resumable, any split)
+            generator = self.image_generators(batch, self.global_step if stage == "train" else -1)
+        out = self.model.loss(batch["tokens"], batch["doc_ids"], batch["image_ids"], latents, batch["max_t"],
                               pad_id=self.tokenizer.pad_id, boi_id=self.tokenizer.boi_id, generator=generator,
-                              t=t, noise=noise, text_loss=batch.get("text_loss"))
+                              text_loss=batch.get("text_loss"))
         B = batch["tokens"].shape[0]
         if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
             self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])
             self.eval_ddpm_loss.update(out["ddpm_loss"], out["images"])
-            buckets = self._timestep_buckets(out["t"])
+            buckets = self.model.schedule.bucket(out["t"], TIMESTEP_BUCKETS)
             for k, metric in enumerate(self.eval_ddpm_buckets):
                 if (buckets == k).any():
                     metric.update(out["ddpm_per_image"][buckets == k])
@@ -286,14 +263,8 @@ class TransfusionModule(GenerativeModule):
             self.log(f"train/{key}", out[key], prog_bar=True, batch_size=B)
         return self._global_mean_loss(out)
 
-    def _timestep_buckets(self, t: torch.Tensor) -> torch.Tensor:
-        """Bucket k of each timestep: t in (k T / K, (k + 1) T / K] for K = TIMESTEP_BUCKETS (float t: flow)."""
-        if t.is_floating_point():
-            return (t * TIMESTEP_BUCKETS / self.model.diffusion.num_timesteps).ceil().long().clamp(1) - 1
-        return (t - 1) * TIMESTEP_BUCKETS // self.model.diffusion.num_timesteps
-
     def _bucket_name(self, k: int) -> str:
-        T = self.model.diffusion.num_timesteps
+        T = self.model.schedule.num_timesteps
         return f"ddpm_loss_t{k * T // TIMESTEP_BUCKETS + 1}-{(k + 1) * T // TIMESTEP_BUCKETS}"
 
     def _global_mean_loss(self, out: dict) -> torch.Tensor:

@@ -29,12 +29,13 @@ class ChameleonConfig:
     transformer: TransformerConfig = field(default_factory=lambda: TransformerConfig(qk_norm=True, norm_reorder=True))
     text_vocab_size: int = 2048
     codebook_size: int = 512
-    image_tokens: int = 64  # codes per image: positions of the VQ latent (h * w)
+    patches_per_image: int = 64  # n: an image's codes, one per position of the VQ latent (h * w)
     z_loss_weight: float = 1e-5
     attention: str = "auto"  # as in TransfusionConfig
+    RENAMED = {"image_tokens": "patches_per_image"}  # names in configs saved before (checkpoints, hub folders)
 
     def __post_init__(self):
-        for name in ("text_vocab_size", "codebook_size", "image_tokens"):
+        for name in ("text_vocab_size", "codebook_size", "patches_per_image"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.z_loss_weight < 0:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
 
 
@@ -78,6 +80,7 @@ def read_config(folder: str | Path, class_name: str) -> dict:
 
 def _load(cls_name: str, folder: Path, config: dict) -> nn.Module:
     """The diffusers model of ``folder`` in float32 (whatever the stored dtype), frozen, in eval mode."""
+    ensure_torchvision_importable()  # diffusers' model classes import torchvision
     import diffusers  # lazily: only users of such a folder need diffusers
 
     try:
@@ -186,8 +189,8 @@ class DiffusersAutoencoder(_DiffusersFolder):
 
 class DiffusersVQTokenizer(_DiffusersFolder):
     """A frozen ``VQModel`` behind the interface of ``VQAutoencoderModule`` (and of its ``VQAutoencoder``):
-    ``encode_codes`` / ``decode_codes`` (= ``encode_tokens`` / ``decode_tokens``), ``codebook_size``,
-    ``tokens_per_image``."""
+    ``encode_codes`` / ``decode_codes`` (codes (N, h * w) in raster order), ``codebook_size``,
+    ``patches_per_image``."""
 
     class_name = "VQModel"
 
@@ -196,7 +199,7 @@ class DiffusersVQTokenizer(_DiffusersFolder):
         return self.vae.quantize.n_e
 
     @property
-    def tokens_per_image(self) -> int:
+    def patches_per_image(self) -> int:
         return self.config.latent_size ** 2
 
     @torch.no_grad()
@@ -220,8 +223,6 @@ class DiffusersVQTokenizer(_DiffusersFolder):
             quant = self.vae.quantize.get_codebook_entry(codes.reshape(-1), shape)  # (N, D, h, w)
             out = self.vae.decode(quant, force_not_quantize=True)
         return out.sample.float().clamp(-1, 1)
-
-    encode_tokens, decode_tokens = encode_codes, decode_codes  # the generators' names (VQAutoencoder's)
 
 
 def load_diffusers_autoencoder(option: str | dict, vq: bool = False) -> DiffusersAutoencoder | DiffusersVQTokenizer:

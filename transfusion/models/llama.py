@@ -41,7 +41,7 @@ ARCHITECTURE = "LlamaForCausalLM"
 FAMILIES = {"llama": (ARCHITECTURE, False, False), "mistral": ("MistralForCausalLM", False, False),
             "qwen2": ("Qwen2ForCausalLM", True, False), "qwen3": ("Qwen3ForCausalLM", False, True)}
 IGNORED_LLAMA = ("rotary_emb.inv_freq",)  # a buffer some older checkpoints store: recomputed, not loaded
-TEXT_ONLY_PREFIXES = ("patch_encoder.", "patch_decoder.", "diffusion.")  # ours, with no Llama counterpart
+TEXT_ONLY_PREFIXES = ("patch_encoder.", "patch_decoder.")  # ours, with no Llama counterpart
 SPECIAL_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")  # copied on save
 
 

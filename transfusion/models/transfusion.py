@@ -4,8 +4,9 @@ Text tokens enter through an embedding and leave through the LM head; the patche
 image latent enter through a patch encoder (with its timestep) and leave through a patch decoder as
 predicted noise. Attention is causal over the sequence and bidirectional inside each image.
 Loss = L_LM + lambda * L_DDPM (paper eq. 4); ``min_snr_gamma`` optionally weighs each image's L_DDPM by its
-timestep (Min-SNR), which the paper does not. With ``objective`` "flow" (rectified flow, ``transfusion.flow``)
-the patch decoder predicts the velocity noise - x0 instead, and L_DDPM (still named ``ddpm_loss``) is its MSE.
+timestep (Min-SNR), which the paper does not. The noise schedule (``transfusion.schedules``, chosen by
+``objective``) says what the patch decoder predicts: the noise (DDPM) or the velocity noise - x0 (rectified flow);
+L_DDPM (``ddpm_loss``, the paper's name for the image loss whatever the objective) is the MSE to that target.
 
 A batch is a set of rows with image patches in place: ``tokens`` (B, L) holds text ids (anything at
 patch positions), ``image_ids`` (B, L) marks patch positions with the index of their image in the
@@ -24,11 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfusion.diffusion import Diffusion
-from transfusion.flow import RectifiedFlow
 from transfusion.models.attention import block_mask, dense_mask, positions
 from transfusion.models.patch import build_patch_layers
 from transfusion.models.transformer import Transformer, TransformerConfig
+from transfusion.schedules import schedule_class
 
 
 @dataclass
@@ -56,13 +56,12 @@ class TransfusionConfig:
             raise ValueError(f"patch_encoder must be 'linear' or 'unet', got {self.patch_encoder!r}")
         if self.diffusion_lambda < 0:
             raise ValueError(f"diffusion_lambda must be >= 0, got {self.diffusion_lambda}")
+        schedule_class(self.objective)  # a known objective
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
-        if self.objective not in ("ddpm", "flow"):
-            raise ValueError(f"objective must be 'ddpm' or 'flow', got {self.objective!r}")
-        if self.objective == "flow" and self.min_snr_gamma is not None:
-            raise ValueError(f"min_snr_gamma={self.min_snr_gamma} weighs DDPM's epsilon loss; with objective 'flow' "
-                             "it must be None")
+        if self.min_snr_gamma is not None and not schedule_class(self.objective).MIN_SNR:
+            raise ValueError(f"min_snr_gamma={self.min_snr_gamma} weighs DDPM's epsilon loss; with objective "
+                             f"{self.objective!r} it must be None")
         if self.attention not in ("auto", "sdpa", "flex"):
             raise ValueError(f"attention must be 'auto', 'sdpa' or 'flex', got {self.attention!r}")
 
@@ -83,8 +82,7 @@ class Transfusion(nn.Module):
             cfg.patch_encoder, cfg.latent_channels, cfg.patch_size, D, cfg.unet_channels
         )
         with torch.device("cpu"):  # a schedule, no parameters: real tensors even when the model is built on "meta"
-            self.diffusion = (RectifiedFlow(cfg.num_timesteps) if cfg.objective == "flow"
-                              else Diffusion(cfg.num_timesteps))
+            self.schedule = schedule_class(cfg.objective)(cfg.num_timesteps)
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
 
@@ -133,7 +131,7 @@ class Transfusion(nn.Module):
         return build(doc_ids, image_ids, self.cfg.bidirectional_images)
 
     def forward(self, tokens, doc_ids, image_ids, x_t=None, t=None, mask=None, pos=None, caches=None):
-        """Hidden states (B, L, D) and predicted noise (N, C, h, w) (velocity for flow; None without images).
+        """Hidden states (B, L, D) and the schedule's prediction (N, C, h, w) (noise or velocity; None without images).
 
         ``pos`` (B, L) overrides the RoPE positions derived from ``doc_ids``; with ``caches`` (one per
         layer, see ``transfusion.kv_cache``) the inputs are only the new positions and ``mask`` covers
@@ -154,31 +152,27 @@ class Transfusion(nn.Module):
         if mask is None:
             mask = self.attention_mask(doc_ids, image_ids)
         hidden = self.transformer(h, positions(doc_ids) if pos is None else pos, mask, caches, is_image=is_patch)
-        eps = None
+        prediction = None
         if context is not None:
             N, n = x_t.shape[0], self.cfg.patches_per_image
-            eps = self.patch_decoder(hidden[is_patch].view(N, n, hidden.shape[-1]), t, context)
-        return hidden, eps
+            prediction = self.patch_decoder(hidden[is_patch].view(N, n, hidden.shape[-1]), t, context)
+        return hidden, prediction
 
     def loss(self, tokens, doc_ids, image_ids, latents, max_t=None, pad_id: int = -1, boi_id: int = -1,
-             generator: torch.Generator | None = None, t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, text_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); timesteps (N,) and noise are
-        drawn here unless given. ``max_t`` (N,): the largest timestep each image may draw; 0 makes an image enter
-        clean (t = 0: an editing source image, seen but never denoised) and leaves it out of L_DDPM. For flow,
-        L_DDPM (``ddpm_loss``, ``ddpm_per_image``) is the velocity MSE and t the float time s T. ``text_loss`` (B, L)
-        bool: False where a token is not a next-token target (loss-off text of an interleaved document); None: all are."""
-        N = latents.shape[0]
+             generator=None, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             text_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """L_LM + lambda * L_DDPM on one batch of clean latents (N, C, h, w); times (N,) and noise are drawn here
+        unless given, from ``generator`` (one, or a list of one per image: ``Schedule.draw_times``). ``max_t`` (N,):
+        each image's limit code (``transfusion.schedules``: FULL, a limit, or CLEAN: the image enters clean, t = 0,
+        seen but never denoised, e.g. an edit's source, and is left out of L_DDPM). For flow, t is the float time
+        s T. ``text_loss`` (B, L) bool: False where a token is not a next-token target (loss-off text of an
+        interleaved document); None: all are."""
         if t is None:
-            limit = None if max_t is None else torch.as_tensor(max_t, device=latents.device)
-            t = self.diffusion.sample_timesteps(N, None if limit is None else limit.clamp(min=1), generator=generator,
-                                                device=latents.device)
-            if limit is not None:
-                t = t.masked_fill(limit == 0, 0)
+            t = self.schedule.draw_times(latents.shape[0], max_t, generator, latents.device)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        x_t = self.diffusion.add_noise(latents, noise, t)
-        hidden, eps = self(tokens, doc_ids, image_ids, x_t, t)
+            noise = self.schedule.draw_noise(latents, generator)
+        x_t = self.schedule.add_noise(latents, noise, t)
+        hidden, prediction = self(tokens, doc_ids, image_ids, x_t, t)
 
         # next-token loss where input and target are text of the same document, input not BOI, target not PAD
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
@@ -191,17 +185,18 @@ class Transfusion(nn.Module):
         lm_loss = F.cross_entropy(logits, tgt[lm_positions]) if logits.numel() else hidden.sum() * 0.0
 
         noised = t > 0  # images entered clean (t = 0) are context, not denoising targets
-        if eps is not None and noised.any():  # per-image epsilon (velocity) MSE, averaged over the noised images
-            target = noise if self.cfg.objective == "ddpm" else self.diffusion.velocity(latents, noise)
-            per_image = F.mse_loss(eps[noised].float(), target[noised].float(), reduction="none").flatten(1).mean(1)
-            if self.cfg.min_snr_gamma is not None:  # clean timesteps weigh gamma / SNR_t < 1 (see Diffusion)
-                ddpm_loss = (per_image * self.diffusion.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
+        if prediction is not None and noised.any():  # per-image MSE to the schedule's target, over the noised images
+            target = self.schedule.target(latents, noise)
+            per_image = F.mse_loss(prediction[noised].float(), target[noised].float(),
+                                   reduction="none").flatten(1).mean(1)
+            if self.cfg.min_snr_gamma is not None:  # clean timesteps weigh gamma / SNR_t < 1 (see DDPM)
+                ddpm_loss = (per_image * self.schedule.min_snr_weights(t[noised], self.cfg.min_snr_gamma)).mean()
             else:
                 ddpm_loss = per_image.mean()
         else:  # no noised image: the image weights still ran in forward (on no rows, or clean images), so their
             # zero gradients reach DDP's and FSDP2's reductions as every other's do (not around them, on shards)
             per_image = latents.new_zeros(0)
-            ddpm_loss = eps.sum() * 0.0 if eps is not None else latents.new_zeros(())
+            ddpm_loss = prediction.sum() * 0.0 if prediction is not None else latents.new_zeros(())
         loss = lm_loss + self.cfg.diffusion_lambda * ddpm_loss
         return {"loss": loss, "lm_loss": lm_loss, "ddpm_loss": ddpm_loss,
                 "text_tokens": lm_positions.sum().detach(), "images": noised.sum().detach(),

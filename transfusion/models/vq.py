@@ -121,29 +121,21 @@ class VQAutoencoder(nn.Module):
         check_images(self.config, x)
         return self.quant_proj(self.encoder(x))
 
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes (N, h, w) for images (N, C, H, W) in [-1, 1]."""
-        return self.quantizer.quantize(self.encode(x))
-
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W), not clamped, from codes (N, h, w)."""
-        return self.decoder(self.quantizer.lookup(codes))
-
     @property
-    def tokens_per_image(self) -> int:
-        """Codes per image (h * w): the image tokens of a Chameleon sequence."""
+    def patches_per_image(self) -> int:
+        """Codes per image (h * w): the positions of an image in a Chameleon sequence."""
         return self.config.latent_size ** 2
 
     @torch.no_grad()
-    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1] -> codes (N, h * w) in raster order."""
-        return self.encode_codes(x.to(self.quant_proj.weight.dtype)).flatten(1)
+        return self.quantizer.quantize(self.encode(x.to(self.quant_proj.weight.dtype))).flatten(1)
 
     @torch.no_grad()
-    def decode_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (N, h * w) in raster order -> images (N, C, H, W) clamped to [-1, 1]."""
         s = self.config.latent_size
-        return self.decode_codes(codes.view(-1, s, s)).clamp(-1, 1)
+        return self.decoder(self.quantizer.lookup(codes.view(-1, s, s))).clamp(-1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruction (N, C, H, W), z_e (N, Z, h, w), codes (N, h, w) and the quantizer's statistics."""

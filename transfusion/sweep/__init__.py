@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 
+from transfusion._torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # runner imports lightning
+
 
 def parse_sweep(argv: list[str]):
     """(``Sweep``, its configuration as a dict) from the ``transfusion sweep`` command line."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 # metric key prefix -> (name in tables, higher is better)
 METRIC_INFO = {"fid": ("FID", False), "clip_score": ("CLIP score", True), "cider_d": ("CIDEr-D", True),
                "ppl": ("perplexity", False), "follow": ("prompt following", True),
-               "captions": ("caption attributes", True)}
+               "captions": ("caption attributes", True), "geneval": ("GenEval", True)}
 
 
 def metric_info(key: str) -> tuple[str, bool]:

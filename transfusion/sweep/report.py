@@ -22,7 +22,7 @@ COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "par
 def metric_keys(rows: list[dict], parts: bool = False) -> list[str]:
     """Metric columns present in ``rows``, in the paper's order (text first), then prompt following; ``parts``:
     also the per-attribute rates (``follow@shapes/colour``, ...), which the tables and plots leave out."""
-    order = ["ppl", "cider_d", "fid", "clip_score", "follow", "captions"]
+    order = ["ppl", "cider_d", "fid", "clip_score", "follow", "captions", "geneval"]
     keys = {k for r in rows for k in r if k not in COLUMNS and (parts or "/" not in k)}
     return sorted(keys, key=lambda k: (order.index(k.split("@")[0]) if k.split("@")[0] in order else 99, k))
 
@@ -184,9 +184,42 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_parts(rows: list[dict], metric: str, path: Path) -> bool:
+    """One panel per part of ``metric`` (``geneval@scenes/counting``, ...): value vs training FLOPs, one line per main
+    run; False (nothing written) when no row has parts of it."""
+    parts = [k for k in metric_keys(rows, parts=True) if k.startswith(metric + "/")]
+    if not parts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(parts), figsize=(3.4 * len(parts), 3.2), squeeze=False, sharey=True)
+    runs = sorted({(r["model"], r["size"], r["budget"]) for r in main_rows(rows)})
+    for ax, key in zip(axes[0], parts):
+        for i, run in enumerate(runs):
+            points = sorted((r["flops"], r[key]) for r in main_rows(rows)
+                            if (r["model"], r["size"], r["budget"]) == run and _finite(r.get(key)))
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=4, linewidth=1, color=f"C{i}",
+                        label=f"{run[0]} {run[1]} ({run[2]} steps)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (6ND)")
+        ax.set_title(key.partition("/")[2].replace("_", " "), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(metric_info(metric)[0])
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(rows: list[dict], output: Path, reference_size: str, parity_curve: str = "all_sizes",
                  config: dict | None = None, learning_rates: dict | None = None) -> dict:
-    """Write results.csv, results.json, table3.md, ablations.md and scaling.png under ``output``;
+    """Write results.csv, results.json, table3.md, ablations.md and scaling.png (and ``geneval_scenes_tasks.png``
+    with GenEval-style scores) under ``output``;
     ``learning_rates``: how each model's rate was chosen on the sweep's grid (``Sweep.lr_choice``), if it has one."""
     output.mkdir(parents=True, exist_ok=True)
     keys = metric_keys(rows)
@@ -202,6 +235,9 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
     write_text(output / "table3.md", table3_markdown(t3), "sweep results")
     write_text(output / "ablations.md", ablations_markdown(abl, keys), "sweep results")
     plot_scaling(rows, output / "scaling.png")
+    for key in metric_keys(rows):  # per-task curves of the GenEval-style score
+        if key.startswith("geneval@"):
+            plot_parts(rows, key, output / f"{key.replace('@', '_')}_tasks.png")
     result = {"config": config, "table3": t3, "ablations": abl, "evaluations": rows}
     write_text(output / "results.json", json.dumps(result, indent=2) + "\n", "sweep results")
     return result

@@ -249,7 +249,7 @@ class Sweep:
         if not grid.values or not grid.metrics:
             raise ValueError("sweep: lr_grid needs values and metrics")
         needs = {"fid": "fid", "clip_score": "clip", "cider_d": "cider", "ppl": "ppl", "follow": "follow",
-                 "captions": "follow"}
+                 "captions": "follow", "geneval": "geneval"}
         for metric in grid.metrics:
             metric_info(metric)  # an unknown metric raises, naming the known ones
             if needs[metric.partition("@")[0]] not in evaluated:

@@ -5,7 +5,6 @@ import sys
 
 import torch
 
-import transfusion  # noqa: F401  (torchvision shim)
 from transfusion.lightning.autoencoder import AutoencoderModule, VQAutoencoderModule, load_frozen
 from transfusion.data.shapes import ShapesDataset
 from transfusion.evaluation.fid import inception_fid

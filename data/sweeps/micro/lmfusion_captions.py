@@ -13,7 +13,6 @@ import random
 import sys
 from pathlib import Path
 
-import transfusion  # noqa: F401  (torchvision shim before lightning)
 from transfusion.cli import cli_main
 from transfusion.data.shapes import all_captions
 from transfusion.data.text import read_documents, split_documents

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from transfusion.data.documents import pack, parse_segments, record_document
+from transfusion.data.documents import FULL, pack, parse_segments, record_document
 from transfusion.data.pairs import BadDataError, BadDataWarning
 from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_image
 from transfusion.data.sequences import SequenceLayout, collate_rows, pair_document, pair_row
@@ -138,7 +138,7 @@ class PairStream:
             ids = tok.encode(caption)[:room] if caption else []
             limit = ctx.image_first_max_t if image_first else None
             self.skips.streak = 0
-            yield position, pair_document(tok, n, ids, image_first), image, limit if limit is not None else 0
+            yield position, pair_document(tok, n, ids, image_first), image, limit if limit is not None else FULL
 
     def next_row(self) -> dict:
         L, n = self.ctx.seq_len, self.ctx.layout.patches_per_image

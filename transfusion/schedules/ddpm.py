@@ -1,95 +1,45 @@
-"""DDPM noise schedule, forward noising and samplers for Transfusion's image part.
+"""DDPM (Ho et al. 2020) with the cosine schedule (Nichol & Dhariwal 2021): ``objective: ddpm``, the paper's.
 
-Kept apart from the network: plain PyTorch, no parameters, no Lightning.
+The network predicts the noise eps; training draws integer t uniformly from 1..max_t; images are sampled by
+ancestral DDPM steps or deterministic DDIM steps over respaced timesteps. t = 0 is clean data (alpha_bar[0] == 1
+exactly). The interface is ``transfusion.schedules.base.Schedule``.
 
-Timestep convention: integers t in 0..T (T = num_timesteps). t = 0 is clean data
-(alpha_bar[0] == 1 exactly); training draws t uniformly from 1..max_t.
-
-Shape legend:
-    N   images in the batch
-    ... trailing dims of one image (e.g. C channels, H, W, or L latent patches, D)
-    T   num_timesteps
-    S   number of inference steps
+Shape legend: N images, ... trailing dims of one image, T num_timesteps, S inference steps.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
 
 import torch
+
+from transfusion.schedules.base import Schedule, check_limit, randn
 
 _MAX_BETA = 0.999  # keeps 1 - beta > 0 so alpha_bar stays strictly decreasing and invertible
 
 
-def randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise; ``generator`` may be one generator or a list with one per sample (dim 0),
-    so that a sample's noise does not depend on the batch it is generated in."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+class DDPM(Schedule):
+    """Cosine DDPM schedule over integer timesteps 0..T with DDPM and DDIM samplers."""
 
-
-def start_noise(shape, x_T=None, generator=None, device=None, dtype=torch.float32) -> tuple[torch.Tensor, tuple]:
-    """(x_T, shape) where a sampler starts: ``x_T`` checked against ``shape``, or drawn N(0, I) (see ``randn``)."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1:
-        raise ValueError(f"shape must start with the batch size N, got {shape}")
-    if x_T is None:
-        return randn(shape, generator, torch.device(device) if device is not None else torch.device("cpu"), dtype), shape
-    if tuple(x_T.shape) != shape:
-        raise ValueError(f"x_T shape {tuple(x_T.shape)} must match shape {shape}")
-    return x_T.to(device=device if device is not None else x_T.device, dtype=dtype), shape
-
-
-def steps(levels: list, progress: bool = False, desc: str = "sampling") -> list:
-    """Consecutive pairs (level, next level) of a sampler's chain, under a progress bar if asked."""
-    pairs = list(zip(levels[:-1], levels[1:]))
-    if progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(pairs, desc=desc, total=len(pairs))
-    return pairs
-
-
-class Diffusion:
-    """DDPM schedule over integer timesteps 0..T with DDPM and DDIM samplers."""
-
-    SCHEDULES = ("cosine", "linear")
+    OBJECTIVE = "ddpm"
     SAMPLERS = ("ddpm", "ddim")
+    FEW_STEP_SAMPLER = "ddim"
+    MIN_SNR = True
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine", cosine_s: float = 0.008):
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
-        if schedule not in self.SCHEDULES:
-            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}")
+    def __init__(self, num_timesteps: int = 1000, cosine_s: float = 0.008):
+        super().__init__(num_timesteps)
         if not (math.isfinite(cosine_s) and cosine_s >= 0):
             raise ValueError(f"cosine_s must be a finite number >= 0, got {cosine_s!r}")
-
-        T = num_timesteps
-        self.num_timesteps = T
-        self.schedule = schedule
+        T = self.num_timesteps
         self.cosine_s = float(cosine_s)
-
-        if schedule == "cosine":
-            # Nichol & Dhariwal (2021): alpha_bar(t) = f(t) / f(0).
-            t = torch.arange(T + 1, dtype=torch.float64)
-            f = torch.cos((t / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-            ab = f / f[0]
-            betas = 1 - ab[1:] / ab[:-1]
-        else:
-            # Ho et al. (2020), rescaled so any T spans the same noise range as T = 1000.
-            scale = 1000 / T
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
-
-        # Clip, then rebuild alpha_bar from the clipped betas so the two always agree.
-        betas = betas.clamp(min=0.0, max=_MAX_BETA)
+        # alpha_bar(t) = f(t) / f(0), betas clipped, then alpha_bar rebuilt from them so the two always agree
+        t = torch.arange(T + 1, dtype=torch.float64)
+        f = torch.cos((t / T + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        ab = f / f[0]
+        betas = (1 - ab[1:] / ab[:-1]).clamp(min=0.0, max=_MAX_BETA)
         one = torch.ones(1, dtype=torch.float64)
         self.betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # (T+1,), betas[0] = 0
         self.alpha_bar = torch.cat([one, torch.cumprod(1 - betas, dim=0)])  # (T+1,), float64
-
         # Per-t coefficients, computed once in float64; cast to the data's dtype on use.
         self._tables = {
             "sqrt_ab": self.alpha_bar.sqrt(),
@@ -100,10 +50,9 @@ class Diffusion:
         self._cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"Diffusion(num_timesteps={self.num_timesteps}, schedule={self.schedule!r}, cosine_s={self.cosine_s})"
+        return f"DDPM(num_timesteps={self.num_timesteps}, cosine_s={self.cosine_s})"
 
     # ------------------------------------------------------------------ helpers
-
     def _coef(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Gather table[name][t] in like's dtype/device, shaped (N, 1, ..., 1) to broadcast over like."""
         key = (name, like.device, like.dtype)
@@ -138,42 +87,23 @@ class Diffusion:
         return x0
 
     # ------------------------------------------------------------------ training
-
-    def sample_timesteps(
-        self,
-        n: int,
-        max_t: torch.Tensor | int | None = None,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
+    def sample_timesteps(self, n: int, max_t=None, generator=None, device=None) -> torch.Tensor:
         """Draw n timesteps uniformly from 1..max_t (max_t may be a per-element (n,) tensor)."""
         T = self.num_timesteps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         if device is None:
-            if isinstance(max_t, torch.Tensor):
-                device = max_t.device
-            elif generator is not None:
-                device = generator.device
+            device = max_t.device if isinstance(max_t, torch.Tensor) else getattr(generator, "device", None)
         device = torch.device(device) if device is not None else torch.device("cpu")
-
-        if max_t is None:
-            max_t = T
+        max_t = check_limit(n, T if max_t is None else max_t, T)
         if isinstance(max_t, torch.Tensor):
-            if max_t.is_floating_point() or max_t.is_complex() or max_t.dtype == torch.bool:
-                raise ValueError(f"max_t must be an integer tensor, got dtype {max_t.dtype}")
-            if max_t.dim() > 1 or (max_t.dim() == 1 and max_t.shape[0] != n):
-                raise ValueError(f"max_t must be an int, a 0-d tensor or shape ({n},), got {tuple(max_t.shape)}")
-            if max_t.numel() and not (1 <= int(max_t.min()) and int(max_t.max()) <= T):
-                raise ValueError(f"max_t values must lie in 1..{T}, got range {int(max_t.min())}..{int(max_t.max())}")
             max_t = max_t.to(device=device, dtype=torch.long)
-        else:
-            if isinstance(max_t, bool) or not isinstance(max_t, int) or not 1 <= max_t <= T:
-                raise ValueError(f"max_t must be an int in 1..{T}, got {max_t!r}")
-
         # Integer draw then modulo: exact per-element ranges, bias ~ max_t / 2**62 (negligible).
         r = torch.randint(0, 2**62, (n,), generator=generator, device=device)
         return 1 + r % max_t
+
+    def draw_one(self, limit: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(1, limit + 1, (1,), generator=generator)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward process: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, in x0's dtype."""
@@ -182,6 +112,10 @@ class Diffusion:
         self._check_t(t, x0)
         # At t = 0 the coefficients are exactly 1 and 0, so x0 comes back bit-for-bit.
         return self._coef("sqrt_ab", t, x0) * x0 + self._coef("sqrt_1m_ab", t, x0) * noise.to(x0.dtype)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The noise itself (epsilon prediction)."""
+        return noise
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma loss weights for epsilon prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t, (N,)
@@ -204,8 +138,10 @@ class Diffusion:
         eps = eps.to(x_t.dtype)
         return self._coef("sqrt_recip_ab", t, x_t) * x_t - self._coef("sqrt_recipm1_ab", t, x_t) * eps
 
-    # ------------------------------------------------------------------ sampling
+    def bucket(self, t: torch.Tensor, buckets: int) -> torch.Tensor:
+        return (t - 1) * buckets // self.num_timesteps
 
+    # ------------------------------------------------------------------ sampling
     def timesteps_for_inference(self, num_steps: int = 250) -> torch.Tensor:
         """Evenly respaced timesteps (S,) long, strictly decreasing from T down to >= 1."""
         T = self.num_timesteps
@@ -215,22 +151,26 @@ class Diffusion:
         k = torch.arange(num_steps, 0, -1, dtype=torch.long)
         return (k * T) // num_steps
 
+    def levels(self, num_steps: int) -> list[int]:
+        return self.timesteps_for_inference(num_steps).tolist() + [0]
+
+    def time(self, level: int, n: int, device) -> torch.Tensor:
+        return torch.full((n,), level, dtype=torch.long, device=device)
+
+    def step(self, x, prediction, level, next_level, sampler: str, generator=None, clip_x0=None) -> torch.Tensor:
+        self.check_sampler(sampler)
+        step = self.ddpm_step if sampler == "ddpm" else self.ddim_step
+        return step(x, prediction, level, next_level, generator=generator, clip_x0=clip_x0)
+
     def posterior_variance(self, t: int, t_prev: int) -> float:
-        """Variance of q(x_prev | x_t, x0) for the respaced step t -> t_prev."""
+        """Variance of q(x_prev | x_t, x0) for the respaced step t -> t_prev (the DDPM step's noise)."""
         t, t_prev = self._check_pair(t, t_prev)
         ab_t, ab_prev = float(self.alpha_bar[t]), float(self.alpha_bar[t_prev])
         beta = 1 - ab_t / ab_prev  # effective beta of the jump t_prev -> t
         return beta * (1 - ab_prev) / (1 - ab_t)
 
-    def ddpm_step(
-        self,
-        x_t: torch.Tensor,
-        eps: torch.Tensor,
-        t: int,
-        t_prev: int,
-        generator: torch.Generator | None = None,
-        clip_x0: float | None = None,
-    ) -> torch.Tensor:
+    def ddpm_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+                  generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
         """Ancestral step t -> t_prev: sample q(x_prev | x_t, x0_pred); no noise when t_prev == 0."""
         t, t_prev = self._check_pair(t, t_prev)
         if eps.shape != x_t.shape:
@@ -246,20 +186,11 @@ class Diffusion:
         mean = c_x0 * x0 + c_xt * x_t
         if t_prev == 0:
             return mean
-        std = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))
         z = randn(x_t.shape, generator, x_t.device, x_t.dtype)
-        return mean + std * z
+        return mean + math.sqrt(self.posterior_variance(t, t_prev)) * z
 
-    def ddim_step(
-        self,
-        x_t: torch.Tensor,
-        eps: torch.Tensor,
-        t: int,
-        t_prev: int,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        clip_x0: float | None = None,
-    ) -> torch.Tensor:
+    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float = 0.0,
+                  generator: torch.Generator | None = None, clip_x0: float | None = None) -> torch.Tensor:
         """DDIM step t -> t_prev (Song et al. 2021); eta = 0 is deterministic, eta = 1 matches DDPM."""
         t, t_prev = self._check_pair(t, t_prev)
         if eps.shape != x_t.shape:
@@ -281,28 +212,3 @@ class Diffusion:
             x_prev = x_prev + sigma * z
         return x_prev
 
-    @torch.no_grad()
-    def sample(
-        self,
-        eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        shape: Sequence[int],
-        num_steps: int = 250,
-        sampler: str = "ddpm",
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        x_T: torch.Tensor | None = None,
-        progress: bool = False,
-        clip_x0: float | None = None,
-    ) -> torch.Tensor:
-        """Run the reverse chain from x_T ~ N(0, I) (or the given x_T) to x_0, calling eps_fn(x_t, t) per step."""
-        if sampler not in self.SAMPLERS:
-            raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
-        timesteps = self.timesteps_for_inference(num_steps).tolist() + [0]
-        x, shape = start_noise(shape, x_T, generator, device, dtype)
-        step = self.ddpm_step if sampler == "ddpm" else self.ddim_step
-        for t, t_prev in steps(timesteps, progress, f"{sampler} sampling"):
-            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=x.device)
-            eps = eps_fn(x, t_batch)
-            x = step(x, eps, t, t_prev, generator=generator, clip_x0=clip_x0)
-        return x
