@@ -42,7 +42,10 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed as hypothesis_seed, settings, strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import transfusion  # noqa: E402,F401  (torchvision shim before lightning)
+from transfusion._torchvision_compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvision
+
 from transfusion.errors import user_error  # noqa: E402
 
 
