@@ -18,7 +18,7 @@ SHIMMED = ("data", "evaluation", "lightning", "sweep")  # packages whose __init_
 NEEDS_SHIM = ("lightning", "torchmetrics", "torchvision", "torch_fidelity", "diffusers", "transformers")
 LIGHTNING_SETS = "PYTORCH_NVML_BASED_CUDA_CHECK"  # lightning/fabric/__init__.py sets it
 PURE = ("transfusion.models.transfusion", "transfusion.models.chameleon", "transfusion.generation",
-        "transfusion.diffusion", "transfusion.flow", "transfusion.images", "transfusion.flops")
+        "transfusion.schedules", "transfusion.images", "transfusion.flops")
 
 FRESH = f"""
 import json, os, sys
