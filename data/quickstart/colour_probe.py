@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from transfusion.data.shapes import COLOURS, ShapeAttributes, ShapesDataset, all_attributes, draw, parse_caption
-from transfusion.diffusion import steps
+from transfusion.schedules.base import steps
 from transfusion.evaluation.follow import read_shapes
 from transfusion.images import to_tensor
 from transfusion.lightning.transfusion import TransfusionModule
@@ -91,7 +91,7 @@ def caption_use(module: TransfusionModule, count: int = 48) -> dict:
                                  for it, o in zip(items, other)],
                 "no caption": [None] * len(items)}
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    diffusion, table = module.model.diffusion, {}
+    diffusion, table = module.model.schedule, {}
     print("t | SNR | x0 MSE: right caption | other colour | no caption")
     for t in (50, 150, 300, 450, 600, 700, 800, 900, 950):
         tt = torch.full((len(items),), t)
@@ -107,7 +107,7 @@ def caption_use(module: TransfusionModule, count: int = 48) -> dict:
 @torch.no_grad()
 def decided(module: TransfusionModule, captions: list[str], seeds: int = 6) -> dict:
     """Colours read after sampling from the asked picture noised to each t0 (1000: pure noise)."""
-    diffusion, size = module.model.diffusion, module.autoencoder.config.image_size
+    diffusion, size = module.model.schedule, module.autoencoder.config.image_size
     sample, table = diffusion.sample, {}
     try:
         for caption in captions:
