@@ -21,7 +21,7 @@ FLAT = {"cfg_scale": 3.0, "num_steps": 2, "max_new_tokens": 3, "clip_x0": None}
 
 @pytest.fixture(scope="module")
 def modules(make_debug_transfusion):
-    with pytest.warns(DeprecationWarning, match=r"flat sampling arguments .*--model.init_args.sampling"):
+    with pytest.warns(FutureWarning, match=r"flat sampling arguments .*--model.init_args.sampling"):
         old = make_debug_transfusion(redraw_lm_head=True, **FLAT)
     return old, make_debug_transfusion(redraw_lm_head=True, sampling=SamplingOptions(**FLAT))
 
@@ -52,11 +52,11 @@ def test_unknown_sampling_option_is_named(tokenizer_path, autoencoder_ckpt):
 
 
 def test_chameleon_flat_arguments_map_into_its_group():
-    with pytest.warns(DeprecationWarning, match="image_temperature"):
+    with pytest.warns(FutureWarning, match="image_temperature"):
         with pytest.raises(FileNotFoundError):  # the options are read before the files
             ChameleonModule("missing.model", "missing.ckpt", cfg_scale=2.0, image_temperature=0.5)
     from transfusion.generation.options import sampling_options
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(FutureWarning):
         options = sampling_options(ChameleonSamplingOptions, None, {"cfg_scale": 2.0, "image_top_p": 0.9}, "m")
     assert options == ChameleonSamplingOptions(cfg_scale=2.0, image_top_p=0.9)
 
@@ -81,7 +81,7 @@ def checkpoints(tokenizer_path, autoencoder_ckpt, tmp_path_factory):
 
 def test_checkpoints_of_both_forms_load(checkpoints):
     old, new = checkpoints
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(FutureWarning):
         from_old = TransfusionModule.load_from_checkpoint(old, map_location="cpu")
     from_new = TransfusionModule.load_from_checkpoint(new, map_location="cpu")
     assert from_old.sampling == from_new.sampling == SamplingOptions(**FLAT)  # clip_x0 None kept, not the default

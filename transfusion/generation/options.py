@@ -79,10 +79,11 @@ def sampling_options(options_class: type, sampling, legacy: dict, owner: str) ->
     elif type(sampling) is not options_class:
         sampling = options_class(**asdict(sampling))  # e.g. the base class's fields into ChameleonSamplingOptions
     given = {k: v for k, v in legacy.items() if v != UNSET and (v is not None or k in _NULLABLE)}
-    if given:
+    if given:  # a FutureWarning: a deprecation that users see by default
+        group = ", ".join(f"{k}: {'null' if v is None else v}" for k, v in given.items())
         warnings.warn(f"{owner}: flat sampling arguments {sorted(given)} are deprecated; set them in the group "
-                      f"`sampling: {{{', '.join(f'{k}: {v}' for k, v in given.items())}}}` "
-                      f"(command line: --model.init_args.sampling.NAME VALUE)", DeprecationWarning, stacklevel=3)
+                      f"`sampling: {{{group}}}` (command line: --model.init_args.sampling.NAME VALUE)",
+                      FutureWarning, stacklevel=3)
         sampling = replace(sampling, **given)
     return sampling
 
