@@ -99,3 +99,14 @@ def test_cli_keeps_the_checkpoints_model_and_the_configs_sampling(checkpoints, t
                     "--ckpt_path", ckpt])
     assert cli.model.hparams.diffusion_lambda == 4.0  # the checkpoint's model
     assert cli.model.sampling == SamplingOptions(cfg_scale=5.0, num_steps=7)  # the config's sampling, all of it
+
+
+def test_evaluation_passes_its_options_and_leaves_the_modules(modules):
+    from transfusion.lightning.evaluation import Evaluation
+
+    _, module = modules
+    assert Evaluation(metrics=["ppl"], sampling={"num_steps": 1}).options(module) == replace(module.sampling,
+                                                                                          num_steps=1)
+    assert module.sampling.num_steps == 2
+    with pytest.raises(ValueError, match=r"Evaluation\(sampling=\{'steps': 1\}\).*valid: .*'num_steps'"):
+        Evaluation(metrics=["ppl"], sampling={"steps": 1}).options(module)

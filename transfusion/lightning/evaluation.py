@@ -225,7 +225,9 @@ class Evaluation(Callback):
 
     def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int, options) -> list[dict]:
         seed = pl_module.hparams.get("generation_seed", 0)
-        samples = []
+        samples = []  # a module without sampling options (not a GenerativeModule) samples with its own settings
+        image_options = {} if options is None else {"sampling": options}
+        text_options = {} if options is None else {"sampling": replace(options, max_new_tokens=self.max_caption_tokens)}
         chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
             seeds = [seed + i for i in chunk]
@@ -234,10 +236,9 @@ class Evaluation(Callback):
                     [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
                 images, single = _first_images(outputs, examples[chunk[0]]["image"]), [_single(o) for o in outputs]
             else:
-                images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds, options)
+                images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds, **image_options)
                 single = [True] * len(chunk)
-            captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds,
-                                                   replace(options, max_new_tokens=self.max_caption_tokens))
+            captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds, **text_options)
             for i, image, caption, one in zip(chunk, images, captions, single):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
                                 "real": examples[i]["image"].cpu(), "generated": image.cpu(),
@@ -325,7 +326,7 @@ class Evaluation(Callback):
         return time.perf_counter() - self._train_start - self._eval_seconds
 
     def _report(self, trainer, pl_module, results: dict, training_seconds: float | None = None, options=None) -> dict:
-        sampling = pl_module.sampling_summary(options)
+        sampling = pl_module.sampling_summary() if options is None else pl_module.sampling_summary(options)
         flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
         report = {
             "model": type(pl_module).__name__,
