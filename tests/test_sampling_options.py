@@ -110,3 +110,17 @@ def test_evaluation_passes_its_options_and_leaves_the_modules(modules):
     assert module.sampling.num_steps == 2
     with pytest.raises(ValueError, match=r"Evaluation\(sampling=\{'steps': 1\}\).*valid: .*'num_steps'"):
         Evaluation(metrics=["ppl"], sampling={"steps": 1}).options(module)
+
+
+def test_a_save_pretrained_folder_with_flat_settings_loads(checkpoints, tmp_path):
+    """A folder written before the group (config.json's init_args with flat keys) loads with its settings."""
+    import json
+
+    module = TransfusionModule.load_from_checkpoint(checkpoints[1], map_location="cpu")
+    module.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["init_args"] = {**{k: v for k, v in config["init_args"].items() if k != "sampling"}, **FLAT}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(FutureWarning, match="flat sampling arguments"):
+        loaded = TransfusionModule.from_pretrained(tmp_path, map_location="cpu")
+    assert loaded.sampling == SamplingOptions(**FLAT)
