@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,7 @@ def test_module_shortcuts_use_the_chameleon_generator(module, images_16):
     assert isinstance(module.generator(), ChameleonGenerator)
     pixels = module.generator(cfg_scale=2.0).generate_images(["a red circle"])
     assert pixels.shape == (1, 3, 16, 16) and pixels.abs().max() <= 1
-    captions = module.generate_captions(torch.stack(images_16[:2]), max_new_tokens=3)
+    captions = module.generate_captions(torch.stack(images_16[:2]), sampling=replace(module.sampling, max_new_tokens=3))
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
 
 

@@ -51,7 +51,7 @@ def _fit_args(root: Path, tokenizer: str, autoencoder: str, steps: int) -> list[
     return ["--config", str(CONFIGS / "transfusion_embedded.yaml"),
             "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
             "--model.init_args.preset", "debug", "--model.init_args.lr", "3e-3",
-            "--model.init_args.warmup_steps", "5", "--model.init_args.num_steps", "4",
+            "--model.init_args.warmup_steps", "5", "--model.init_args.sampling.num_steps", "4",
             "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
             "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", "1",
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "1",

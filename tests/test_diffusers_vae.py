@@ -195,7 +195,7 @@ def test_fit_generate_export_and_from_pretrained_with_a_diffusers_vae(tmp_path, 
 
     folder = make_vae(tmp_path / "sd-vae", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     _, args = coco_fit_args(tmp_path, "transfusion_real_cpu.yaml", tokenizer_path, str(folder))
-    args += ["--model.init_args.num_steps", "4", "--trainer.limit_val_batches", "1",
+    args += ["--model.init_args.sampling.num_steps", "4", "--trainer.limit_val_batches", "1",
              "--trainer.enable_progress_bar", "false"]
     steps = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
     cli = cli_main(["fit", *args, *steps])

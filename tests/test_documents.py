@@ -317,7 +317,7 @@ def test_fit_on_stories_through_the_cli_then_draw_a_three_picture_story(tmp_path
     cli = cli_main(["fit", "--config", str(CONFIGS / "story_embedded.yaml"),
                     "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
                     "--model.init_args.init_from", "null", "--model.init_args.preset", "debug",
-                    "--model.init_args.num_steps", "3", "--model.init_args.warmup_steps", "1",
+                    "--model.init_args.sampling.num_steps", "3", "--model.init_args.warmup_steps", "1",
                     "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
                     "--data.init_args.images_per_story", "[3, 3]",
                     "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),

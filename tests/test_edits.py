@@ -313,7 +313,7 @@ def test_edit_and_follow_scores_fail_a_prompt_that_does_not_end_after_one_image(
     class Module:
         hparams = {"generation_seed": 0}
 
-        def generator(self, **overrides):
+        def generator(self, sampling=None, **overrides):
             assert overrides == {"max_new_tokens": 1}  # one token after the image shows whether it ends
             return Generator()
 
@@ -324,7 +324,7 @@ def test_edit_and_follow_scores_fail_a_prompt_that_does_not_end_after_one_image(
         def edit_prompt(self, source, instruction):
             return [instruction, source, IMAGE]
 
-    edits = Evaluation(metrics=["edit"], num_samples=6, batch_size=4)._edit(Module(), Data(), 0, 1)
+    edits = Evaluation(metrics=["edit"], num_samples=6, batch_size=4)._edit(Module(), Data(), 0, 1, None)
     assert [e["single"] for e in edits] == [True, False, False, False, True, True]
     rates = edit_metrics(edits)
     assert rates["edit@shapes/one_image"] == 0.5 and rates["edit@shapes"] == 0.5  # the first picture is right in 5
@@ -356,7 +356,7 @@ def _edit_args(root: Path, tokenizer: str, autoencoder: str, init_from: str, ste
     return ["--config", str(CONFIGS / "edit_embedded.yaml"),
             "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
             "--model.init_args.init_from", init_from, "--model.init_args.preset", "debug",
-            "--model.init_args.min_snr_gamma", "null", "--model.init_args.num_steps", "3",
+            "--model.init_args.min_snr_gamma", "null", "--model.init_args.sampling.num_steps", "3",
             "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",

@@ -92,7 +92,7 @@ def test_bad_options_sharding_and_name_clashes_are_refused():
 def _args(root: Path, tokenizer: str, autoencoder: str, steps: int = 4) -> list[str]:
     return ["--config", str(CONFIGS / "transfusion_embedded.yaml"),
             "--model.init_args.tokenizer", tokenizer, "--model.init_args.autoencoder", autoencoder,
-            "--model.init_args.preset", "debug", "--model.init_args.num_steps", "2",
+            "--model.init_args.preset", "debug", "--model.init_args.sampling.num_steps", "2",
             "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

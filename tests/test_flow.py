@@ -171,7 +171,7 @@ def _fit(root, tokenizer_path, autoencoder_ckpt, *overrides):
     return cli_main(["fit", "--config", str(configs / "transfusion_embedded.yaml"),
                      "--model.init_args.tokenizer", tokenizer_path, "--model.init_args.autoencoder", autoencoder_ckpt,
                      "--model.init_args.preset", "debug", "--model.init_args.objective", "flow",
-                     "--model.init_args.min_snr_gamma", "null", "--model.init_args.sampler", "euler",
+                     "--model.init_args.min_snr_gamma", "null", "--model.init_args.sampling.sampler", "euler",
                      "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "8",
                      "--data.init_args.num_workers", "0", "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
                      "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "4",
@@ -283,11 +283,11 @@ def test_cache_and_batch_change_nothing(module, image_cfg_scale):
 
 def test_mismatched_sampler_and_objective_are_refused(module, tmp_path, tokenizer_path, autoencoder_ckpt, capsys):
     for sampler in ("ddpm", "ddim"):
-        with pytest.raises(ValueError, match="--model.init_args.sampler euler"):
+        with pytest.raises(ValueError, match="--model.init_args.sampling.sampler euler"):
             module.generator(sampler=sampler)
     ddpm = Transfusion(replace(module.config, objective="ddpm"))
     assert isinstance(ddpm.schedule, DDPM)
-    with pytest.raises(ValueError, match="--model.init_args.sampler ddpm"):
+    with pytest.raises(ValueError, match="--model.init_args.sampling.sampler ddpm"):
         TransfusionGenerator(ddpm, module.autoencoder.model, module.tokenizer, replace(module.sampling, sampler="euler"))
     with pytest.raises(ValueError, match="sampler"):
         replace(module.sampling, sampler="heun")
@@ -301,5 +301,5 @@ def test_mismatched_sampler_and_objective_are_refused(module, tmp_path, tokenize
     evaluation = {"class_path": "transfusion.lightning.evaluation.Evaluation",  # DDIM evaluations, refused at the start
                   "init_args": {"metrics": ["follow"], "every_n_train_steps": 100, "at_train_end": False,
                                 "sampling": {"sampler": "ddim"}}}
-    with pytest.raises(ValueError, match="--model.init_args.sampler euler"):
+    with pytest.raises(ValueError, match="--model.init_args.sampling.sampler euler"):
         _fit(tmp_path, tokenizer_path, autoencoder_ckpt, f"--trainer.callbacks+={json.dumps(evaluation)}")

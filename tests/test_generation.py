@@ -11,6 +11,7 @@ compared relative to their magnitude.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -322,11 +323,11 @@ def test_generate_images(module):
 
 def test_generate_captions_and_eos(module, images, logit_bias):
     batch = torch.stack(images[:3])
-    captions = module.generate_captions(batch, max_new_tokens=6)
+    captions = module.generate_captions(batch, sampling=replace(module.sampling, max_new_tokens=6))
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
     assert captions == module.generator(use_cache=False).generate_captions(list(batch), max_new_tokens=6)
     with logit_bias(module, {module.tokenizer.eos_id: 1e4}):  # EOS first: nothing is generated
-        assert module.generate_captions(batch, max_new_tokens=6) == ["", "", ""]
+        assert module.generate_captions(batch, sampling=replace(module.sampling, max_new_tokens=6)) == ["", "", ""]
         out = generate(module, ["a red circle", ["a", IMAGE]], max_new_tokens=6, cfg_scale=3.0)
         assert kinds(out[0]) == [] and kinds(out[1]) == ["image"]
 

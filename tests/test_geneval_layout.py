@@ -57,7 +57,7 @@ def _files(out: Path) -> dict[str, tuple[bytes, int]]:
 def test_transfusion_writes_the_layout_deterministically_and_resumes(tmp_path, tokenizer_path, autoencoder_ckpt):
     metadata, out = _metadata(tmp_path), tmp_path / "geneval"
     _predict("transfusion_embedded.yaml", tokenizer_path, autoencoder_ckpt, metadata, out, 2,
-             "--model.init_args.num_steps", "2")
+             "--model.init_args.sampling.num_steps", "2")
     _check_layout(out)
     before = _files(out)
     # an interrupted run: folder 00001 lost an image and its completion mark; a stale 3rd image is left over
@@ -65,7 +65,7 @@ def test_transfusion_writes_the_layout_deterministically_and_resumes(tmp_path, t
     (out / "00001" / "metadata.jsonl").unlink()
     (out / "00001" / "samples" / "00002.png").write_bytes(b"stale")
     _predict("transfusion_embedded.yaml", tokenizer_path, autoencoder_ckpt, metadata, out, 1,
-             "--model.init_args.num_steps", "2")
+             "--model.init_args.sampling.num_steps", "2")
     _check_layout(out)
     after = _files(out)
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # same bytes, batch 2 or 1

@@ -53,7 +53,7 @@ def _yaml_args(root: Path, llama_dir: Path, vae: Path, shards: Path) -> list[str
             "--model.init_args.text_model", str(llama_dir), "--model.init_args.autoencoder.path", str(vae),
             "--model.init_args.autoencoder.image_size", "16", "--model.init_args.unet_channels", str(UNET),
             "--model.init_args.lr", str(LR), "--model.init_args.warmup_steps", "1",
-            "--model.init_args.num_steps", "4",
+            "--model.init_args.sampling.num_steps", "4",
             "--data.init_args.sources", f"[{{url: {shards / 'train'}, weight: 1.0}}]",
             "--data.init_args.val", str(shards / "validation"), "--data.init_args.seq_len", "64",
             "--data.init_args.batch_size", "4", "--data.init_args.rows_per_epoch", "64",

@@ -384,7 +384,7 @@ BAD_OPTIONS = [
     (["--model.init_args.transformer", "{n_layer: 3}"], r"unknown transformer option\(s\) \['n_layer'\]"),
     (["--model.init_args.preset", "huge"], "unknown transformer preset 'huge'"),
     (["--model.init_args.lr", "0"], "lr must be > 0"),
-    (["--model.init_args.num_steps", "0"], "num_steps must be >= 1"),
+    (["--model.init_args.sampling.num_steps", "0"], "num_steps must be >= 1"),
     (["--model.init_args.autoencoder", "missing.ckpt"], "autoencoder checkpoint 'missing.ckpt' does not exist"),
     (["--data.init_args.caption_dropout", "1.5"], r"caption_dropout must be in \[0, 1\)"),
     (["--data.init_args.batch_size", "0"], "batch_size must be an integer >= 1"),

@@ -94,7 +94,7 @@ def test_scene_configs_train_two_steps_and_report_geneval(model, tmp_path, token
                     "--model.init_args.tokenizer", tokenizer_path,
                     "--model.init_args.autoencoder", vq_ckpt if model == "chameleon" else autoencoder_ckpt,
                     "--model.init_args.preset", "debug",
-                    *([] if model == "chameleon" else ["--model.init_args.num_steps", "2"]),
+                    *([] if model == "chameleon" else ["--model.init_args.sampling.num_steps", "2"]),
                     "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4",
                     "--data.init_args.num_workers", "0", "--data.init_args.rows_per_epoch", "16",
                     "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",

@@ -70,7 +70,7 @@ def test_the_chain_is_its_steps_and_the_target_is_what_the_loss_regresses(schedu
                               generator=generators, clip_x0=5.0)
         assert torch.equal(out, x)
     other = next(name for name in OBJECTIVES if name != type(schedule).OBJECTIVE)
-    with pytest.raises(ValueError, match=f"--model.init_args.sampler {type(schedule).SAMPLERS[0]}"):
+    with pytest.raises(ValueError, match=f"--model.init_args.sampling.sampler {type(schedule).SAMPLERS[0]}"):
         schedule.sample(denoiser, (2, 3, 4), num_steps=2, sampler=schedule_class(other).SAMPLERS[0])
     with pytest.raises(ValueError, match="objective"):
         schedule_class("edm")

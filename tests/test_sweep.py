@@ -69,7 +69,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
     config = {
         "output": str(out / "sweep"),
         "transfusion": {"config": "lightning_configs/transfusion_embedded.yaml",
-                        "overrides": {**_common(64), "model.init_args.num_steps": 3}},
+                        "overrides": {**_common(64), "model.init_args.sampling.num_steps": 3}},
         "chameleon": {"config": "lightning_configs/chameleon_embedded.yaml", "overrides": _common(48)},
         "sizes": {"XS": {"model.init_args.preset": "debug", "model.init_args.transformer": {"dim": 32, "n_heads": 2}},
                   "S": {"model.init_args.preset": "debug"}},
@@ -84,7 +84,7 @@ def sweep_dir(tmp_path_factory, tokenizer_path, autoencoder_ckpt, vq_ckpt, fid_w
         "lr_grid": {"values": [1e-3, 3e-3], "metrics": ["ppl", "cider_d"], "size": "XS", "budget": 2},
         # a variant in Table 3, and a text model pretrained here (Hugging Face Llama layout) that an ablation names
         "variants": {"transfusion_mot": {"config": "lightning_configs/transfusion_embedded.yaml", "overrides": {
-            **_common(64), "model.init_args.num_steps": 3, "model.init_args.modality_experts": True}}},
+            **_common(64), "model.init_args.sampling.num_steps": 3, "model.init_args.modality_experts": True}}},
         "text_model": {"config": "lightning_configs/text_model_embedded.yaml", "overrides": {
             **_common(64), "model.init_args.preset": "debug", "trainer.max_steps": 2, "trainer.val_check_interval": 2}},
     }

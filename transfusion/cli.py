@@ -51,6 +51,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 import lightning as L  # noqa: E402
 
 from transfusion.errors import UserError, check_checkpoint_file, one_line, user_error  # noqa: E402
+from transfusion.generation.options import ChameleonSamplingOptions, SamplingOptions, legacy_fields  # noqa: E402
 from transfusion.lightning.checkpoint import AtomicCheckpointIO  # noqa: E402
 from transfusion.lightning.lost_rank import LOST_RANKS, LostRankReport  # noqa: E402
 from transfusion.lightning.preemption import PreemptionCheckpoint  # noqa: E402
@@ -62,10 +63,10 @@ class ConfigError(SystemExit):
 
 # settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
-# config / command line
-GENERATION_SETTINGS = ("cfg_scale", "image_cfg_scale", "num_steps", "sampler", "max_new_tokens", "temperature", "top_p",
-                       "clip_x0", "generation_seed", "image_temperature", "image_top_p",
-                       "eval_weights")  # which weights of a checkpoint with EMAs (transfusion.lightning.ema)
+# config / command line (the deprecated flat sampling arguments too: a checkpoint's would override the group)
+KEPT_SETTINGS = ("sampling", "generation_seed",
+                 "eval_weights",  # which weights of a checkpoint with EMAs (transfusion.lightning.ema)
+                 *dict.fromkeys(legacy_fields(SamplingOptions) + legacy_fields(ChameleonSamplingOptions)))
 
 
 class TransfusionCLI(LightningCLI):
@@ -131,7 +132,7 @@ class TransfusionCLI(LightningCLI):
         if subcommand == "fit":  # resuming: the config given builds the model; on_load_checkpoint names mismatches
             return
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
-        kept = {k: init_args[k] for k in GENERATION_SETTINGS if init_args is not None and k in init_args}
+        kept = {k: init_args[k] for k in KEPT_SETTINGS if init_args is not None and k in init_args}
         super()._parse_ckpt_path()
         for key, value in kept.items():
             self.config[subcommand]["model.init_args"][key] = value

@@ -190,7 +190,7 @@ def quickstart_main(argv: list[str]) -> dict:
     if args.preset:
         model_args += ["--model.init_args.preset", args.preset]
     if args.inference_steps:
-        model_args += ["--model.init_args.num_steps", str(args.inference_steps)]
+        model_args += ["--model.init_args.sampling.num_steps", str(args.inference_steps)]
     config, data, data_args = "transfusion_embedded.yaml", None, []
     if args.streamed:
         start = time.time()

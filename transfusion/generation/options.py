@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -16,7 +17,7 @@ class SamplingOptions:
     the prompt's images without its text, and eps = eps_u + s_I (eps_i - eps_u) + s (eps_c - eps_i).
     """
 
-    max_new_tokens: int = 64  # text tokens per prompt
+    max_new_tokens: int = 32  # text tokens per prompt
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     cfg_scale: float = 5.0  # 1: no guidance (no unconditional rows)
@@ -63,6 +64,38 @@ class ChameleonSamplingOptions(SamplingOptions):
                              "Chameleon guides with cfg_scale only")
 
 
+def sampling_options(options_class: type, sampling, legacy: dict, owner: str) -> SamplingOptions:
+    """The module's ``options_class`` from its ``sampling`` argument (an options object, a dict as saved in
+    checkpoints, or None: the defaults) and the flat arguments of earlier versions (``legacy``: name -> value; not given: ``UNSET``, or None
+    where None is no setting), which are mapped into the group with a deprecation warning."""
+    if sampling is None:
+        sampling = options_class()
+    elif isinstance(sampling, dict):
+        unknown = set(sampling) - {f.name for f in fields(options_class)}
+        if unknown:
+            raise ValueError(f"{owner}: unknown sampling option(s) {sorted(unknown)}; "
+                             f"valid: {sorted(f.name for f in fields(options_class))}")
+        sampling = options_class(**sampling)
+    elif type(sampling) is not options_class:
+        sampling = options_class(**asdict(sampling))  # e.g. the base class's fields into ChameleonSamplingOptions
+    given = {k: v for k, v in legacy.items() if v != UNSET and (v is not None or k in _NULLABLE)}
+    if given:  # a FutureWarning: a deprecation that users see by default
+        group = ", ".join(f"{k}: {'null' if v is None else v}" for k, v in given.items())
+        warnings.warn(f"{owner}: flat sampling arguments {sorted(given)} are deprecated; set them in the group "
+                      f"`sampling: {{{group}}}` (command line: --model.init_args.sampling.NAME VALUE)",
+                      FutureWarning, stacklevel=3)
+        sampling = replace(sampling, **given)
+    return sampling
+
+
+UNSET = "unset"  # default of the deprecated flat arguments whose None is a setting (clip_x0, image_cfg_scale)
+
+
+def legacy_fields(options_class: type) -> tuple[str, ...]:
+    """Names of ``options_class``'s fields that earlier versions took as flat module arguments."""
+    return tuple(f.name for f in fields(options_class) if f.name != "use_cache")
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators) -> torch.Tensor:
     """Token ids (R,) from logits (R, V): greedy at temperature 0, else nucleus sampling with row r's generator."""
     if temperature == 0:
@@ -73,3 +106,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]).squeeze(-1)
+
+
+_NULLABLE = {f.name for f in fields(ChameleonSamplingOptions) if "None" in str(f.type)}  # None: a setting

@@ -13,6 +13,7 @@ import torch
 
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.flops import FlopCounter, attention_width, flop_parameters
+from transfusion.generation.options import legacy_fields
 from transfusion.generation import ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
 from transfusion.lightning.generative import GenerativeModule
@@ -29,9 +30,11 @@ class ChameleonModule(GenerativeModule):
                  qk_norm: bool = True, norm_reorder: bool = True, z_loss_weight: float = 1e-5, attention: str = "auto",
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
-                 cfg_scale: float = 5.0, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 image_temperature: float = 1.0, image_top_p: float = 1.0, generation_seed: int = 0,
-                 eval_weights: str = "ema"):
+                 sampling: ChameleonSamplingOptions | None = None, generation_seed: int = 0, eval_weights: str = "ema",
+                 # deprecated: the fields of ``sampling`` as flat arguments (earlier YAMLs and checkpoints)
+                 cfg_scale: float | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, image_temperature: float | None = None,
+                 image_top_p: float | None = None):
         """
         Args:
             tokenizer: path of the SentencePiece model (``transfusion tokenizer``).
@@ -40,18 +43,18 @@ class ChameleonModule(GenerativeModule):
             preset, transformer: transformer size and overrides, as for ``TransfusionModule``.
             qk_norm, norm_reorder, z_loss_weight: Chameleon's stability changes (paper: on, on, 1e-5).
             lr: the paper's Chameleon learning rate is 1e-4; the rest of the optimisation as Transfusion's.
-            cfg_scale: classifier-free guidance on image-code logits, from a caption-dropped stream.
-            temperature, top_p: text sampling (0: greedy); image_temperature, image_top_p: image codes.
+            sampling: generation settings (``transfusion.generation.ChameleonSamplingOptions``): ``cfg_scale``
+                (classifier-free guidance on image-code logits, from a caption-dropped stream), ``temperature``,
+                ``top_p`` (text; 0: greedy), ``image_temperature``, ``image_top_p`` (image codes); in YAML one group
+                ``sampling: {cfg_scale: 5}``. The same fields as flat arguments are deprecated (mapped, with a warning).
             eval_weights: with EMA callbacks, the weights that evaluations and checkpoints loaded outside ``fit``
                 use: "ema", "raw" or an EMA's name, as for ``TransfusionModule``.
         """
         super().__init__()
-        self.save_hyperparameters()
         # options first, files after: a bad option is reported before anything is read
+        self.save_hyperparameters(ignore=legacy_fields(ChameleonSamplingOptions))
+        self.set_sampling(ChameleonSamplingOptions, sampling, locals())
         self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio)
-        self.sampling = ChameleonSamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                 top_p=top_p, cfg_scale=cfg_scale,
-                                                 image_temperature=image_temperature, image_top_p=image_top_p)
         transformer_config = TransformerConfig.from_name(preset, qk_norm=qk_norm, norm_reorder=norm_reorder,
                                                          **(transformer or {}))
         self.tokenizer = Tokenizer(tokenizer)

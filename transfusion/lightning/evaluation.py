@@ -126,7 +126,7 @@ class Evaluation(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start, self._eval_seconds = time.perf_counter(), 0.0
         if set(self.metrics) - {"ppl"} and hasattr(pl_module, "generator"):  # settings the model cannot sample with
-            pl_module.generator(**self.sampling)  # (ddim for a flow model) fail now, not at the first evaluation
+            self.options(pl_module)  # (ddim for a flow model) fail now, not at the first evaluation
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.every_n_train_steps and self.at_train_end and trainer.global_step not in (0, self._last_step):
@@ -145,27 +145,32 @@ class Evaluation(Callback):
                 m.reset()
                 m.to(device)
 
-    @torch.no_grad()
-    def evaluate(self, trainer, pl_module, prefix: str) -> dict:
-        """Generate, score, log and report; the module's mode and sampling settings are restored afterwards."""
-        started = time.perf_counter()
-        training_seconds = self._training_seconds(prefix)  # before this evaluation's own time
-        was_training, module_sampling = pl_module.training, pl_module.sampling
+    def options(self, pl_module):
+        """The module's sampling options with this callback's ``sampling`` replaced (checked by the generator)."""
         try:
-            pl_module.sampling = replace(module_sampling, **self.sampling)
+            options = replace(pl_module.sampling, **self.sampling)
         except TypeError as error:
             raise ValueError(f"Evaluation(sampling={self.sampling}): {error}; valid: "
-                             f"{sorted(vars(module_sampling))}") from None
+                             f"{sorted(vars(pl_module.sampling))}") from None
+        pl_module.generator(options)  # options the model cannot sample with raise here
+        return options
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module, prefix: str) -> dict:
+        """Generate, score, log and report with ``options(pl_module)``; the module's mode is restored afterwards."""
+        started = time.perf_counter()
+        training_seconds = self._training_seconds(prefix)  # before this evaluation's own time
+        was_training = pl_module.training
+        options = self.options(pl_module) if hasattr(pl_module, "sampling") else None
         pl_module.eval()
         try:
             with ema_weights(trainer, pl_module):  # EMA callbacks: the averaged weights (transfusion.lightning.ema)
-                return self._evaluate(trainer, pl_module, prefix, training_seconds)
+                return self._evaluate(trainer, pl_module, prefix, training_seconds, options)
         finally:
             pl_module.train(was_training)
-            pl_module.sampling = module_sampling
             self._eval_seconds += time.perf_counter() - started
 
-    def _evaluate(self, trainer, pl_module, prefix: str, training_seconds: float | None) -> dict:
+    def _evaluate(self, trainer, pl_module, prefix: str, training_seconds: float | None, options) -> dict:
         rank, world = trainer.global_rank, trainer.world_size
         datamodule = trainer.datamodule
         if getattr(datamodule, "layout", None) is None:
@@ -177,7 +182,7 @@ class Evaluation(Callback):
         if set(self.metrics) & {"fid", "clip", "cider", "follow", "geneval"}:
             examples = datamodule.evaluation_examples(self.num_samples)
             mine = list(range(rank, len(examples), world))
-            samples = self._generate(pl_module, examples, mine, rank)
+            samples = self._generate(pl_module, examples, mine, rank, options)
         if self._fid is not None:
             if samples:
                 if not self._fid_has_real:
@@ -201,7 +206,7 @@ class Evaluation(Callback):
         if "geneval" in self.metrics:
             results.update(geneval_metrics(_gather([(s["generated"], s["metadata"]) for s in samples])))
         if "edit" in self.metrics:
-            edits = self._edit(pl_module, datamodule, rank, world)
+            edits = self._edit(pl_module, datamodule, rank, world, options)
             results.update(edit_metrics(_gather(edits)))
             self._log_edits(trainer, edits, prefix)
         if "ppl" in self.metrics:
@@ -213,25 +218,27 @@ class Evaluation(Callback):
             for key, value in results.items():  # already global: no sync
                 pl_module.log(f"{prefix}/{key}", value)
         self._log_samples(trainer, samples, prefix)
-        self.results = self._report(trainer, pl_module, results, training_seconds)
+        self.results = self._report(trainer, pl_module, results, training_seconds, options)
         self.history.append({"stage": prefix, **self.results})
         self._last_step = trainer.global_step if prefix == "eval" else self._last_step
         return results
 
-    def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int) -> list[dict]:
+    def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int, options) -> list[dict]:
         seed = pl_module.hparams.get("generation_seed", 0)
-        samples = []
+        samples = []  # a module without sampling options (not a GenerativeModule) samples with its own settings
+        image_options = {} if options is None else {"sampling": options}
+        text_options = {} if options is None else {"sampling": replace(options, max_new_tokens=self.max_caption_tokens)}
         chunks = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
         for chunk in tqdm(chunks, desc=f"evaluation samples (rank {rank})", disable=rank != 0, leave=False):
             seeds = [seed + i for i in chunk]
             if "follow" in self.metrics and hasattr(pl_module, "generator"):  # one text token after: does it end?
-                outputs = pl_module.generator(max_new_tokens=1).generate(
+                outputs = pl_module.generator(options, max_new_tokens=1).generate(
                     [[examples[i]["caption"], IMAGE] for i in chunk], seeds=seeds)
                 images, single = _first_images(outputs, examples[chunk[0]]["image"]), [_single(o) for o in outputs]
             else:
-                images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds)
+                images = pl_module.generate_images([examples[i]["caption"] for i in chunk], seeds, **image_options)
                 single = [True] * len(chunk)
-            captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds, self.max_caption_tokens)
+            captions = pl_module.generate_captions([examples[i]["image"] for i in chunk], seeds, **text_options)
             for i, image, caption, one in zip(chunk, images, captions, single):
                 samples.append({"index": i, "caption": examples[i]["caption"], "references": examples[i]["references"],
                                 "real": examples[i]["image"].cpu(), "generated": image.cpu(),
@@ -239,13 +246,13 @@ class Evaluation(Callback):
                                 "metadata": examples[i].get("metadata")})
         return samples
 
-    def _edit(self, pl_module, datamodule, rank: int, world: int) -> list[dict]:
+    def _edit(self, pl_module, datamodule, rank: int, world: int, options) -> list[dict]:
         """This rank's share of the held-out edits, each edited with the module's settings (seeded by its index)."""
         if not hasattr(datamodule, "edit_examples"):
             raise ValueError(f"the edit metric needs an editing data module (EditDataModule), got {type(datamodule).__name__}")
         examples = datamodule.edit_examples(self.num_samples)
         # one text token after the edited image: EOS ends the output there; BOI or text is not one image
-        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(max_new_tokens=1)
+        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(options, max_new_tokens=1)
         mine, edits = list(range(rank, len(examples), world)), []
         for start in tqdm(range(0, len(mine), self.batch_size), desc=f"edits (rank {rank})", disable=rank != 0,
                           leave=False):
@@ -318,8 +325,8 @@ class Evaluation(Callback):
             return None
         return time.perf_counter() - self._train_start - self._eval_seconds
 
-    def _report(self, trainer, pl_module, results: dict, training_seconds: float | None = None) -> dict:
-        sampling = pl_module.sampling_summary()
+    def _report(self, trainer, pl_module, results: dict, training_seconds: float | None = None, options=None) -> dict:
+        sampling = pl_module.sampling_summary() if options is None else pl_module.sampling_summary(options)
         flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
         report = {
             "model": type(pl_module).__name__,

@@ -2,12 +2,12 @@
 (``model``), FLOP accounting, the optimiser, and generation with the module's own settings.
 
 A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder LightningModule), ``optim`` (an
-``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``) and ``flop_counter`` in ``__init__``, names its
+``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``, by ``set_sampling``) and ``flop_counter`` in ``__init__``, names its
 ``generator_class`` and the ``image_sampling_fields`` that say how images are sampled, and provides
 ``patches_per_image`` and ``text_logits``. It gets:
 
-* ``generator(**overrides)``: the model's generator with the module's sampling settings (``transfusion.generation``);
-* ``generate_images(captions, seeds)`` / ``generate_captions(images, seeds, max_new_tokens)``: shortcuts;
+* ``generator(sampling, **overrides)``: the model's generator with ``sampling`` or the module's (``transfusion.generation``);
+* ``generate_images(captions, seeds, sampling)`` / ``generate_captions(images, seeds, sampling)``: shortcuts;
 * ``predict_step`` for ``transfusion predict`` prompt records, ``configure_optimizers``;
 * ``training_flops()`` and ``sampling_summary()`` for reports, ``trained_steps`` after loading a checkpoint;
 * ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``);
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -29,6 +29,7 @@ import torch
 from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.errors import UserError, check_checkpoint_file, user_error
+from transfusion.generation.options import SamplingOptions, legacy_fields, sampling_options
 from transfusion.lightning.autoencoder import rename_legacy_keys
 from transfusion.lightning.ema import select_weights
 from transfusion.lightning.flops import FlopAccounting
@@ -90,19 +91,28 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
         return self.optim.configure(self.model.parameters(), self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------ generation
-    def generator(self, **overrides):
-        """The model's generator with the module's sampling settings, ``overrides`` replaced; prompt i is
+    def set_sampling(self, options_class: type, sampling, args: dict) -> None:
+        """``self.sampling`` from the ``sampling`` argument and the deprecated flat ones in ``args`` (the
+        constructor's locals); hparams keep the group only, so checkpoints hold one ``sampling`` dict."""
+        legacy = {name: args[name] for name in legacy_fields(options_class) if name in args}
+        self.sampling = sampling_options(options_class, sampling, legacy, type(self).__name__)
+        self.hparams["sampling"] = asdict(self.sampling)
+
+    def generator(self, sampling: SamplingOptions | None = None, **overrides):
+        """The model's generator with ``sampling`` (default: the module's), ``overrides`` replaced; prompt i is
         seeded ``generation_seed + i`` unless ``generate`` is given seeds."""
         return self.generator_class(self.model, self.autoencoder.model, self.tokenizer,
-                                    replace(self.sampling, **overrides), seed=self.hparams.generation_seed)
+                                    replace(sampling or self.sampling, **overrides), seed=self.hparams.generation_seed)
 
-    def generate_images(self, captions: list[str], seeds: list[int] | None = None) -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] for N captions, with the module's settings."""
-        return self.generator().generate_images(captions, seeds)
+    def generate_images(self, captions: list[str], seeds: list[int] | None = None,
+                        sampling: SamplingOptions | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1] for N captions, with ``sampling`` (default: the module's)."""
+        return self.generator(sampling).generate_images(captions, seeds)
 
-    def generate_captions(self, images, seeds: list[int] | None = None, max_new_tokens: int = 32) -> list[str]:
-        """Text for each image ((N, 3, H, W) in [-1, 1] or PIL RGB), with the module's text settings."""
-        return self.generator().generate_captions(images, seeds, max_new_tokens)
+    def generate_captions(self, images, seeds: list[int] | None = None,
+                          sampling: SamplingOptions | None = None) -> list[str]:
+        """Text for each image ((N, 3, H, W) in [-1, 1] or PIL RGB), with ``sampling`` (default: the module's)."""
+        return self.generator(sampling).generate_captions(images, seeds)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
@@ -116,8 +126,8 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
         """``{params, tokens, flops (6ND), attention_pairs, exact_flops}`` of the training so far."""
         return self.flop_counter.summary()
 
-    def sampling_summary(self) -> dict:
-        s = self.sampling
+    def sampling_summary(self, sampling: SamplingOptions | None = None) -> dict:
+        s = sampling or self.sampling
         return {**{name: getattr(s, name) for name in self.image_sampling_fields},
                 "cfg_scale": s.cfg_scale,
                 "caption_decoding": "greedy" if s.temperature == 0 else f"temperature {s.temperature}, top_p {s.top_p}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -11,6 +12,7 @@ from torchmetrics import MeanMetric
 from transfusion.data.tokenizer import Tokenizer, find_tokenizer
 from transfusion.errors import UserError, check_checkpoint_file
 from transfusion.flops import FlopCounter, attention_width, flop_parameters
+from transfusion.generation.options import UNSET, legacy_fields
 from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
 from transfusion.lightning.checkpoint import check_config, flatten_config
@@ -44,10 +46,14 @@ class TransfusionModule(GenerativeModule):
                  text_lr: float | None = None, lr: float = 3e-4, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8,
                  weight_decay: float = 0.1, warmup_steps: int = 4000, min_lr_ratio: float = 0.05,
-                 cfg_scale: float = 5.0, image_cfg_scale: float | None = None, num_steps: int = 250, sampler: str = "ddpm",
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, clip_x0: float | None = 5.0,
-                 generation_seed: int = 0, noise_seed: int = 0, activation_checkpointing: bool = False,
-                 compile: bool = False, init_from: str | None = None, eval_weights: str = "ema"):
+                 sampling: SamplingOptions | None = None, generation_seed: int = 0, noise_seed: int = 0,
+                 activation_checkpointing: bool = False, compile: bool = False, init_from: str | None = None,
+                 eval_weights: str = "ema",
+                 # deprecated: the fields of ``sampling`` as flat arguments (earlier YAMLs and checkpoints)
+                 cfg_scale: float | None = None, image_cfg_scale: float | None | Literal["unset"] = UNSET,
+                 num_steps: int | None = None, sampler: str | None = None, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 clip_x0: float | None | Literal["unset"] = UNSET):
         """
         Args:
             tokenizer: path of the tokenizer: a SentencePiece model (``transfusion tokenizer`` trains one) or a Hugging
@@ -84,9 +90,10 @@ class TransfusionModule(GenerativeModule):
                 ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
             bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
             min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
-            cfg_scale, image_cfg_scale, num_steps, sampler, max_new_tokens, temperature, top_p, clip_x0: generation
-                settings (``transfusion.generation.SamplingOptions``; ``image_cfg_scale``: guidance by the prompt's
-                input images apart from its text, for editing); prompt i uses seed generation_seed + i.
+            sampling: generation settings (``transfusion.generation.SamplingOptions``: ``cfg_scale``, ``num_steps``,
+                ``sampler``, ``max_new_tokens``, ...), in YAML one group ``sampling: {cfg_scale: 5, num_steps: 100}``;
+                prompt i uses seed generation_seed + i. The same fields as flat arguments (``cfg_scale: 5``) are
+                deprecated: mapped into ``sampling`` with a warning.
             noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
                 (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
             activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
@@ -102,13 +109,11 @@ class TransfusionModule(GenerativeModule):
         ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.
         """
         super().__init__()
-        self.save_hyperparameters()
         # options first, files after: a bad option is reported before anything is read
+        self.save_hyperparameters(ignore=legacy_fields(SamplingOptions))
+        self.set_sampling(SamplingOptions, sampling, locals())
         self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio, text_lr)
-        self.sampling = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        cfg_scale=cfg_scale, image_cfg_scale=image_cfg_scale, num_steps=num_steps,
-                                        sampler=sampler, clip_x0=clip_x0)
-        schedule_class(objective).check_sampler(sampler)
+        schedule_class(objective).check_sampler(self.sampling.sampler)
         if freeze_text and not modality_experts:
             raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
         if freeze_text and text_lr is not None:

@@ -155,7 +155,7 @@ class Schedule:
         if sampler not in cls.SAMPLERS:
             fix = cls.SAMPLERS[0] + "".join(f" (or {s})" for s in cls.SAMPLERS[1:])
             raise ValueError(f"sampler {sampler!r} cannot sample a model trained with objective {cls.OBJECTIVE!r}: "
-                             f"use sampler {fix} (--model.init_args.sampler {cls.SAMPLERS[0]})")
+                             f"use sampler {fix} (--model.init_args.sampling.sampler {cls.SAMPLERS[0]})")
 
     def levels(self, num_steps: int) -> list:
         """The chain's noise levels, from pure noise down to clean data, in the schedule's own units."""
