@@ -76,6 +76,17 @@ def check_limit(n: int, max_t, T: int):
     return max_t
 
 
+def check_draw(n: int, max_t, generator, device, T: int):
+    """``(max_t, device)`` of a draw of n training times: n checked, the limits checked (None: T), the device from
+    the argument, else the limits', else the generator's, else the CPU."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if device is None:
+        device = max_t.device if isinstance(max_t, torch.Tensor) else getattr(generator, "device", None)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return check_limit(n, T if max_t is None else max_t, T), device
+
+
 class Schedule:
     """The interface; subclasses give the path (``add_noise``, ``target``, ``predict_x0``), the draws and the steps."""
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from transfusion.schedules.base import Schedule, check_limit, randn
+from transfusion.schedules.base import Schedule, check_draw, randn
 
 _MAX_BETA = 0.999  # keeps 1 - beta > 0 so alpha_bar stays strictly decreasing and invertible
 
@@ -90,12 +90,7 @@ class DDPM(Schedule):
     def sample_timesteps(self, n: int, max_t=None, generator=None, device=None) -> torch.Tensor:
         """Draw n timesteps uniformly from 1..max_t (max_t may be a per-element (n,) tensor)."""
         T = self.num_timesteps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if device is None:
-            device = max_t.device if isinstance(max_t, torch.Tensor) else getattr(generator, "device", None)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        max_t = check_limit(n, T if max_t is None else max_t, T)
+        max_t, device = check_draw(n, max_t, generator, device, T)
         if isinstance(max_t, torch.Tensor):
             max_t = max_t.to(device=device, dtype=torch.long)
         # Integer draw then modulo: exact per-element ranges, bias ~ max_t / 2**62 (negligible).

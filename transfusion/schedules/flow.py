@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from transfusion.schedules.base import Schedule, check_limit
+from transfusion.schedules.base import Schedule, check_draw
 
 
 class RectifiedFlow(Schedule):
@@ -65,12 +65,7 @@ class RectifiedFlow(Schedule):
         integer tensor of DDPM timesteps in 1..T (None: T, no truncation). Exact by inverse CDF:
         z = Phi^-1(u Phi(logit s_max)), u ~ U(0, 1), s = sigmoid(z)."""
         T = self.num_timesteps
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if device is None:
-            device = max_t.device if isinstance(max_t, torch.Tensor) else getattr(generator, "device", None)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        max_t = check_limit(n, T if max_t is None else max_t, T)
+        max_t, device = check_draw(n, max_t, generator, device, T)
         # float64 where the device has it (not MPS); u at the midpoints of 2^53 cells: in (0, 1), so s > 0 (t = 0
         # would mean "entered clean, no loss")
         work = torch.device("cpu") if device.type == "mps" else device
