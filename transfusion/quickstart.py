@@ -148,7 +148,7 @@ def _plot_curve(curve: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def quickstart_main(argv: list[str]) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transfusion quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/quickstart", help="folder for everything the run writes")
@@ -168,32 +168,14 @@ def quickstart_main(argv: list[str]) -> dict:
     parser.add_argument("--streamed", action="store_true",
                         help="write the training data as shards (`transfusion shards`: pixels, shuffled) and train "
                              "Transfusion from them streamed (StreamingDataModule)")
-    args = parser.parse_args(argv)
-    out = Path(args.output).resolve()  # absolute: checkpoints record the tokenizer and autoencoder paths
-    out.mkdir(parents=True, exist_ok=True)
-    timings = {}
-    seed = ["--seed_everything", str(args.seed), "--model.init_args.noise_seed", str(args.seed)]
-    device = [] if args.accelerator is None else ["--trainer.accelerator", args.accelerator]
+    return parser
 
-    start = time.time()
-    tokenizer_main(["--output", str(out / "tokenizer.model")])
-    timings["tokenizer_s"] = time.time() - start
 
+def _train_transfusion(args, out: Path, model_args: list[str], common: list[str], timings: dict):
+    """Stage 3 (with ``--streamed``, the shards first): the trainer and the streamed data's summary (or None)."""
     start = time.time()
-    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder",
-                      seed + device + _steps_overrides(args.autoencoder_steps))
-    ae_ckpt = ae_trainer.checkpoint_callback.last_model_path
-    timings["autoencoder_s"] = time.time() - start
-
-    start = time.time()
-    model_args = ["--model.init_args.tokenizer", str(out / "tokenizer.model"), "--model.init_args.autoencoder", ae_ckpt]
-    if args.preset:
-        model_args += ["--model.init_args.preset", args.preset]
-    if args.inference_steps:
-        model_args += ["--model.init_args.sampling.num_steps", str(args.inference_steps)]
     config, data, data_args = "transfusion_embedded.yaml", None, []
     if args.streamed:
-        start = time.time()
         data = _write_shards(out / "shards", model_args, args.seed)
         timings["shards_s"] = time.time() - start
         start = time.time()
@@ -201,28 +183,33 @@ def quickstart_main(argv: list[str]) -> dict:
     curve = _curve_callback(config, args.steps, args.curve_examples, out / "transfusion" / "evaluation")
     emas = [f"--trainer.callbacks+={json.dumps({'class_path': 'transfusion.lightning.ema.EMA', 'init_args': {'decay': d}})}"
             for d in args.ema or []]
-    tf_trainer = _fit(config, out / "transfusion",
-                      model_args + seed + device + _steps_overrides(args.steps) + emas + curve + data_args)
-    tf_ckpt = tf_trainer.checkpoint_callback.last_model_path
+    overrides = model_args + common + _steps_overrides(args.steps) + emas + curve + data_args
+    trainer = _fit(config, out / "transfusion", overrides)
     timings["transfusion_s"] = time.time() - start
+    return trainer, data
 
-    start = time.time()
-    weights = [f"ema_{d:g}" for d in args.ema or []] + (["raw"] if args.ema else [])  # [] : the checkpoint's own
-    for name in weights or [None]:  # the first in samples/, the others in samples_<name>/
+
+def _predict(out: Path, model_args: list[str], device: list[str], ckpt: str, examples: int, weights: list[str]) -> None:
+    """Stage 4: samples/ from the checkpoint's weights, or per ``weights`` (the first in samples/, the others in
+    samples_<name>/)."""
+    for name in weights or [None]:
         folder = out / ("samples" if name is None or name == weights[0] else f"samples_{name}")
         cli_main(["predict", "--config", str(CONFIGS / "transfusion_embedded.yaml"),
                   "--config", str(CONFIGS / "transfusion_embedded_predict.yaml"), *model_args, *device,
                   *(["--model.init_args.eval_weights", name] if name else []),
                   "--trainer.callbacks.init_args.output_dir", str(folder),
-                  "--data.init_args.predict_examples", str(args.predict_examples), "--ckpt_path", tf_ckpt])
-    timings["generation_s"] = time.time() - start
+                  "--data.init_args.predict_examples", str(examples), "--ckpt_path", ckpt])
 
+
+def _report(args, out: Path, ae_trainer, tf_trainer, timings: dict, data: dict | None, weights: list[str]) -> dict:
+    """Stage 5: report.json / report.md from the runs' logs and the samples."""
     ae_rows, tf_rows = _metrics(ae_trainer), _metrics(tf_trainer)
     curve = _curve(tf_trainer)
     if curve:
         _plot_curve(curve, out / "follow_curve.png")
     report = {
-        "seed": args.seed, "autoencoder_checkpoint": ae_ckpt, "transfusion_checkpoint": tf_ckpt, "timings": timings,
+        "seed": args.seed, "autoencoder_checkpoint": ae_trainer.checkpoint_callback.last_model_path,
+        "transfusion_checkpoint": tf_trainer.checkpoint_callback.last_model_path, "timings": timings,
         "autoencoder": {"first_train_rec_loss": _series(ae_rows, "train/rec_loss")[0],
                         "last_val_rec_loss": _series(ae_rows, "val/rec_loss")[-1]},
         "transfusion": {key: {"first": _series(tf_rows, key)[0], "last": _series(tf_rows, key)[-1]}
@@ -241,6 +228,38 @@ def quickstart_main(argv: list[str]) -> dict:
     (out / "report.md").write_text(_markdown(report, out))
     print((out / "report.md").read_text())
     return report
+
+
+def quickstart_main(argv: list[str]) -> dict:
+    args = _parser().parse_args(argv)
+    out = Path(args.output).resolve()  # absolute: checkpoints record the tokenizer and autoencoder paths
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+    seed = ["--seed_everything", str(args.seed), "--model.init_args.noise_seed", str(args.seed)]
+    device = [] if args.accelerator is None else ["--trainer.accelerator", args.accelerator]
+
+    start = time.time()
+    tokenizer_main(["--output", str(out / "tokenizer.model")])
+    timings["tokenizer_s"] = time.time() - start
+
+    start = time.time()
+    ae_trainer = _fit("autoencoder_embedded.yaml", out / "autoencoder",
+                      seed + device + _steps_overrides(args.autoencoder_steps))
+    timings["autoencoder_s"] = time.time() - start
+
+    model_args = ["--model.init_args.tokenizer", str(out / "tokenizer.model"),
+                  "--model.init_args.autoencoder", ae_trainer.checkpoint_callback.last_model_path]
+    if args.preset:
+        model_args += ["--model.init_args.preset", args.preset]
+    if args.inference_steps:
+        model_args += ["--model.init_args.sampling.num_steps", str(args.inference_steps)]
+    tf_trainer, data = _train_transfusion(args, out, model_args, seed + device, timings)
+
+    start = time.time()
+    weights = [f"ema_{d:g}" for d in args.ema or []] + (["raw"] if args.ema else [])  # [] : the checkpoint's own
+    _predict(out, model_args, device, tf_trainer.checkpoint_callback.last_model_path, args.predict_examples, weights)
+    timings["generation_s"] = time.time() - start
+    return _report(args, out, ae_trainer, tf_trainer, timings, data, weights)
 
 
 def _markdown(report: dict, out: Path) -> str:
