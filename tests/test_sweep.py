@@ -214,14 +214,17 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
     from transfusion.sweep import parse_sweep
 
     micro = ["--config", str(CONFIGS / "sweep_micro.yaml")]  # layered on the micro sweep
-    base = {"sweep_ablations.yaml": micro, "sweep_beyond.yaml": micro}
+    base = {"sweep_ablations.yaml": micro, "sweep_beyond.yaml": micro, "sweep_seeds.yaml": micro}
     sweep, _ = parse_sweep(base.get(config, []) + ["--config", str(CONFIGS / config)])
     assert sweep.reference_size in sweep.sizes
     if config == "sweep_ablations.yaml":
         assert {a.name for a in sweep.ablations} >= {"intra-image attention", "patch encoder", "patch size"}
     prepared = {"tokenizer": "tokenizer.model", "autoencoder": "ae.ckpt", "vqvae": "vq.ckpt", "clip": "clip",
                 "text_model": "text_model"}
-    for run in {r.name: r for r in sweep.runs}.values():  # every training run's command line is valid
+    runs = list({r.name: r for r in sweep.runs}.values())
+    if sweep.seeds:  # the micro sweep's runs at another seed: one run of each model shows the seed's arguments
+        runs = [r for r in runs if r.seed == sweep.seeds[-1] and r.ablation is None and r.size == sweep.reference_size]
+    for run in runs:  # every training run's command line is valid
         with pytest.raises(SystemExit) as exit_info:
             cli_main(sweep.fit_args(run, prepared) + ["--print_config"])
         assert exit_info.value.code == 0, run.name
@@ -232,6 +235,8 @@ def test_shipped_sweep_configs_and_their_runs_parse(config, capsys):
         assert evaluation["init_args"]["every_n_train_steps"] == sweep.eval_every
         assert printed["model"]["class_path"].endswith("ChameleonModule" if run.model == "chameleon"
                                                        else "TransfusionModule")
+        if run.seed is not None:
+            assert printed["seed_everything"] == run.seed
 
 
 def test_learning_rate_choice_by_mean_rank():

@@ -1,8 +1,9 @@
 """A sweep's outputs: Table 3 (paper format), the ablation table, scaling plots, raw CSV and JSON.
 
-``rows`` are the sweep's evaluations, one dict each: run, model, size, budget, ablation, setting, step,
-params, tokens, flops (6ND), flops_exact (with attention) and the metrics (``fid``, ``clip_score@<clip>``,
-``cider_d``, ``ppl``, ``follow@shapes`` and its per-attribute rates).
+``rows`` are the sweep's evaluations, one dict each: run, model, size, budget, ablation, setting, seed (None
+without ``seeds``), step, params, tokens, flops (6ND), flops_exact (with attention) and the metrics (``fid``,
+``clip_score@<clip>``, ``cider_d``, ``ppl``, ``follow@shapes`` and its per-attribute rates). With several seeds,
+Table 3 and the ablations give the mean +- standard deviation over seeds, and parity ratios per seed.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 from transfusion.atomic import atomic_write, write_text
 from transfusion.sweep.parity import metric_info, parity_flops, parity_ratio_text
 
-COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "step", "params", "tokens", "flops", "flops_exact"]
+COLUMNS = ["run", "model", "size", "budget", "ablation", "setting", "seed", "step", "params", "tokens", "flops",
+           "flops_exact"]
 
 
 def metric_keys(rows: list[dict], parts: bool = False) -> list[str]:
@@ -29,6 +32,16 @@ def metric_keys(rows: list[dict], parts: bool = False) -> list[str]:
 
 def main_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if not r["ablation"]]
+
+
+def seeds(rows: list[dict]) -> list:
+    """The seeds of ``rows`` ([None] for a sweep without ``seeds``)."""
+    return sorted({r.get("seed") for r in rows}, key=lambda s: (s is not None, s or 0))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def final(rows: list[dict], model: str, size: str, budget: int) -> dict:
@@ -46,7 +59,18 @@ def variants(rows: list[dict]) -> list[str]:
 
 def table3(rows: list[dict], reference_size: str, parity_curve: str = "all_sizes") -> dict:
     """Transfusion vs Chameleon at the reference size's largest budget, and the parity FLOP ratio per metric; each
-    variant's values and parity ratios against Chameleon and against Transfusion."""
+    variant's values and parity ratios against Chameleon and against Transfusion. Several seeds: each seed's table
+    (its own runs and curves), then their mean +- standard deviation (``merge_seeds``)."""
+    main = main_rows(rows)
+    per_seed = {s: _table3_one([r for r in main if r.get("seed") == s], reference_size, parity_curve)
+                for s in seeds(main)}
+    if len(per_seed) == 1:
+        return next(iter(per_seed.values()))
+    return merge_seeds(per_seed)
+
+
+def _table3_one(rows: list[dict], reference_size: str, parity_curve: str) -> dict:
+    """``table3`` of one seed's rows."""
     budget = max(r["budget"] for r in main_rows(rows) if r["size"] == reference_size)
     tf, ch = final(rows, "transfusion", reference_size, budget), final(rows, "chameleon", reference_size, budget)
 
@@ -88,6 +112,51 @@ def table3(rows: list[dict], reference_size: str, parity_curve: str = "all_sizes
             "rows": lines}
 
 
+def merge_seeds(per_seed: dict) -> dict:
+    """One Table 3 from per-seed tables: values as mean (``*_std``: standard deviation) over the seeds; the parity
+    ratio's mean and standard deviation when every seed has one, else each seed's cell. Metrics of every seed."""
+    tables = list(per_seed.values())
+    merged = {**tables[0], "seeds": list(per_seed), "per_seed": {str(s): t for s, t in per_seed.items()}, "rows": []}
+    common = set.intersection(*({r["metric"] for r in t["rows"]} for t in tables))
+    for first in (r for r in tables[0]["rows"] if r["metric"] in common):
+        lines = [next(r for r in t["rows"] if r["metric"] == first["metric"]) for t in tables]
+        line = {k: first[k] for k in ("metric", "name", "higher_is_better")}
+        for model in ("transfusion", "chameleon"):
+            line[model], line[f"{model}_std"] = mean_std([r[model] for r in lines])
+        line.update(_merged_parity([r["parity_ratio"] for r in lines], [r["parity_text"] for r in lines],
+                                   per_seed, "parity"))
+        line["parity_statuses"] = [r["parity_status"] for r in lines]
+        line["variants"] = {}
+        for v in set.intersection(*(set(r["variants"]) for r in lines)):
+            cells = [r["variants"][v] for r in lines]
+            value, std = mean_std([c["value"] for c in cells])
+            line["variants"][v] = {"value": value, "value_std": std}
+            for against in ("chameleon", "transfusion"):
+                merged_cell = _merged_parity([c[f"parity_ratio_vs_{against}"] for c in cells],
+                                             [c[f"parity_vs_{against}"] for c in cells], per_seed, "parity")
+                line["variants"][v][f"parity_vs_{against}"] = merged_cell["parity_text"]
+                line["variants"][v][f"parity_ratio_vs_{against}"] = merged_cell["parity_ratio"]
+        merged["rows"].append(line)
+    return merged
+
+
+def _merged_parity(ratios: list, texts: list[str], per_seed: dict, name: str) -> dict:
+    """Mean +- standard deviation of per-seed parity ratios when all are interpolated numbers; otherwise None and
+    each seed's cell ("seed 0: 0.41; seed 1: not reached (...)")."""
+    if all(r is not None for r in ratios) and not any(t.startswith("<=") for t in texts):
+        mean, std = mean_std(ratios)
+        return {f"{name}_ratio": mean, f"{name}_ratio_std": std, f"{name}_ratios": ratios,
+                f"{name}_text": f"{mean:.3g} ± {std:.2g}"}
+    return {f"{name}_ratio": None, f"{name}_ratio_std": None, f"{name}_ratios": ratios,
+            f"{name}_text": "; ".join(f"seed {s}: {t}" for s, t in zip(per_seed, texts))}
+
+
+def _cell(row: dict, key: str) -> str:
+    """``12.3`` or, over seeds, ``12.3 ± 0.45``."""
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.4g}" if std is None else f"{row[key]:.4g} ± {std:.2g}"
+
+
 def table3_markdown(t: dict) -> str:
     curve = "all Transfusion sizes and budgets" if t["parity_curve"] == "all_sizes" else f"Transfusion {t['size']}"
     out = [f"Size {t['size']}, {t['budget']} steps: Transfusion {t['transfusion_params']:,} parameters, "
@@ -96,6 +165,10 @@ def table3_markdown(t: dict) -> str:
            f"(6ND). Parity FLOP ratio = FLOPs at which Transfusion ({curve}, running best, interpolated in "
            f"log FLOPs) first reaches Chameleon's final value / Chameleon's FLOPs; `<=`: already reached at the "
            "first evaluation."]
+    if t.get("seeds"):
+        out[0] += (f" Seeds {', '.join(map(str, t['seeds']))}: each value is the mean ± standard deviation over the "
+                   "seeds (the parameters, tokens and FLOPs above are the first seed's); the parity ratio is computed "
+                   "per seed, from that seed's Transfusion curve and Chameleon value.")
     lrs = t.get("learning_rates")
     if lrs:
         names = ", ".join(metric_info(m)[0] for m in lrs["metrics"])
@@ -112,29 +185,42 @@ def table3_markdown(t: dict) -> str:
         head += f" {v} | {v} vs Chameleon | {v} vs Transfusion |"
     out += ["", head, "|---|---|---|---|---|" + "---|---|---|" * len(names)]
     for r in t["rows"]:
-        line = (f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {r['transfusion']:.4g} | "
-                f"{r['chameleon']:.4g} | {r['parity_text']} |")
+        line = (f"| {r['name']} | {'higher' if r['higher_is_better'] else 'lower'} | {_cell(r, 'transfusion')} | "
+                f"{_cell(r, 'chameleon')} | {r['parity_text']} |")
         for v in names:
             cell = r.get("variants", {}).get(v)
-            line += (f" {cell['value']:.4g} | {cell['parity_vs_chameleon']} | {cell['parity_vs_transfusion']} |"
+            line += (f" {_cell(cell, 'value')} | {cell['parity_vs_chameleon']} | {cell['parity_vs_transfusion']} |"
                      if cell else " - | - | - |")
         out.append(line)
     return "\n".join(out) + "\n"
 
 
 def ablation_tables(rows: list[dict]) -> list[dict]:
-    """One table per ablation: each setting's final metrics."""
+    """One table per ablation: each setting's final metrics (over seeds: the mean, ``std`` and ``seeds``)."""
     tables = {}
     for r in rows:
         if r["ablation"]:
-            table = tables.setdefault(r["ablation"], {})
-            if r["setting"] not in table or r["step"] > table[r["setting"]]["step"]:
-                table[r["setting"]] = r
+            finals = tables.setdefault(r["ablation"], {}).setdefault(r["setting"], {})
+            seed = r.get("seed")
+            if seed not in finals or r["step"] > finals[seed]["step"]:
+                finals[seed] = r
     keys = metric_keys(rows)
-    return [{"ablation": name, "model": next(iter(s.values()))["model"], "size": next(iter(s.values()))["size"],
-             "budget": next(iter(s.values()))["budget"],
-             "settings": [{"setting": k, **{m: v.get(m) for m in keys}} for k, v in s.items()]}
-            for name, s in tables.items()]
+    out = []
+    for name, settings in tables.items():
+        first = next(iter(next(iter(settings.values())).values()))
+        table = {"ablation": name, "model": first["model"], "size": first["size"], "budget": first["budget"],
+                 "settings": []}
+        for setting, finals in settings.items():
+            if len(finals) == 1:
+                table["settings"].append({"setting": setting, **{m: next(iter(finals.values())).get(m) for m in keys}})
+                continue
+            values = {m: [f[m] for f in finals.values() if _finite(f.get(m))] for m in keys}
+            stats = {m: mean_std(v) for m, v in values.items() if len(v) == len(finals)}
+            table["settings"].append({"setting": setting, "seeds": list(finals),
+                                      **{m: stats[m][0] if m in stats else None for m in keys},
+                                      "std": {m: stats[m][1] for m in stats}})
+        out.append(table)
+    return out
 
 
 def ablations_markdown(tables: list[dict], keys: list[str]) -> str:
@@ -145,7 +231,8 @@ def ablations_markdown(tables: list[dict], keys: list[str]) -> str:
            "|---|---|---|---|---|" + "---|" * len(keys)]
     for t in tables:
         for s in t["settings"]:
-            cells = [f"{s[k]:.4g}" if _finite(s.get(k)) else "-" for k in keys]
+            cells = [("-" if not _finite(s.get(k)) else f"{s[k]:.4g}" if k not in s.get("std", {})
+                      else f"{s[k]:.4g} ± {s['std'][k]:.2g}") for k in keys]
             out.append(f"| {t['ablation']} | {t['model']} | {t['size']} | {t['budget']} | {s['setting']} | "
                        + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -160,19 +247,18 @@ def plot_scaling(rows: list[dict], path: Path) -> None:
 
     keys = metric_keys(rows)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    runs = sorted({(r["model"], r["size"], r["budget"]) for r in main_rows(rows)})
+    runs = _curves(rows)
     sizes = list(dict.fromkeys(r["size"] for r in rows))
     markers = "os^Dvp*"
     palette = {"transfusion": "C0", "chameleon": "C3", **{v: f"C{i + 4}" for i, v in enumerate(variants(rows))}}
     for ax, key in zip(axes[0], keys):
         name, higher = metric_info(key)
-        for model, size, budget in runs:
-            points = sorted((r["flops"], r[key]) for r in main_rows(rows)
-                            if (r["model"], r["size"], r["budget"]) == (model, size, budget) and _finite(r.get(key)))
+        for (model, size, budget, seed), points in runs.items():
+            points = sorted((f, r[key]) for f, r in points if _finite(r.get(key)))
             if points:
                 ax.plot(*zip(*points), color=palette[model],
                         marker=markers[sizes.index(size) % len(markers)], markersize=4, linewidth=1,
-                        label=f"{model} {size} ({budget} steps)")
+                        label=_label(model, size, budget, seed))
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (6ND)")
         ax.set_title(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=10)
@@ -196,14 +282,12 @@ def plot_parts(rows: list[dict], metric: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(parts), figsize=(3.4 * len(parts), 3.2), squeeze=False, sharey=True)
-    runs = sorted({(r["model"], r["size"], r["budget"]) for r in main_rows(rows)})
+    runs = _curves(rows)
     for ax, key in zip(axes[0], parts):
-        for i, run in enumerate(runs):
-            points = sorted((r["flops"], r[key]) for r in main_rows(rows)
-                            if (r["model"], r["size"], r["budget"]) == run and _finite(r.get(key)))
+        for i, (run, points) in enumerate(runs.items()):
+            points = sorted((f, r[key]) for f, r in points if _finite(r.get(key)))
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=4, linewidth=1, color=f"C{i}",
-                        label=f"{run[0]} {run[1]} ({run[2]} steps)")
+                ax.plot(*zip(*points), marker="o", markersize=4, linewidth=1, color=f"C{i}", label=_label(*run))
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs (6ND)")
         ax.set_title(key.partition("/")[2].replace("_", " "), fontsize=10)
@@ -226,7 +310,8 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
     table = io.StringIO()  # every metric, per-attribute rates too
     writer = csv.DictWriter(table, fieldnames=COLUMNS + metric_keys(rows, parts=True), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"], r["step"])))
+    writer.writerows(sorted(rows, key=lambda r: (r["ablation"], r["model"], r["size"], r["budget"],
+                                                  -1 if r.get("seed") is None else r["seed"], r["step"])))
     # each file whole or not at all: a full disk leaves the previous one (transfusion.atomic)
     write_text(output / "results.csv", table.getvalue(), "sweep results")
     t3 = table3(rows, reference_size, parity_curve)
@@ -241,6 +326,18 @@ def write_report(rows: list[dict], output: Path, reference_size: str, parity_cur
     result = {"config": config, "table3": t3, "ablations": abl, "evaluations": rows}
     write_text(output / "results.json", json.dumps(result, indent=2) + "\n", "sweep results")
     return result
+
+
+def _curves(rows: list[dict]) -> dict:
+    """(model, size, budget, seed) -> [(flops, row)] of the main runs, in a stable order."""
+    curves = {}
+    for r in main_rows(rows):
+        curves.setdefault((r["model"], r["size"], r["budget"], r.get("seed")), []).append((r["flops"], r))
+    return dict(sorted(curves.items(), key=lambda kv: (kv[0][:3], -1 if kv[0][3] is None else kv[0][3])))
+
+
+def _label(model: str, size: str, budget: int, seed) -> str:
+    return f"{model} {size} ({budget} steps)" + ("" if seed is None else f" seed {seed}")
 
 
 def _finite(value) -> bool:

@@ -79,9 +79,10 @@ class Run:
     overrides: dict
     ablation: str | None = None
     setting: str | None = None
+    seed: int | None = None  # None: the model YAML's own seeds
 
     def key(self) -> tuple:
-        return self.model, self.size, self.budget, json.dumps(self.overrides, sort_keys=True)
+        return self.model, self.size, self.budget, self.seed, json.dumps(self.overrides, sort_keys=True)
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -130,7 +131,7 @@ class Sweep:
                  clip: Prerequisite | None = None, ablations: list[Ablation] | None = None,
                  lr_grid: LearningRateGrid | None = None, reference_size: str | None = None,
                  parity_curve: str = "all_sizes", variants: dict[str, ModelRuns] | None = None,
-                 text_model: Prerequisite | None = None, ema: dict | None = None):
+                 text_model: Prerequisite | None = None, ema: dict | None = None, seeds: list[int] | None = None):
         """
         Args:
             transfusion, chameleon: each model's training YAML and overrides for all its runs.
@@ -150,6 +151,10 @@ class Sweep:
                 Llama layout) or an existing Llama-layout folder (``path``); overrides name it ``"{text_model}"``.
             ema: ``transfusion.lightning.ema.EMA`` arguments (e.g. ``{decay: 0.999}``): every run keeps an EMA of its
                 weights, and its evaluations use it (None: the raw weights, no EMA).
+            seeds: train every main run, variant and ablation setting once per seed (``seed_everything`` and, where
+                the model has one, its ``noise_seed``; runs named ``...-seed<s>``); the tables report mean +- standard
+                deviation over seeds and the parity ratio per seed. The learning-rate grid runs at the first seed
+                only. None: one run each, at the YAMLs' seeds.
         """
         if not sizes or not budgets:
             raise ValueError("sweep: `sizes` and `budgets` must not be empty")
@@ -157,6 +162,8 @@ class Sweep:
             raise ValueError(f"sweep: budgets {budgets} and eval_every_n_steps {eval_every_n_steps} must be >= 1")
         if reference_size is not None and reference_size not in sizes:
             raise ValueError(f"sweep: reference_size {reference_size!r} is not one of sizes {list(sizes)}")
+        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+            raise ValueError(f"sweep: seeds must be distinct integers, at least one, got {seeds}")
         if parity_curve not in ("all_sizes", "same_size"):
             raise ValueError(f"sweep: parity_curve must be 'all_sizes' or 'same_size', got {parity_curve!r}")
         self.models = {"transfusion": _as(ModelRuns, transfusion), "chameleon": _as(ModelRuns, chameleon)}
@@ -166,6 +173,7 @@ class Sweep:
             raise ValueError(f"sweep: variant names must be new identifiers, got {sorted(self.variants)}")
         self.models.update(self.variants)
         self.sizes, self.budgets, self.eval_every = sizes, sorted(budgets), eval_every_n_steps
+        self.seeds = None if seeds is None else list(seeds)
         self.output = Path(output)
         self.evaluation = dict(evaluation or {})
         self.ema = None if ema is None else dict(ema)
@@ -186,8 +194,9 @@ class Sweep:
 
     # ------------------------------------------------------------------ plan
     def _plan(self) -> list[Run]:
-        runs = [Run(f"{model}-{size}-{budget}", model, size, budget, {})
-                for size in self.sizes for budget in self.budgets for model in self.models]
+        runs = [self._seeded(Run(f"{model}-{size}-{budget}", model, size, budget, {}), seed)
+                for seed in self.seeds or [None] for size in self.sizes for budget in self.budgets
+                for model in self.models]
         runs += self._grid_runs()
         known = {r.key(): r for r in runs}
         for ab in self.ablations:
@@ -197,15 +206,25 @@ class Sweep:
             if size not in self.sizes:
                 raise ValueError(f"sweep: ablation {ab.name!r} names size {size!r}, not one of {list(self.sizes)}")
             budget = ab.budget or self.budgets[0]
-            for setting, overrides in ab.settings.items():
-                run = Run(f"{ab.model}-{size}-{budget}-{_slug(ab.name)}-{_slug(setting)}", ab.model, size, budget,
-                          dict(overrides or {}), ab.name, setting)
-                if run.key() in known:  # the same training as a main run: reuse it
-                    base = known[run.key()]
-                    run.name = base.name
-                runs.append(run)
-                known.setdefault(run.key(), run)
+            for seed in self.seeds or [None]:
+                for setting, overrides in ab.settings.items():
+                    run = self._seeded(Run(f"{ab.model}-{size}-{budget}-{_slug(ab.name)}-{_slug(setting)}", ab.model,
+                                           size, budget, dict(overrides or {}), ab.name, setting), seed)
+                    if run.key() in known:  # the same training as a main run: reuse it
+                        run.name = known[run.key()].name
+                    runs.append(run)
+                    known.setdefault(run.key(), run)
         return runs
+
+    def _seeded(self, run: Run, seed: int | None) -> Run:
+        """``run`` at ``seed`` (named ``...-seed<s>``, its seeds overridden before its own overrides); None: as is."""
+        if seed is None:
+            return run
+        seeds = {"seed_everything": seed}
+        if _takes_noise_seed(self.models[run.model].config):
+            seeds["model.init_args.noise_seed"] = seed
+        run.name, run.seed, run.overrides = f"{run.name}-seed{seed}", seed, {**seeds, **run.overrides}
+        return run
 
     def _check_prepared_names(self) -> None:
         """Every ``"{name}"`` in an override names something the sweep prepares."""
@@ -224,8 +243,9 @@ class Sweep:
         size, budget = self._grid_at()
         if size not in self.sizes:
             raise ValueError(f"sweep: lr_grid names size {size!r}, not one of {list(self.sizes)}")
-        return [Run(f"{model}-{size}-{budget}-lr_{lr:g}", model, size, budget, {"model.init_args.lr": lr},
-                    f"learning rate ({model})", f"lr {lr:g}")
+        seed = self.seeds[0] if self.seeds else None  # the first seed only
+        return [self._seeded(Run(f"{model}-{size}-{budget}-lr_{lr:g}", model, size, budget, {"model.init_args.lr": lr},
+                                 f"learning rate ({model})", f"lr {lr:g}"), seed)
                 for model in MODELS for lr in grid.values]
 
     def lr_choice(self) -> dict:
@@ -333,7 +353,7 @@ class Sweep:
         for run in self.runs:
             for ev in done[run.name]:
                 rows.append({"run": run.name, "model": run.model, "size": run.size, "budget": run.budget,
-                             "ablation": run.ablation or "", "setting": run.setting or "", **ev})
+                             "ablation": run.ablation or "", "setting": run.setting or "", "seed": run.seed, **ev})
         return rows
 
     def _run_once(self, run: Run, prepared: dict, counter: str) -> list[dict]:
@@ -400,6 +420,22 @@ def _prepared_path(value, prepared: dict):
     if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] in prepared:
         return prepared[value[1:-1]]
     return value
+
+
+def _takes_noise_seed(config: str) -> bool:
+    """Whether the model class of a training YAML has a ``noise_seed`` argument (Transfusion's, not Chameleon's)."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    with open(config) as f:
+        class_path = (yaml.safe_load(f) or {}).get("model", {}).get("class_path", "")
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        return False
+    cls = getattr(importlib.import_module(module), name)
+    return "noise_seed" in inspect.signature(cls.__init__).parameters
 
 
 def _slug(text: str) -> str:
