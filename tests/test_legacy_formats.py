@@ -128,10 +128,10 @@ def test_a_moved_checkpoint_names_the_missing_file_and_loads_with_paths_given(re
     torch.testing.assert_close(logits, ref["text_logits"], **CLOSE)
 
 
-def _predict(name: str, output: Path) -> None:
-    with contextlib.chdir(ROOT):
-        cli_main(["predict", "--config", f"lightning_configs/{name}_embedded.yaml",
-                  "--config", f"lightning_configs/{name}_embedded_predict.yaml",
+def _predict(name: str, output: Path, where: Path = ROOT, files: tuple[str, ...] = ()) -> None:
+    with contextlib.chdir(where):
+        cli_main(["predict", "--config", str(ROOT / f"lightning_configs/{name}_embedded.yaml"),
+                  "--config", str(ROOT / f"lightning_configs/{name}_embedded_predict.yaml"), *files,
                   "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4",
                   "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false",
                   *(["--model.init_args.sampling.num_steps", "4"] if name == "transfusion" else []),  # old: flat
@@ -153,6 +153,18 @@ def test_predict_from_a_legacy_checkpoint_writes_what_it_wrote(name, tmp_path):
         for image in record["images"]:
             new, old = (np.asarray(Image.open(folder / image), dtype=int) for folder in (tmp_path, before))
             assert np.abs(new - old).max() <= 1, image
+
+
+@pytest.mark.slow
+def test_predict_from_a_moved_checkpoint_uses_the_files_the_command_names(tmp_path, capsys):
+    """Run elsewhere, the checkpoint's relative tokenizer and autoencoder paths do not resolve: the command line's
+    own (which exist) are used, with a note, and it writes what it wrote where the checkpoint was made."""
+    files = ("--model.init_args.tokenizer", str(LEGACY / "tokenizer.model"),
+             "--model.init_args.autoencoder", str(LEGACY / "autoencoder.ckpt"))
+    _predict("transfusion", tmp_path / "out", where=tmp_path, files=files)
+    assert "the checkpoint's tokenizer tests/data/legacy/tokenizer.model does not exist here" in capsys.readouterr().err
+    before = LEGACY / "transfusion_predict"
+    assert (tmp_path / "out" / "generations.jsonl").read_text() == (before / "generations.jsonl").read_text()
 
 
 class _TrainedRows(Callback):

@@ -64,6 +64,8 @@ class ConfigError(SystemExit):
 # settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
 # config / command line (the deprecated flat sampling arguments too: a checkpoint's would override the group)
+# files a checkpoint names by path: where they are missing, the config's own (when it exists) is used
+MOVABLE_FILES = ("tokenizer", "autoencoder")
 KEPT_SETTINGS = ("sampling", "generation_seed",
                  "eval_weights",  # which weights of a checkpoint with EMAs (transfusion.lightning.ema)
                  *dict.fromkeys(legacy_fields(SamplingOptions) + legacy_fields(ChameleonSamplingOptions)))
@@ -133,9 +135,16 @@ class TransfusionCLI(LightningCLI):
             return
         init_args = self.config[subcommand].get("model.init_args") if subcommand else None
         kept = {k: init_args[k] for k in KEPT_SETTINGS if init_args is not None and k in init_args}
+        given = {k: init_args[k] for k in MOVABLE_FILES if init_args is not None and isinstance(init_args.get(k), str)}
         super()._parse_ckpt_path()
         for key, value in kept.items():
             self.config[subcommand]["model.init_args"][key] = value
+        for key, path in given.items():  # a checkpoint moved to another machine: its files, where the config has them
+            recorded = self.config[subcommand]["model.init_args"].get(key)
+            if isinstance(recorded, str) and recorded != path and not os.path.exists(recorded) and os.path.exists(path):
+                print(f"transfusion {subcommand}: the checkpoint's {key} {recorded} does not exist here; using the "
+                      f"config's {path}", file=sys.stderr)
+                self.config[subcommand]["model.init_args"][key] = path
 
 
 def _inner(error: BaseException) -> BaseException | None:
