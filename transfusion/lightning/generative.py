@@ -16,8 +16,8 @@ A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder Lightning
 * ``generator(sampling, **overrides)``: the model's generator with ``sampling`` or the module's (``transfusion.generation``);
 * ``generate_images(captions, seeds, sampling)`` / ``generate_captions(images, seeds, sampling)``: shortcuts;
 * ``predict_step`` for ``transfusion predict`` prompt records, ``configure_optimizers``;
-* ``training_flops()`` and ``sampling_summary()`` for reports, ``generation_seed``, ``max_seq_len``,
-  ``trained_steps`` after loading a checkpoint;
+* ``training_flops()``, ``sampling_summary()`` and ``report_fields()`` for evaluation reports, ``generation_seed``,
+  ``max_seq_len``, ``trained_steps`` after loading a checkpoint;
 * ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``);
 * outside ``fit``, a checkpoint's EMA weights (``transfusion.lightning.ema``) as the module option ``eval_weights``
   says; ``weights_source`` names the weights held ("raw" or an EMA's name).
@@ -204,6 +204,15 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
     def training_flops(self) -> dict:
         """``{params, tokens, flops (6ND), attention_pairs, exact_flops}`` of the training so far."""
         return self.flop_counter.summary()
+
+    def report_fields(self, sampling: SamplingOptions | None = None) -> dict:
+        """What an evaluation report (``transfusion.evaluation.report``) says of this module: its class, the weights
+        held, the tokenizer, ``sampling_summary(sampling)``, ``training_flops()`` and the optimizer steps behind the
+        weights (the Trainer's in fit, the checkpoint's in validate / test)."""
+        steps = self._trainer.global_step if self._trainer is not None else 0
+        return {"model": type(self).__name__, "weights": getattr(self, "weights_source", "raw"),
+                "tokenizer": str(self.hparams.get("tokenizer")), "sampling": self.sampling_summary(sampling),
+                "flops": self.training_flops(), "training_steps": steps or getattr(self, "trained_steps", 0)}
 
     def sampling_summary(self, sampling: SamplingOptions | None = None) -> dict:
         s = sampling or self.sampling
