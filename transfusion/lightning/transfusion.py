@@ -265,7 +265,11 @@ class TransfusionModule(GenerativeModule):
             if self.hparams.init_from:
                 self._load_network(self.hparams.init_from)
             if self.hparams.text_model:
-                load_text_model(self.model, self.hparams.text_model, self.hparams.image_weights_from_text)
+                self._load_text_model(self.hparams.text_model)
+
+    def _load_text_model(self, directory: str) -> None:
+        """LMFusion's start: the text model's weights as the text weights (``transfusion.lightning.text_model``)."""
+        load_text_model(self.model, directory, self.hparams.image_weights_from_text)
 
     def _load_network(self, path: str) -> None:
         """Network weights from a checkpoint of the same architecture, trained with the same autoencoder."""
