@@ -12,7 +12,6 @@ import math
 import torch
 
 from transfusion.data.tokenizer import Tokenizer
-from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation.options import legacy_fields
 from transfusion.generation import ChameleonGenerator, ChameleonSamplingOptions
 from transfusion.lightning.autoencoder import VQAutoencoderModule, load_frozen
@@ -23,8 +22,10 @@ from transfusion.models.transformer import TransformerConfig
 
 
 class ChameleonModule(GenerativeModule):
+    network_class = Chameleon
     generator_class = ChameleonGenerator
     image_sampling_fields = ("image_temperature", "image_top_p")  # reported by evaluations
+    eval_loss_names = ("loss", "lm_loss", "image_loss", "z_loss")
 
     def __init__(self, tokenizer: str, autoencoder: str | dict, preset: str = "debug", transformer: dict | None = None,
                  qk_norm: bool = True, norm_reorder: bool = True, z_loss_weight: float = 1e-5, attention: str = "auto",
@@ -65,9 +66,7 @@ class ChameleonModule(GenerativeModule):
             codebook_size=vq.codebook_size, patches_per_image=vq.patches_per_image, z_loss_weight=z_loss_weight,
             attention=attention,
         )
-        self.model = Chameleon(self.config)
-        self.flop_counter = FlopCounter(flop_parameters(self.model), self.config.transformer.n_layers,
-                                        attention_width(self.config.transformer))  # N: the transformer body
+        self.flop_counter = self.network_flop_counter()  # N: the transformer body
 
     @property
     def patches_per_image(self) -> int:
@@ -100,15 +99,25 @@ class ChameleonModule(GenerativeModule):
         tokens = self.batch_tokens(batch) if tokens is None else tokens
         out = self.model.loss(tokens, batch["doc_ids"], batch["image_ids"], pad_id=self.tokenizer.pad_id,
                               text_loss=batch.get("text_loss"))
-        B, sync = tokens.shape[0], stage != "train"
-        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=B, sync_dist=sync)
-        self.log(f"{stage}/z_loss", out["z_loss"], batch_size=B, sync_dist=sync)
+        if stage != "train":  # means over every target of all processes, logged at the epoch's end
+            targets = out["text_tokens"] + out["image_tokens"]
+            for key, count in (("loss", targets), ("z_loss", targets), ("lm_loss", out["text_tokens"]),
+                               ("image_loss", out["image_tokens"])):
+                self.eval_losses.update(key, out[key], count)
+            return out["loss"]
+        B = tokens.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)
+        self.log("train/z_loss", out["z_loss"], batch_size=B)
         for key in ("lm_loss", "image_loss"):  # absent from batches without text / images
             if not math.isnan(float(out[key])):
-                self.log(f"{stage}/{key}", out[key], prog_bar=True, batch_size=B, sync_dist=sync)
-        if stage != "train" and not math.isnan(float(out["lm_loss"])):
-            self.log(f"{stage}/lm_ppl", out["lm_loss"].exp(), batch_size=B, sync_dist=True)  # text and captions
+                self.log(f"train/{key}", out[key], prog_bar=True, batch_size=B)
         return out["loss"]
+
+    def eval_figures(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        figures = {k: v for k, v in means.items() if not torch.isnan(v)}  # no text / no image in the data: absent
+        if "lm_loss" in figures:
+            figures["lm_ppl"] = figures["lm_loss"].exp()  # text and captions
+        return figures
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         tokens = self.batch_tokens(batch)

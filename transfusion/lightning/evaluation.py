@@ -4,20 +4,19 @@ following (``follow``: the attributes read back from the generated pictures and 
 scenes, GenEval's rules (``geneval``: ``transfusion.evaluation.geneval``).
 
 Model-agnostic: it asks the LightningModule only for what ``GenerativeModule`` (``transfusion.lightning.generative``)
-provides: ``generate_images``, ``generate_captions``, ``text_logits``, ``training_flops``, ``sampling_summary``;
-so Transfusion and Chameleon are evaluated by the same code.
+provides: ``generate_images``, ``generate_captions``, ``text_logits``, ``tokenizer``, ``generation_seed``,
+``max_seq_len`` and ``report_fields``; so Transfusion and Chameleon are evaluated by the same code.
 
 Runs at the end of ``validate``/``test`` (and every ``every_n_train_steps`` of ``fit`` if set) on every
 process: each rank generates its share of the N samples (sample i on rank i % world, seeded
 ``generation_seed + i`` so the images do not depend on the split), torchmetrics adds the states across
-ranks. Results are logged, written to ``<output_dir>/evaluation.json|.md``, and image grids / caption
-samples go to the Trainer's logger (TensorBoard images and text, or PNG + Markdown next to a CSV log).
+ranks. Results are logged, written to ``<output_dir>/evaluation.json|.md`` (``transfusion.evaluation.report``), and
+image grids / caption samples go to the Trainer's logger (TensorBoard images and text, or PNG + Markdown next to a
+CSV log: ``log_pictures``).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from transfusion.evaluation.cider import CIDErD
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
+from transfusion.evaluation.report import evaluation_report, markdown_table, write_report  # noqa: F401 (its old home)
 from transfusion.lightning.ema import ema_weights
 from transfusion.images import IMAGE, image_grid
 
@@ -224,7 +224,7 @@ class Evaluation(Callback):
         return results
 
     def _generate(self, pl_module, examples: list[dict], mine: list[int], rank: int, options) -> list[dict]:
-        seed = pl_module.hparams.get("generation_seed", 0)
+        seed = getattr(pl_module, "generation_seed", 0)
         samples = []  # a module without sampling options (not a GenerativeModule) samples with its own settings
         image_options = {} if options is None else {"sampling": options}
         text_options = {} if options is None else {"sampling": replace(options, max_new_tokens=self.max_caption_tokens)}
@@ -252,7 +252,7 @@ class Evaluation(Callback):
             raise ValueError(f"the edit metric needs an editing data module (EditDataModule), got {type(datamodule).__name__}")
         examples = datamodule.edit_examples(self.num_samples)
         # one text token after the edited image: EOS ends the output there; BOI or text is not one image
-        seed, generator = pl_module.hparams.get("generation_seed", 0), pl_module.generator(options, max_new_tokens=1)
+        seed, generator = getattr(pl_module, "generation_seed", 0), pl_module.generator(options, max_new_tokens=1)
         mine, edits = list(range(rank, len(examples), world)), []
         for start in tqdm(range(0, len(mine), self.batch_size), desc=f"edits (rank {rank})", disable=rank != 0,
                           leave=False):
@@ -271,18 +271,11 @@ class Evaluation(Callback):
         if not trainer.is_global_zero or not gathered or trainer.logger is None:
             return
         grid = image_grid([tile for e in gathered for tile in ((e["source"], "before"), (e["edited"], e["instruction"]))])
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):  # TensorBoard
-            import numpy as np
-            experiment.add_image(f"{prefix}/edits", np.asarray(grid), trainer.global_step, dataformats="HWC")
-        else:
-            folder = Path(trainer.logger.log_dir or trainer.default_root_dir) / "evaluation" / f"{prefix}_step{trainer.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            grid.save(folder / "edits.png")
+        log_pictures(trainer, prefix, {"edits": grid})
 
     def _perplexity(self, pl_module, datamodule, rank: int, world: int, device) -> float:
         tok = pl_module.tokenizer
-        seq_len = getattr(datamodule.hparams, "seq_len", None) or pl_module.config.transformer.max_seq_len
+        seq_len = datamodule.hparams.get("seq_len") or pl_module.max_seq_len  # the training rows' length
         windows = text_windows(datamodule.heldout_text, seq_len, tok.bos_id, tok.pad_id)
         if self.max_text_windows is not None:
             windows = windows[: self.max_text_windows]
@@ -305,19 +298,7 @@ class Evaluation(Callback):
         captions = image_grid([(s["real"], s["generated_caption"]) for s in gathered])
         table = "| # | reference | generated caption |\n|---|---|---|\n" + "".join(
             f"| {s['index']} | {s['references'][0]} | {s['generated_caption']} |\n" for s in gathered)
-        step, logger = trainer.global_step, trainer.logger
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_image"):  # TensorBoard
-            import numpy as np
-            experiment.add_image(f"{prefix}/caption_to_image", np.asarray(grid), step, dataformats="HWC")
-            experiment.add_image(f"{prefix}/image_to_caption", np.asarray(captions), step, dataformats="HWC")
-            experiment.add_text(f"{prefix}/captions", table, step)
-        else:  # CSV or other loggers: files beside the log
-            folder = Path(logger.log_dir or trainer.default_root_dir) / "evaluation" / f"{prefix}_step{step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            grid.save(folder / "caption_to_image.png")
-            captions.save(folder / "image_to_caption.png")
-            (folder / "captions.md").write_text(table)
+        log_pictures(trainer, prefix, {"caption_to_image": grid, "image_to_caption": captions}, {"captions": table})
 
     def _training_seconds(self, prefix: str) -> float | None:
         """Wall time of this fit so far, without the time spent evaluating (None outside fit)."""
@@ -326,33 +307,37 @@ class Evaluation(Callback):
         return time.perf_counter() - self._train_start - self._eval_seconds
 
     def _report(self, trainer, pl_module, results: dict, training_seconds: float | None = None, options=None) -> dict:
-        sampling = pl_module.sampling_summary() if options is None else pl_module.sampling_summary(options)
-        flops = pl_module.training_flops() if callable(getattr(pl_module, "training_flops", None)) else {}
-        report = {
-            "model": type(pl_module).__name__,
-            "weights": getattr(pl_module, "weights_source", "raw"),  # or an EMA's (transfusion.lightning.ema)
-            "metrics": results,
-            "num_samples": self.num_samples if set(self.metrics) - {"ppl"} else 0,
-            "ppl_tokens": getattr(self, "_ppl_tokens", None) if "ppl" in self.metrics else None,
-            "tokenizer": str(pl_module.hparams.get("tokenizer")),
-            "sampler": {k: v for k, v in sampling.items() if k != "cfg_scale"},
-            "cfg_scale": sampling["cfg_scale"],
-            "fid_weights": self.fid_weights if "fid" in self.metrics else None,
-            "clip_model": self.clip_model if "clip" in self.metrics else None,
-            "training_flops": flops.get("flops"),  # 6ND (transfusion.flops)
-            "training_flops_exact": flops.get("exact_flops"),  # + attention
-            "training_tokens": flops.get("tokens"),
-            "training_steps": _training_steps(trainer, pl_module),
-            "training_seconds": training_seconds,  # wall time of fit so far, evaluations excluded
-            "world_size": trainer.world_size,
-        }
+        report = evaluation_report(
+            results, pl_module.report_fields(options), num_samples=self.num_samples if set(self.metrics) - {"ppl"} else 0,
+            ppl_tokens=getattr(self, "_ppl_tokens", None) if "ppl" in self.metrics else None,
+            fid_weights=self.fid_weights if "fid" in self.metrics else None,
+            clip_model=self.clip_model if "clip" in self.metrics else None,
+            training_seconds=training_seconds, world_size=trainer.world_size)
         if trainer.is_global_zero:
-            folder = Path(self.output_dir or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir))
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-            (folder / "evaluation.md").write_text(markdown_table(report))
-            rank_zero_info(f"evaluation: {results} -> {folder / 'evaluation.json'}")
+            folder = self.output_dir or (trainer.logger.log_dir if trainer.logger else trainer.default_root_dir)
+            rank_zero_info(f"evaluation: {results} -> {write_report(report, folder)}")
         return report
+
+
+def log_pictures(trainer, prefix: str, pictures: dict, texts: dict | None = None) -> None:
+    """Image grids (name -> PIL image) and Markdown texts (name -> str) to the Trainer's logger at this step:
+    TensorBoard images and text, or (CSV and other loggers) ``NAME.png`` / ``NAME.md`` files beside the log, in
+    ``evaluation/<prefix>_step<N>/``."""
+    step, logger, texts = trainer.global_step, trainer.logger, texts or {}
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):  # TensorBoard
+        import numpy as np
+        for name, grid in pictures.items():
+            experiment.add_image(f"{prefix}/{name}", np.asarray(grid), step, dataformats="HWC")
+        for name, text in texts.items():
+            experiment.add_text(f"{prefix}/{name}", text, step)
+        return
+    folder = Path(logger.log_dir or trainer.default_root_dir) / "evaluation" / f"{prefix}_step{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, grid in pictures.items():
+        grid.save(folder / f"{name}.png")
+    for name, text in texts.items():
+        (folder / f"{name}.md").write_text(text)
 
 
 def _first_images(outputs: list[list], like: torch.Tensor) -> list[torch.Tensor]:
@@ -406,30 +391,6 @@ def edit_metrics(edits: list[dict]) -> dict[str, float]:
     score.update(torch.stack([e["edited"] for e in edits]), [e["source_attributes"] for e in edits],
                  [e["edit"] for e in edits], [e.get("single", True) for e in edits])
     return {"edit@shapes" if k == "all" else f"edit@shapes/{k}": v for k, v in score.compute().items()}
-
-
-def _training_steps(trainer, pl_module) -> int:
-    """Optimizer steps behind the weights: the trainer's in fit, the checkpoint's in validate/test."""
-    return trainer.global_step or getattr(pl_module, "trained_steps", 0)
-
-
-def markdown_table(report: dict) -> str:
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v))
-            for k, v in report["metrics"].items()]
-    s = report["sampler"]
-    image_sampling = ", ".join(f"{k} {v}" for k, v in s.items() if k != "caption_decoding")
-    rows += [("model", report["model"]), ("weights", report.get("weights", "raw")),
-             ("samples", str(report["num_samples"])),
-             ("perplexity tokens", str(report["ppl_tokens"])), ("tokenizer", report["tokenizer"]),
-             ("image sampling", image_sampling), ("captions", s["caption_decoding"]), ("CFG scale", str(report["cfg_scale"])),
-             ("training FLOPs (6ND)", _flops(report["training_flops"])),
-             ("training FLOPs (with attention)", _flops(report["training_flops_exact"])),
-             ("training steps", str(report["training_steps"])), ("processes", str(report["world_size"]))]
-    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-
-
-def _flops(value: float | None) -> str:
-    return "not recorded" if value is None else f"{value:.3e}"
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,23 @@
 """What Transfusion's and Chameleon's LightningModules share: a tokenizer, a frozen autoencoder, the network
-(``model``), FLOP accounting, the optimiser, and generation with the module's own settings.
+(``model``), FLOP accounting, the optimiser, validation and test losses, and generation with the module's own
+settings.
 
-A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder LightningModule), ``optim`` (an
-``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``, by ``set_sampling``) and ``flop_counter`` in ``__init__``, names its
-``generator_class`` and the ``image_sampling_fields`` that say how images are sampled, and provides
-``patches_per_image`` and ``text_logits``. It gets:
+A subclass builds ``tokenizer``, ``autoencoder`` (a frozen autoencoder LightningModule), ``config`` (its network's),
+``optim`` (an ``OptimizerConfig``), ``sampling`` (its ``SamplingOptions``, by ``set_sampling``) and ``flop_counter``
+(``network_flop_counter``) in ``__init__``, names its ``network_class``, ``generator_class``, the
+``image_sampling_fields`` that say how images are sampled and the ``eval_loss_names`` its ``_common_step`` adds to
+``eval_losses``, and provides ``patches_per_image``, ``text_logits`` and ``eval_figures``. It gets:
 
+* ``model``: the network, built once in ``configure_model`` (on the meta device, sharded per block under
+  ``ModelParallelStrategy`` and given its weights from the seed alone under a Trainer; plainly without one), or on
+  first use;
+* ``val/*`` and ``test/*`` logged at the end of each epoch from ``eval_losses``: means over every target of the
+  epoch and every process (``transfusion.lightning.eval_losses``);
 * ``generator(sampling, **overrides)``: the model's generator with ``sampling`` or the module's (``transfusion.generation``);
 * ``generate_images(captions, seeds, sampling)`` / ``generate_captions(images, seeds, sampling)``: shortcuts;
 * ``predict_step`` for ``transfusion predict`` prompt records, ``configure_optimizers``;
-* ``training_flops()`` and ``sampling_summary()`` for reports, ``trained_steps`` after loading a checkpoint;
+* ``training_flops()``, ``sampling_summary()`` and ``report_fields()`` for evaluation reports, ``generation_seed``,
+  ``max_seq_len``, ``trained_steps`` after loading a checkpoint;
 * ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (``transfusion.lightning.hub``);
 * outside ``fit``, a checkpoint's EMA weights (``transfusion.lightning.ema``) as the module option ``eval_weights``
   says; ``weights_source`` names the weights held ("raw" or an EMA's name).
@@ -29,19 +37,29 @@ import torch
 from transfusion.data.latent_cache import autoencoder_fingerprint
 from transfusion.data.sequences import SequenceLayout
 from transfusion.errors import UserError, check_checkpoint_file, user_error
+from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation.options import SamplingOptions, legacy_fields, sampling_options
 from transfusion.lightning.autoencoder import rename_legacy_keys
 from transfusion.lightning.ema import select_weights
+from transfusion.lightning.eval_losses import EvalLosses
 from transfusion.lightning.flops import FlopAccounting
 from transfusion.lightning.hub import HubMixin
+from transfusion.lightning.parallel import fully_shard_blocks
 
 # the frozen autoencoder stays in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
+    network_class: type  # the pure-PyTorch network, built from ``config``
     generator_class: type
     image_sampling_fields: tuple[str, ...] = ()
+    eval_loss_names: tuple[str, ...] = ()  # the means ``eval_losses`` keeps
+    PROGRESS_BAR = ("loss", "lm_loss", "ddpm_loss", "image_loss")  # shown in the progress bar when logged
+
+    def __init__(self):
+        super().__init__()
+        self.eval_losses = EvalLosses(list(self.eval_loss_names))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -64,6 +82,62 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
     def text_logits(self, tokens: torch.Tensor, doc_ids: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         """Logits (P, V) at the ``at`` (B, L) positions of text-only rows (B, L), for perplexity."""
         raise NotImplementedError
+
+    def eval_figures(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The ``val/*`` / ``test/*`` figures (name -> value) from the epoch's ``eval_losses`` means."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the network
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network; built here (unsharded) if no Trainer has called ``configure_model`` yet."""
+        if "model" not in self._modules:
+            self.configure_model()
+        return self._modules["model"]
+
+    def configure_model(self) -> None:
+        if "model" in self._modules:  # called again by a later fit/validate, or after first use
+            return
+        if self._trainer is None:  # direct use, or load_from_checkpoint (whose weights replace these)
+            model = self.network_class(self.config)
+        else:  # under a Trainer: the same weights under every strategy (from seed_everything's seed)
+            with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
+                model = self.network_class(self.config)
+            if self.device_mesh is not None:
+                self.before_sharding(model)
+                fully_shard_blocks(model, self.device_mesh)
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights(torch.initial_seed())
+        self.model = model
+        self.network_built(model)
+
+    def before_sharding(self, model: torch.nn.Module) -> None:
+        """Changes to the network's parameters that FSDP2 must see (it shards the parameters present)."""
+
+    def network_built(self, model: torch.nn.Module) -> None:
+        """Set up the network once built and holding its initial weights (before ``configure_optimizers``)."""
+
+    def network_flop_counter(self) -> FlopCounter:
+        """The FLOP counter of ``config``'s network: N (``flop_parameters``) counted without building the weights."""
+        with torch.device("meta"):
+            params = flop_parameters(self.network_class(self.config))
+        return FlopCounter(params, self.config.transformer.n_layers, attention_width(self.config.transformer))
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the network takes (RoPE positions)."""
+        return self.config.transformer.max_seq_len
+
+    # ------------------------------------------------------------------ validation and test losses
+    def _log_eval(self, stage: str) -> None:
+        for name, value in self.eval_figures(self.eval_losses.compute()).items():  # on every process: it synchronises
+            self.log(f"{stage}/{name}", value, prog_bar=name in self.PROGRESS_BAR)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     # ------------------------------------------------------------------ the frozen autoencoder and the rows
     def train(self, mode: bool = True):
@@ -102,7 +176,12 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
         """The model's generator with ``sampling`` (default: the module's), ``overrides`` replaced; prompt i is
         seeded ``generation_seed + i`` unless ``generate`` is given seeds."""
         return self.generator_class(self.model, self.autoencoder.model, self.tokenizer,
-                                    replace(sampling or self.sampling, **overrides), seed=self.hparams.generation_seed)
+                                    replace(sampling or self.sampling, **overrides), seed=self.generation_seed)
+
+    @property
+    def generation_seed(self) -> int:
+        """Prompt i of a generation is seeded ``generation_seed + i``."""
+        return self.hparams.generation_seed
 
     def generate_images(self, captions: list[str], seeds: list[int] | None = None,
                         sampling: SamplingOptions | None = None) -> torch.Tensor:
@@ -117,7 +196,7 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
         outputs = self.generator().generate(
-            [r["prompt"] for r in batch], seeds=[self.hparams.generation_seed + r["index"] for r in batch],
+            [r["prompt"] for r in batch], seeds=[self.generation_seed + r["index"] for r in batch],
             max_new_tokens=[r.get("max_new_tokens") for r in batch])
         return [{**record, "output": output} for record, output in zip(batch, outputs)]
 
@@ -125,6 +204,15 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
     def training_flops(self) -> dict:
         """``{params, tokens, flops (6ND), attention_pairs, exact_flops}`` of the training so far."""
         return self.flop_counter.summary()
+
+    def report_fields(self, sampling: SamplingOptions | None = None) -> dict:
+        """What an evaluation report (``transfusion.evaluation.report``) says of this module: its class, the weights
+        held, the tokenizer, ``sampling_summary(sampling)``, ``training_flops()`` and the optimizer steps behind the
+        weights (the Trainer's in fit, the checkpoint's in validate / test)."""
+        steps = self._trainer.global_step if self._trainer is not None else 0
+        return {"model": type(self).__name__, "weights": getattr(self, "weights_source", "raw"),
+                "tokenizer": str(self.hparams.get("tokenizer")), "sampling": self.sampling_summary(sampling),
+                "flops": self.training_flops(), "training_steps": steps or getattr(self, "trained_steps", 0)}
 
     def sampling_summary(self, sampling: SamplingOptions | None = None) -> dict:
         s = sampling or self.sampling

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
-from transfusion.data.tokenizer import Tokenizer, find_tokenizer
+from transfusion.data.tokenizer import Tokenizer
 from transfusion.errors import UserError, check_checkpoint_file
-from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation.options import UNSET, legacy_fields
 from transfusion.generation import SamplingOptions, TransfusionGenerator
 from transfusion.lightning.autoencoder import AutoencoderModule, load_frozen, rename_legacy_keys
 from transfusion.lightning.checkpoint import check_config, flatten_config
 from transfusion.lightning.generative import GenerativeModule
 from transfusion.lightning.optim import OptimizerConfig
-from transfusion.lightning.parallel import fully_shard_blocks
 from transfusion.lightning.seeding import step_generator
-from transfusion.models.llama import load_llama, read_llama_config
-from transfusion.models.lmfusion import (freeze_text_weights, is_text_weight, load_text_weights,
-                                         load_text_weights_sharded)
+from transfusion.lightning.text_model import check_text_options, load_text_model, text_model_settings
+from transfusion.models.lmfusion import freeze_text_weights, is_text_weight
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
 from transfusion.schedules import schedule_class
@@ -35,8 +30,66 @@ ARCHITECTURE = ("transformer", "vocab_size", "latent_channels", "latent_size", "
 
 
 class TransfusionModule(GenerativeModule):
+    """LightningModule for Transfusion: a frozen autoencoder in front of the Transfusion network.
+
+    Args:
+        tokenizer: path of the tokenizer: a SentencePiece model (``transfusion tokenizer`` trains one) or a Hugging
+            Face ``tokenizer.json`` (its ``tokenizer_config.json`` beside it); None: the text model's.
+        autoencoder: path of a trained ``AutoencoderModule`` checkpoint, or of a diffusers ``AutoencoderKL``
+            folder (SD, SDXL, SD3, FLUX VAEs; ``{path: FOLDER, image_size: N}`` for images of another size than
+            its ``sample_size``: ``transfusion.models.diffusers_vae``); kept frozen. (A dict of
+            ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
+            ``from_pretrained``.)
+        preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B); None: debug,
+            or the text model's shape.
+        transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
+        modality_experts: Mixture-of-Transformers (Liang et al. 2024): image positions get their own norms,
+            attention projections and FFN in every block; attention stays global. The same FLOPs per position.
+        objective: "ddpm" (the paper's noise prediction) or "flow" (rectified flow: velocity prediction, logit-normal
+            timesteps, Euler sampler: set ``sampler: euler``).
+        text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
+            ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al.
+            2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless
+            ``tokenizer`` is given, the tokenizer (special tokens appended). ``transformer`` then records the
+            shape, and checkpoints and exports hold the weights: they load without the folder (but for its
+            tokenizer, unless exported).
+        freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
+            stay exactly the text model's. Needs ``modality_experts``, whose image weights train. The embedding
+            and LM head rows of BOI, EOI and the specials appended to the tokenizer train (to start images).
+        image_weights_from_text: the image weights start as copies of the text model's (LMFusion).
+        text_lr: learning rate of the text weights (pretrained: ``text_model`` or ``init_from``) when they train;
+            the other weights (image weights, patch layers) take ``lr``; the schedule scales both. None: ``lr``.
+        patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
+        diffusion_lambda: weight of the DDPM loss (paper: 5).
+        min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
+            None: the paper's plain MSE. On the embedded data gamma = 5 learns to follow captions several
+            times faster (the plain MSE spends its gradient on fine detail at low noise). The logged
+            ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
+        bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
+        min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
+        sampling: generation settings (``transfusion.generation.SamplingOptions``: ``cfg_scale``, ``num_steps``,
+            ``sampler``, ``max_new_tokens``, ...), in YAML one group ``sampling: {cfg_scale: 5, num_steps: 100}``;
+            prompt i uses seed generation_seed + i. The same fields as flat arguments (``cfg_scale: 5``) are
+            deprecated: mapped into ``sampling`` with a warning.
+        noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
+            (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
+        activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
+        compile: ``torch.compile`` each transformer block (GPU; on CPU it compiles slowly and gains little).
+        init_from: a Transfusion checkpoint whose network weights start a new ``fit`` (fine-tuning, e.g. for image
+            editing): the optimizer and schedule start afresh; the architecture and the autoencoder must match.
+            A resumed fit (``--ckpt_path``) ignores it. It starts from the checkpoint's raw weights.
+        eval_weights: with EMA callbacks (``transfusion.lightning.ema``), the weights that validation and
+            evaluations use, and that a checkpoint loads outside ``fit`` (test, predict, export): "ema" (the
+            first EMA), "raw", or an EMA's name (``ema_0.9999``).
+
+    The network is built in ``configure_model`` (on the meta device and sharded per block under
+    ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.
+    """
+
+    network_class = Transfusion
     generator_class = TransfusionGenerator
     image_sampling_fields = ("sampler", "num_steps", "clip_x0", "image_cfg_scale")  # reported by evaluations
+    eval_loss_names = ("lm_loss", "ddpm_loss", *(f"ddpm_bucket{k}" for k in range(TIMESTEP_BUCKETS)))
 
     def __init__(self, tokenizer: str | None, autoencoder: str | dict, preset: str | None = None, patch_size: int = 2,
                  patch_encoder: str = "linear", unet_channels: int = 64, diffusion_lambda: float = 5.0,
@@ -54,88 +107,22 @@ class TransfusionModule(GenerativeModule):
                  num_steps: int | None = None, sampler: str | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None,
                  clip_x0: float | None | Literal["unset"] = UNSET):
-        """
-        Args:
-            tokenizer: path of the tokenizer: a SentencePiece model (``transfusion tokenizer`` trains one) or a Hugging
-                Face ``tokenizer.json`` (its ``tokenizer_config.json`` beside it); None: the text model's.
-            autoencoder: path of a trained ``AutoencoderModule`` checkpoint, or of a diffusers ``AutoencoderKL``
-                folder (SD, SDXL, SD3, FLUX VAEs; ``{path: FOLDER, image_size: N}`` for images of another size than
-                its ``sample_size``: ``transfusion.models.diffusers_vae``); kept frozen. (A dict of
-                ``AutoencoderModule`` arguments builds an untrained one, for weights loaded afterwards:
-                ``from_pretrained``.)
-            preset: transformer size (``TRANSFORMER_PRESETS``: debug, cpu-small, cpu-base, 0.16B ... 7B); None: debug,
-                or the text model's shape.
-            transformer: overrides of the preset's ``TransformerConfig`` fields, e.g. ``{n_layers: 6}``.
-            modality_experts: Mixture-of-Transformers (Liang et al. 2024): image positions get their own norms,
-                attention projections and FFN in every block; attention stays global. The same FLOPs per position.
-            objective: "ddpm" (the paper's noise prediction) or "flow" (rectified flow: velocity prediction, logit-normal
-                timesteps, Euler sampler: set ``sampler: euler``).
-            text_model: a pretrained Llama-layout text model (a Hugging Face folder: ``config.json``, safetensors,
-                ``tokenizer.model`` or ``tokenizer.json``) whose weights start a fresh ``fit`` (LMFusion, Shi et al.
-                2024); it sets the transformer's shape (``preset`` and ``transformer`` are not used) and, unless
-                ``tokenizer`` is given, the tokenizer (special tokens appended). ``transformer`` then records the
-                shape, and checkpoints and exports hold the weights: they load without the folder (but for its
-                tokenizer, unless exported).
-            freeze_text: keep the text weights fixed (embedding, LM head, the blocks' text weights): text-only outputs
-                stay exactly the text model's. Needs ``modality_experts``, whose image weights train. The embedding
-                and LM head rows of BOI, EOI and the specials appended to the tokenizer train (to start images).
-            image_weights_from_text: the image weights start as copies of the text model's (LMFusion).
-            text_lr: learning rate of the text weights (pretrained: ``text_model`` or ``init_from``) when they train;
-                the other weights (image weights, patch layers) take ``lr``; the schedule scales both. None: ``lr``.
-            patch_encoder: "linear" (with timestep embedding) or "unet" (down/up blocks).
-            diffusion_lambda: weight of the DDPM loss (paper: 5).
-            min_snr_gamma: weigh each image's epsilon MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. 2023);
-                None: the paper's plain MSE. On the embedded data gamma = 5 learns to follow captions several
-                times faster (the plain MSE spends its gradient on fine detail at low noise). The logged
-                ``ddpm_loss`` is then the weighted loss (the one trained); ``val/ddpm_loss_t*`` stay plain MSE.
-            bidirectional_images: attention inside an image is bidirectional (paper) or causal (ablation).
-            min_lr_ratio: the cosine schedule decays to ``lr * min_lr_ratio`` (paper: 3e-4 -> 1.5e-5).
-            sampling: generation settings (``transfusion.generation.SamplingOptions``: ``cfg_scale``, ``num_steps``,
-                ``sampler``, ``max_new_tokens``, ...), in YAML one group ``sampling: {cfg_scale: 5, num_steps: 100}``;
-                prompt i uses seed generation_seed + i. The same fields as flat arguments (``cfg_scale: 5``) are
-                deprecated: mapped into ``sampling`` with a warning.
-            noise_seed: the training noise and timesteps of a step are drawn from a generator seeded by
-                (noise_seed, global step, batch index, rank): a resumed run draws what an uninterrupted one would.
-            activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
-            compile: ``torch.compile`` each transformer block (GPU; on CPU it compiles slowly and gains little).
-            init_from: a Transfusion checkpoint whose network weights start a new ``fit`` (fine-tuning, e.g. for image
-                editing): the optimizer and schedule start afresh; the architecture and the autoencoder must match.
-                A resumed fit (``--ckpt_path``) ignores it. It starts from the checkpoint's raw weights.
-            eval_weights: with EMA callbacks (``transfusion.lightning.ema``), the weights that validation and
-                evaluations use, and that a checkpoint loads outside ``fit`` (test, predict, export): "ema" (the
-                first EMA), "raw", or an EMA's name (``ema_0.9999``).
-
-        The network is built in ``configure_model`` (on the meta device and sharded per block under
-        ``ModelParallelStrategy``, see ``transfusion.lightning.parallel``), or on first use of ``.model``.
-        """
+        """The arguments are described in the class's docstring."""
         super().__init__()
         # options first, files after: a bad option is reported before anything is read
         self.save_hyperparameters(ignore=legacy_fields(SamplingOptions))
         self.set_sampling(SamplingOptions, sampling, locals())
         self.optim = OptimizerConfig(lr, tuple(betas), eps, weight_decay, warmup_steps, min_lr_ratio, text_lr)
         schedule_class(objective).check_sampler(self.sampling.sampler)
-        if freeze_text and not modality_experts:
-            raise ValueError("freeze_text needs modality_experts: true (a dense model would train only its patch layers)")
-        if freeze_text and text_lr is not None:
-            raise ValueError("model option text_lr is for text weights that train: it has no use with freeze_text")
+        check_text_options(text_model, init_from, freeze_text, text_lr, modality_experts)
         if "modality_experts" in (transformer or {}):
             raise ValueError("set modality experts with model option modality_experts, not in transformer")
         text_vocab = 0
         if text_model is not None:  # the text model sets the shape; recorded in hparams for checkpoints and exports
-            if init_from:
-                raise ValueError("model options text_model and init_from both give the starting weights: set one")
-            shape = read_llama_config(text_model)
-            text_vocab = shape.pop("vocab_size")
-            shape.pop("tie_word_embeddings", None)
-            if preset is not None or transformer:  # they may describe the text model's shape, not another one
-                asked = TransformerConfig.from_name(preset or "debug", **(transformer or {}))
-                differs = {k: (getattr(asked, k), v) for k, v in shape.items() if getattr(asked, k) != v}
-                if differs:
-                    raise ValueError(f"model options preset/transformer differ from the shape of text_model "
-                                     f"{text_model!r} (option, text model): {differs}; leave them out")
-            transformer = self.hparams.transformer = dict(shape)
-            tokenizer = tokenizer or str(find_tokenizer(text_model))  # tokenizer.model, else tokenizer.json
-            self.hparams.tokenizer = tokenizer
+            text = text_model_settings(text_model, tokenizer, preset, transformer)
+            transformer = self.hparams.transformer = text.transformer
+            tokenizer = self.hparams.tokenizer = text.tokenizer
+            text_vocab = text.vocab_size
         if tokenizer is None:
             raise ValueError("model option tokenizer is required (tokenizer.model or tokenizer.json) unless text_model "
                              "is given")
@@ -151,12 +138,7 @@ class TransfusionModule(GenerativeModule):
             unet_channels=unet_channels, diffusion_lambda=diffusion_lambda, min_snr_gamma=min_snr_gamma,
             bidirectional_images=bidirectional_images, attention=attention, objective=objective,
         )
-        with torch.device("meta"):  # N (body + patch layers) without building the weights: configure_model does
-            params = flop_parameters(Transfusion(self.config))
-        self.flop_counter = FlopCounter(params, self.config.transformer.n_layers,
-                                        attention_width(self.config.transformer))
-        self.eval_lm_loss, self.eval_ddpm_loss = MeanMetric(), MeanMetric()
-        self.eval_ddpm_buckets = torch.nn.ModuleList(MeanMetric() for _ in range(TIMESTEP_BUCKETS))
+        self.flop_counter = self.network_flop_counter()  # N (body + patch layers) without building the weights
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # FlopAccounting
@@ -173,28 +155,11 @@ class TransfusionModule(GenerativeModule):
             check_config(checkpoint["autoencoder_config"], self.autoencoder.config, "the autoencoder in this checkpoint")
         super().on_load_checkpoint(checkpoint)
 
-    @property
-    def model(self) -> Transfusion:
-        """The network; built here (unsharded) if no Trainer has called ``configure_model`` yet."""
-        if "model" not in self._modules:
-            self.configure_model()
-        return self._modules["model"]
+    def before_sharding(self, model: Transfusion) -> None:
+        if self.hparams.freeze_text:  # its SpecialRows parameters must exist before FSDP2 shards
+            freeze_text_weights(model, self.special_ids)
 
-    def configure_model(self) -> None:
-        if "model" in self._modules:  # called again by a later fit/validate, or after first use
-            return
-        if self._trainer is None:  # direct use, or load_from_checkpoint (whose weights replace these)
-            model = Transfusion(self.config)
-        else:  # under a Trainer: the same weights under every strategy (from seed_everything's seed)
-            mesh = self.device_mesh
-            with torch.device("meta"):  # no memory until the weights are sharded (FSDP2) or placed
-                model = Transfusion(self.config)
-            if mesh is not None:
-                if self.hparams.freeze_text:  # its SpecialRows parameters must exist before FSDP2 shards
-                    freeze_text_weights(model, self.special_ids)
-                fully_shard_blocks(model, mesh)
-            model.to_empty(device=self.trainer.strategy.root_device)
-            model.init_weights(torch.initial_seed())
+    def network_built(self, model: Transfusion) -> None:
         if self.hparams.freeze_text:  # before configure_optimizers, which takes the trainable parameters only
             trainable = freeze_text_weights(model, self.special_ids)
             rank_zero_info(f"text weights frozen: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} "
@@ -203,7 +168,6 @@ class TransfusionModule(GenerativeModule):
         if self.hparams.compile:
             for block in model.transformer.layers:
                 block.compile()  # in place: parameter names and checkpoints stay the same
-        self.model = model
 
     @property
     def special_ids(self) -> list[int]:
@@ -255,12 +219,12 @@ class TransfusionModule(GenerativeModule):
                               text_loss=batch.get("text_loss"))
         B = batch["tokens"].shape[0]
         if stage != "train":  # means over every LM token and image of all processes, logged at the epoch's end
-            self.eval_lm_loss.update(out["lm_loss"], out["text_tokens"])
-            self.eval_ddpm_loss.update(out["ddpm_loss"], out["images"])
+            self.eval_losses.update("lm_loss", out["lm_loss"], out["text_tokens"])
+            self.eval_losses.update("ddpm_loss", out["ddpm_loss"], out["images"])
             buckets = self.model.schedule.bucket(out["t"], TIMESTEP_BUCKETS)
-            for k, metric in enumerate(self.eval_ddpm_buckets):
+            for k in range(TIMESTEP_BUCKETS):
                 if (buckets == k).any():
-                    metric.update(out["ddpm_per_image"][buckets == k])
+                    self.eval_losses.update(f"ddpm_bucket{k}", out["ddpm_per_image"][buckets == k])
             return out["loss"]
         padding = ((batch["tokens"] == self.tokenizer.pad_id) & (batch["image_ids"] < 0)).float().mean()
         self.log("train/padding", padding, batch_size=B)  # share of row positions that packing left empty
@@ -284,28 +248,14 @@ class TransfusionModule(GenerativeModule):
         lm_weight, ddpm_weight = (world * local / total).unbind()
         return lm_weight * out["lm_loss"] + self.config.diffusion_lambda * ddpm_weight * out["ddpm_loss"]
 
-    def _log_eval(self, stage: str) -> None:
-        lm = self.eval_lm_loss.compute()
-        ddpm = torch.nan_to_num(self.eval_ddpm_loss.compute())  # no image in the data: no DDPM loss
-        self.log(f"{stage}/loss", lm + self.config.diffusion_lambda * ddpm, prog_bar=True)
-        self.log(f"{stage}/lm_loss", lm, prog_bar=True)
-        self.log(f"{stage}/ddpm_loss", ddpm, prog_bar=True)
-        self.log(f"{stage}/lm_ppl", lm.exp())  # text and captions
-        for k, metric in enumerate(self.eval_ddpm_buckets):  # where along the noise scale the model fails
-            with warnings.catch_warnings():  # a bucket without images (tiny runs) computes NaN and says so
-                warnings.simplefilter("ignore")
-                value = metric.compute()  # on every process: it synchronises
-            if torch.isfinite(value):
-                self.log(f"{stage}/{self._bucket_name(k)}", value)
-            metric.reset()
-        self.eval_lm_loss.reset()
-        self.eval_ddpm_loss.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+    def eval_figures(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lm, ddpm = means["lm_loss"], torch.nan_to_num(means["ddpm_loss"])  # no image in the data: no DDPM loss
+        figures = {"loss": lm + self.config.diffusion_lambda * ddpm, "lm_loss": lm, "ddpm_loss": ddpm,
+                   "lm_ppl": lm.exp()}  # text and captions
+        for k in range(TIMESTEP_BUCKETS):  # where along the noise scale the model fails (absent: no image there)
+            if torch.isfinite(means[f"ddpm_bucket{k}"]):
+                figures[self._bucket_name(k)] = means[f"ddpm_bucket{k}"]
+        return figures
 
     def on_fit_start(self) -> None:
         if self.trainer.ckpt_path is None:  # a fresh fit; a resumed one has its weights from the checkpoint
@@ -318,16 +268,8 @@ class TransfusionModule(GenerativeModule):
                 self._load_text_model(self.hparams.text_model)
 
     def _load_text_model(self, directory: str) -> None:
-        """LMFusion's start: the text model's weights as the text weights (``transfusion.models.lmfusion``)."""
-        from torch.distributed.tensor import DTensor
-
-        image_from_text = self.hparams.image_weights_from_text
-        if any(isinstance(p, DTensor) for p in self.model.parameters()):  # FSDP2: read on rank 0, broadcast
-            load_text_weights_sharded(self.model, lambda: load_llama(directory)[1], image_from_text)
-        else:
-            load_text_weights(self.model, load_llama(directory)[1], image_from_text)
-        rank_zero_info(f"text weights from {directory}" + (" (image weights copied from them)"
-                                                            if self.hparams.image_weights_from_text else ""))
+        """LMFusion's start: the text model's weights as the text weights (``transfusion.lightning.text_model``)."""
+        load_text_model(self.model, directory, self.hparams.image_weights_from_text)
 
     def _load_network(self, path: str) -> None:
         """Network weights from a checkpoint of the same architecture, trained with the same autoencoder."""

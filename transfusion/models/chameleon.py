@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transfusion.models.attention import block_mask, dense_mask, positions
+from transfusion.models.init import init_weights
 from transfusion.models.transformer import Transformer, TransformerConfig
 
 
@@ -72,6 +73,10 @@ class Chameleon(nn.Module):
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def init_weights(self, seed: int = 0) -> None:
+        """Every parameter from ``seed`` alone (``transfusion.models.init``): the same values sharded or not."""
+        init_weights(self, seed)
 
     def attention_mask(self, doc_ids: torch.Tensor):
         """Causal within each document; one mask per batch, shared by all layers."""

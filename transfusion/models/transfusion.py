@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from transfusion.models.attention import block_mask, dense_mask, positions
+from transfusion.models.init import init_weights
 from transfusion.models.patch import build_patch_layers
 from transfusion.models.transformer import Transformer, TransformerConfig
 from transfusion.schedules import schedule_class
@@ -86,43 +87,9 @@ class Transfusion(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
 
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every parameter from ``seed`` alone, one full tensor at a time on the CPU.
-
-        A model built on the meta device and sharded (FSDP2: parameters are DTensors) gets exactly the
-        values of an unsharded one, so 1 process, DDP and FSDP2 start from the same weights. Matrices:
-        N(0, 0.02) (residual outputs scaled with depth) in the transformer, embedding and LM head,
-        PyTorch's default (Kaiming-uniform) in the patch layers; zeros for the patch decoder's output layer and
-        biases; ones for norm weights.
-        """
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        zero = tuple(f"patch_decoder.{name}." for name in self.patch_decoder.zero_init)
-        # frozen text's trained rows (lmfusion.SpecialRows, made before FSDP2 shards) are copies of their table's
-        params = [(n, p) for n, p in self.named_parameters() if not n.endswith(".special_rows")]
-        for i, (name, p) in enumerate(params):  # the same index, so the same draw, with or without them
-            full = torch.empty(p.shape, dtype=torch.float32)
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            if name.startswith(zero) or name.endswith("bias"):
-                full.zero_()
-            elif p.dim() == 1:
-                full.fill_(1.0)
-            elif name.startswith("transformer."):
-                full.normal_(0.0, self.transformer.init_std(name), generator=generator)
-            elif name.startswith(("embedding.", "lm_head.")):
-                full.normal_(0.0, 0.02, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(full, a=5**0.5, generator=generator)
-            if isinstance(p, DTensor):  # keep this rank's shard; every rank drew the same full tensor
-                full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                p.to_local().copy_(full.to_local())
-            else:
-                p.copy_(full)
-        for module in self.modules():
-            if hasattr(module, "init_special_rows"):
-                module.reset_index()  # after to_empty
-                module.init_special_rows()
+        """Every parameter from ``seed`` alone (``transfusion.models.init``); the patch decoder's output layer at zero."""
+        init_weights(self, seed, zero=tuple(f"patch_decoder.{name}." for name in self.patch_decoder.zero_init))
 
     def attention_mask(self, doc_ids: torch.Tensor, image_ids: torch.Tensor):
         """One mask per batch, shared by all layers."""
