@@ -3,17 +3,18 @@ the new path, because YAML files, LightningCLI's saved ``config.yaml`` and check
 (``transfusion.data.datamodule.TransfusionDataModule`` is now
 ``transfusion.data.modules.embedded.TransfusionDataModule``).
 
-An old module is made on import from ``MOVED`` by a finder (no file is left at the old path): a name read from it
-comes from the first of its new modules that has it. ``renamed_names`` does the same for the old names of a package
-that still exists (``transfusion.data.sources``, ``transfusion.data.shards``).
+``import transfusion.data`` puts an empty module at each old path of ``MOVED`` into ``sys.modules`` (no file is left
+there; Lightning loads a checkpoint's ``_class_path`` only from a module already imported): a name read from it comes
+from the first of its new modules that has it. A package that stays (``transfusion.data.sources``,
+``transfusion.data.shards``) serves its old names the same way.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
 import sys
+import types
 import warnings
 
 MOVED = {  # old module -> the modules its names went to, searched in order
@@ -68,22 +69,11 @@ def renamed_names(old: str):
     return __getattr__
 
 
-class _OldModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds the old modules of ``MOVED`` that have no file any more and makes each one on import."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        # last in sys.meta_path: asked only when no file is found (a package that stays serves its old names itself)
-        return importlib.machinery.ModuleSpec(fullname, self) if fullname in MOVED else None
-
-    def create_module(self, spec):
-        return None  # a plain module
-
-    def exec_module(self, module) -> None:
-        module.__doc__ = f"Moved to {', '.join(MOVED[module.__name__])} (an old path, see transfusion.data.moved)."
-        module.__getattr__ = renamed_names(module.__name__)
-
-
 def install() -> None:
-    """Make the old module paths importable (once per process)."""
-    if not any(isinstance(finder, _OldModules) for finder in sys.meta_path):
-        sys.meta_path.append(_OldModules())
+    """Put the old modules into ``sys.modules`` (their names are looked up on first use)."""
+    for old, new in MOVED.items():
+        if old not in SERVED and old not in sys.modules:
+            module = types.ModuleType(old, f"Moved to {', '.join(new)} (an old path: see transfusion.data.moved).")
+            module.__spec__ = importlib.machinery.ModuleSpec(old, None)
+            module.__getattr__ = renamed_names(old)
+            sys.modules[old] = module
