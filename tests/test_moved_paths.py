@@ -70,6 +70,7 @@ def test_every_old_class_path_resolves_through_jsonargparse_with_a_warning():
             assert isinstance(getattr(importlib.import_module(module), name), type)
 
 
+@pytest.mark.slow  # ~2 s quiet, 4.4 s loaded: LightningCLI builds its whole parser
 def test_a_yaml_with_an_old_class_path_runs_through_the_cli(tmp_path, capsys):
     old = "transfusion.data.datamodule.TransfusionDataModule"
     config = yaml.safe_load((CONFIGS / "transfusion_embedded.yaml").read_text())
