@@ -14,7 +14,7 @@ as in training (``seq_len`` 96, batch 32, text:image-caption tokens 1:1: the CPU
 Measured, best of ``--repeats`` rounds (noise on a shared machine only ever adds time):
 
 * loader batches/s with 0, 1 and 2 worker processes, reading pixels (decode + resize + crop every time) and
-  reading a latent cache made by ``transfusion.data.latent_cache.write_cache``;
+  reading a latent cache made by ``transfusion.data.sources.latent_cache.write_cache``;
 * training steps/s (forward, backward, AdamW step) for the ``cpu-small`` and ``cpu-base`` presets, on
   batches already in memory: with pixels (the frozen encoder runs every step) and with cached latents.
 
@@ -114,10 +114,10 @@ def main(argv=None) -> dict:
         return streamed_main(["--quick"] * args.quick + (["--output", args.output] if args.output else []))
     torch.set_num_threads(args.threads)
 
-    from transfusion.data.image_text import ImageTextDataModule
-    from transfusion.data.latent_cache import write_cache
+    from transfusion.data.embedded.text import EMBEDDED_TEXT
+    from transfusion.data.modules.image_text import ImageTextDataModule
     from transfusion.data.sources import ImageFolderSource, TextFilesSource
-    from transfusion.data.text import EMBEDDED_TEXT
+    from transfusion.data.sources.latent_cache import write_cache
     from transfusion.lightning.transfusion import TransfusionModule
 
     results = {"threads": args.threads, "images": args.images, "source_size": args.source_size}

@@ -60,7 +60,7 @@ def make_assets(workdir: str, vocab_size: int, seed: int) -> tuple[str, str]:
     from torch.utils.data import DataLoader
 
     from transfusion.cli import tokenizer_main
-    from transfusion.data.shapes import ShapesDataset
+    from transfusion.data.embedded.shapes import ShapesDataset
     from transfusion.lightning.autoencoder import AutoencoderModule
 
     tokenizer = os.path.join(workdir, "tokenizer.model")

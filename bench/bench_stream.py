@@ -71,7 +71,7 @@ def write_shards(folder: Path, count: int, image: str, source_size: int, latent_
 
 
 def consumer(folder: Path, tokenizer: str, image_size: int, seq_len: int, latent: bool):
-    from transfusion.data.sequences import SequenceLayout
+    from transfusion.data.rows.sequences import SequenceLayout
     from transfusion.data.shards.rows import Consumer, RowContext, Source
     from transfusion.data.shards.stream import open_shard_set
     from transfusion.data.tokenizer import Tokenizer

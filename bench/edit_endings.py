@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from transfusion.data.edit_datamodule import EditDataModule
+from transfusion.data.modules.edit import EditDataModule
 from transfusion.images import IMAGE
 from transfusion.lightning.transfusion import TransfusionModule
 

@@ -173,9 +173,9 @@ class Assets:
     @property
     def tokenizer(self) -> str:
         def make():
+            from transfusion.data.embedded.shapes import all_captions
+            from transfusion.data.embedded.text import read_documents, sentences
             from transfusion.data.tokenizer import Tokenizer
-            from transfusion.data.shapes import all_captions
-            from transfusion.data.text import read_documents, sentences
 
             path = self.root / "tokenizer.model"
             Tokenizer.train(sentences(read_documents()[:60]) + all_captions(), path, vocab_size=600)
@@ -250,7 +250,7 @@ def prompts_txt_strategy(assets):
 
 
 def run_prompts(value, work, assets, suffix=".txt"):
-    from transfusion.data.prompts import read_prompts
+    from transfusion.data.rows.prompts import read_prompts
     from transfusion.images import IMAGE
 
     path = work / f"prompts{suffix}"
@@ -292,7 +292,7 @@ def prompts_jsonl_strategy(assets):
 def _model_data_keys() -> tuple[list[str], list[str]]:
     import inspect
 
-    from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.data.modules.embedded import TransfusionDataModule
     from transfusion.lightning.transfusion import TransfusionModule
 
     return ([k for k in inspect.signature(TransfusionModule.__init__).parameters if k != "self"],
@@ -429,8 +429,8 @@ def text_files_strategy(assets):
 
 
 def run_text_files(value, work, assets):
+    from transfusion.data.embedded.text import read_documents
     from transfusion.data.sources import TextFilesSource
-    from transfusion.data.text import read_documents
 
     data, suffix, sample_by = value
     path = work / f"corpus{suffix}"
@@ -467,8 +467,8 @@ def metadata_strategy(assets):
 
 
 def run_metadata(value, work, assets):
-    from transfusion.data.pairs import ImageCaptionPairs
     from transfusion.data.sources import ImageFolderSource
+    from transfusion.data.sources.pairs import ImageCaptionPairs
 
     ext, data, image = value
     folder = work / "images"
@@ -512,8 +512,8 @@ def coco_strategy(assets):
 
 
 def run_coco(value, work, assets):
-    from transfusion.data.pairs import ImageCaptionPairs
     from transfusion.data.sources import CocoSource
+    from transfusion.data.sources.pairs import ImageCaptionPairs
 
     karpathy, data, image = value
     folder = work / "coco"
@@ -573,7 +573,7 @@ def shards_strategy(kind: str):
 def run_shards(value, work, assets):
     from types import SimpleNamespace
 
-    from transfusion.data.sequences import SequenceLayout
+    from transfusion.data.rows.sequences import SequenceLayout
     from transfusion.data.shards.load import read_records
     from transfusion.data.shards.rows import Consumer, RowContext, Source
     from transfusion.data.shards.stream import open_shard_set
@@ -643,7 +643,7 @@ _HF_JSON = b""
 def tokenizer_options_strategy(assets):
     sizes = st.sampled_from(["-1", "0", "1", "6", "50", "300", "600", "100000", "x", "1e3"]) | st.integers(
         -10, 5000).map(str)
-    from transfusion.data.text import read_documents
+    from transfusion.data.embedded.text import read_documents
 
     corpus = "\n".join(read_documents()[:40]).encode()  # enough text for a few hundred pieces
     return st.tuples(sizes | st.integers(280, 700).map(str), st.sampled_from(["unigram", "bpe", "word", "char", ""]),

@@ -389,7 +389,7 @@ def check_training(report: Report, sizes: Sizes, device: torch.device, tokenizer
 # ---------------------------------------------------------------------------------------- 3. generation
 
 def check_generation(report: Report, sizes: Sizes, device: torch.device, tokenizer: str) -> None:
-    from transfusion.data.shapes import ShapesDataset
+    from transfusion.data.embedded.shapes import ShapesDataset
     from transfusion.generation import IMAGE
 
     module = build_module(tokenizer, {"preset": sizes.autoencoder}, sizes.gen_preset, sizes.seq_len, 0).to(device)

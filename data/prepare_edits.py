@@ -1,5 +1,5 @@
 """A small local example of real-format editing data, made from the embedded shape edits, in the two layouts the
-editing sources read (``transfusion.data.edit_sources``), so the real-data path runs offline:
+editing sources read (``transfusion.data.sources.edits``), so the real-data path runs offline:
 
 * ``parquet/{train,validation}.parquet``: an InstructPix2Pix-style table; ``input_image`` and ``edited_image`` are
   PNG bytes in the ``datasets`` Image format, ``edit_prompt`` one phrasing of the edit;
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import datasets
 
-from transfusion.data.shape_edits import ShapeEdits
+from transfusion.data.embedded.shape_edits import ShapeEdits
 from transfusion.images import to_pil
 
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from transfusion.data.images import ImageDataModule
+from transfusion.data.modules.image import ImageDataModule
 from transfusion.lightning.autoencoder import AutoencoderModule
 from transfusion.models.autoencoder import (
     AUTOENCODER_PRESETS,

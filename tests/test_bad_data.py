@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.image_text import ImageTextDataModule
-from transfusion.data.pairs import BadDataError, BadDataWarning, ImageCaptionPairs
+from transfusion.data.modules.image_text import ImageTextDataModule
 from transfusion.data.preprocess import preprocess_image
-from transfusion.data.sequences import SequenceLayout
+from transfusion.data.rows.sequences import SequenceLayout
 from transfusion.data.sources import ImageFolderSource, TextFilesSource
+from transfusion.data.sources.pairs import BadDataError, BadDataWarning, ImageCaptionPairs
 from transfusion.data.tokenizer import Tokenizer
 
 

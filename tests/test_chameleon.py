@@ -175,7 +175,7 @@ def test_module_shortcuts_use_the_chameleon_generator(module, images_16):
 
 @pytest.fixture(scope="module")
 def images_16():
-    from transfusion.data.shapes import ShapesDataset
+    from transfusion.data.embedded.shapes import ShapesDataset
 
     ds = ShapesDataset(4, 16, seed=3)
     return [ds[i]["image"].double() for i in range(2)]

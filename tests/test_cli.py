@@ -94,7 +94,7 @@ def test_fit_loss_falls_and_predict_writes_samples(tmp_path, tokenizer_path, aut
 def test_predict_on_a_prompt_file(tmp_path, tokenizer_path, autoencoder_ckpt):
     cli = cli_main(["fit", *_fit_args(tmp_path, tokenizer_path, autoencoder_ckpt, steps=2)])
     ckpt = cli.trainer.checkpoint_callback.last_model_path
-    from transfusion.data.shapes import ShapesDataset
+    from transfusion.data.embedded.shapes import ShapesDataset
     from transfusion.images import to_pil
 
     to_pil(ShapesDataset(1, 16, seed=9)[0]["image"]).save(tmp_path / "shape.png")
@@ -113,7 +113,7 @@ def test_predict_on_a_prompt_file(tmp_path, tokenizer_path, autoencoder_ckpt):
 
 
 def test_prompt_file_errors_name_the_line(tmp_path):
-    from transfusion.data.prompts import read_prompts
+    from transfusion.data.rows.prompts import read_prompts
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": "x", "colour": 1}\n')

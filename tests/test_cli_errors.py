@@ -107,7 +107,7 @@ class _Bad(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index):
-        from transfusion.data.pairs import BadDataError
+        from transfusion.data.sources.pairs import BadDataError
 
         raise BadDataError("x.png: cannot decode image")
 

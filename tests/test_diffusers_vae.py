@@ -130,7 +130,7 @@ def test_image_size_option_and_check(tmp_path):
 
 
 def test_fingerprint_covers_weights_and_normalisation(tmp_path):
-    from transfusion.data.latent_cache import autoencoder_fingerprint
+    from transfusion.data.sources.latent_cache import autoencoder_fingerprint
 
     folder = make_vae(tmp_path / "vae")
     base = autoencoder_fingerprint(_load(str(folder)))

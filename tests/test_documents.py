@@ -1,4 +1,4 @@
-"""Interleaved documents (``transfusion.data.documents``): the row rules, the masks they give, loss flags, packing;
+"""Interleaved documents (``transfusion.data.rows.documents``): the row rules, the masks they give, loss flags, packing;
 pair and edit rows unchanged; the embedded stories; interleaved prompts; a tiny fit on stories through the CLI."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from transfusion.cli import cli_main
-from transfusion.data.documents import CLEAN, DocumentRows, Picture, Text, document_tokens, record_document
-from transfusion.data.edits import EditRows
-from transfusion.data.sequences import SequenceLayout, TransfusionRows, collate_rows
-from transfusion.data.shape_edits import ShapeEdits
-from transfusion.data.shapes import ShapesDataset
-from transfusion.data.stories import ShapeStories, story_key
+from transfusion.data.embedded.shape_edits import ShapeEdits
+from transfusion.data.embedded.shapes import ShapesDataset
+from transfusion.data.embedded.stories import ShapeStories, story_key
+from transfusion.data.rows.documents import CLEAN, DocumentRows, Picture, Text, document_tokens, record_document
+from transfusion.data.rows.edits import EditRows
+from transfusion.data.rows.sequences import SequenceLayout, TransfusionRows, collate_rows
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.evaluation.follow import read_shapes
 from transfusion.models.attention import dense_mask
@@ -76,7 +76,7 @@ def test_document_masks_text_causal_images_bidirectional_later_images_see_earlie
     other = {"segments": [{"text": "other"}, {"image": 0}], "images": _images(1)}
     rows = DocumentRows([story, other], layout, seq_len=64)
     docs = [rows.document(0), rows.document(1)]
-    from transfusion.data.documents import pack
+    from transfusion.data.rows.documents import pack
 
     row = pack(docs, 64, N, tok.pad_id)
     mask = dense_mask(row["doc_ids"][None], row["image_ids"][None])[0, 0]  # (L, L)

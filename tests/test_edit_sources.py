@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.edit_sources import EditFilesSource, EditFolderSource, EditTriples
-from transfusion.data.pairs import MAX_WARNINGS, BadDataError, BadDataWarning
-from transfusion.data.shape_edits import ShapeEdits
+from transfusion.data.embedded.shape_edits import ShapeEdits
+from transfusion.data.sources.edits import EditFilesSource, EditFolderSource, EditTriples
+from transfusion.data.sources.pairs import MAX_WARNINGS, BadDataError, BadDataWarning
 
 SIZE = 16
 RED, BLUE = (220, 30, 30), (40, 60, 230)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from transfusion.cli import cli_main
-from transfusion.data.edits import CLEAN, EditRows
-from transfusion.data.sequences import SequenceLayout, collate_rows
-from transfusion.data.shape_edits import EDITS, ShapeEdits, edit_combinations, is_held_out
-from transfusion.data.shapes import all_attributes
+from transfusion.data.embedded.shape_edits import EDITS, ShapeEdits, edit_combinations, is_held_out
+from transfusion.data.embedded.shapes import all_attributes
+from transfusion.data.rows.edits import CLEAN, EditRows
+from transfusion.data.rows.sequences import SequenceLayout, collate_rows
 from transfusion.data.tokenizer import Tokenizer
 from transfusion.evaluation.edit import EditScore
 from transfusion.generation import IMAGE, SamplingOptions, TransfusionGenerator
@@ -157,7 +157,7 @@ def test_clean_targets_keep_their_end_and_before_the_fix_eoi_boi_was_learnt(layo
 
 
 def test_edit_data_module_mixes_caption_rows_as_the_quickstart_trains(layout):
-    from transfusion.data.edit_datamodule import EditDataModule
+    from transfusion.data.modules.edit import EditDataModule
 
     tok = layout.tokenizer
     data = EditDataModule(seq_len=96, rows_per_epoch=200, num_edits=50, caption_ratio=0.5, image_first_max_t=100,
@@ -418,7 +418,7 @@ def test_fine_tune_on_a_real_format_table(tmp_path, tokenizer_path, autoencoder_
     subprocess.run([sys.executable, str(root / "data" / "prepare_edits.py"), "--output", str(tmp_path / "edits"),
                     "--train", "16", "--validation", "8", "--image_size", "16"], check=True, timeout=300)
     base = _base_fit(tmp_path / "base", tokenizer_path, autoencoder_ckpt)
-    source = json.dumps({"class_path": "transfusion.data.edit_sources.EditFilesSource",
+    source = json.dumps({"class_path": "transfusion.data.sources.EditFilesSource",
                          "init_args": {"data_files": str(tmp_path / "edits" / "parquet" / "train.parquet"),
                                        "val_data_files": str(tmp_path / "edits" / "parquet" / "validation.parquet")}})
     edit = cli_main(["fit", *_edit_args(tmp_path / "edit", tokenizer_path, autoencoder_ckpt, base, steps=2),

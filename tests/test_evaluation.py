@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from transfusion.cli import cli_main
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.embedded.shapes import ShapesDataset
 from transfusion.evaluation.cider import CIDErD, cider_d, tokenize
 from transfusion.evaluation.fid import inception_fid, resolve_weights
 from transfusion.evaluation.perplexity import text_windows, update_perplexity
@@ -157,8 +157,8 @@ def test_missing_clip_model_names_the_option(tmp_path):
 def test_perplexity_is_token_weighted_over_the_split(one_thread):
     from torchmetrics.text import Perplexity
 
-    from transfusion.models.transfusion import Transfusion, TransfusionConfig
     from transfusion.models.transformer import TransformerConfig
+    from transfusion.models.transfusion import Transfusion, TransfusionConfig
 
     torch.manual_seed(0)
     model = Transfusion(TransfusionConfig(TransformerConfig.from_name("debug"), vocab_size=50, latent_channels=4,

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfusion.data.shape_edits import ShapeEdits
-from transfusion.schedules import DDPM, RectifiedFlow
+from transfusion.data.embedded.shape_edits import ShapeEdits
 from transfusion.generation import IMAGE, TransfusionGenerator
-from transfusion.models.transfusion import Transfusion, TransfusionConfig
 from transfusion.models.transformer import TransformerConfig
+from transfusion.models.transfusion import Transfusion, TransfusionConfig
+from transfusion.schedules import DDPM, RectifiedFlow
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

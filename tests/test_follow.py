@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from transfusion.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes, ShapesDataset, draw
-from transfusion.images import to_tensor
+from transfusion.data.embedded.shapes import (BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes,
+                                              ShapesDataset, draw)
 from transfusion.evaluation.follow import ATTRIBUTES, FollowScore, caption_scores, confusion_markdown, read_shapes
+from transfusion.images import to_tensor
 
 
 @pytest.mark.parametrize("image_size", [32, 64])

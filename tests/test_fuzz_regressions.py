@@ -36,7 +36,7 @@ def _png(colour: str = "red") -> bytes:
     (b'{"prompt": "a", "reference": {"x": 1}}', r"reference must be a string"),  # accepted
 ])
 def test_prompt_file(tmp_path, line, message):
-    from transfusion.data.prompts import read_prompts
+    from transfusion.data.rows.prompts import read_prompts
 
     path = tmp_path / "prompts.jsonl"
     path.write_bytes(line + b"\n")
@@ -48,7 +48,7 @@ def test_prompt_file(tmp_path, line, message):
 # ------------------------------------------------------------------------------------------------ text files
 
 def test_text_corpus_file(tmp_path):
-    from transfusion.data.text import read_documents, split_documents
+    from transfusion.data.embedded.text import read_documents, split_documents
 
     path = tmp_path / "corpus.txt"
     path.write_bytes(b"ok\n\x89PNG\n")
@@ -138,7 +138,7 @@ PAIRS = [("s0.json", b'{"captions": ["red"]}'), ("s0.png", _png()), ("s1.json", 
 def _consumer(folder: Path):
     from types import SimpleNamespace
 
-    from transfusion.data.sequences import SequenceLayout
+    from transfusion.data.rows.sequences import SequenceLayout
     from transfusion.data.shards.rows import Consumer, RowContext, Source
     from transfusion.data.shards.stream import open_shard_set
 
@@ -199,8 +199,8 @@ def test_corrupt_parquet_shard_is_named_at_once(tmp_path, no_retry):
 
 
 def test_all_records_skipped_and_the_in_memory_reader(tmp_path):
-    from transfusion.data.pairs import BadDataError
     from transfusion.data.shards.load import read_records
+    from transfusion.data.sources.pairs import BadDataError
 
     no_images = [("s0.json", b'{"captions": ["red"]}'), ("s1.json", b'{"captions": ["blue"]}')]
     folder = _shard_set(tmp_path / "set", _tar(no_images))

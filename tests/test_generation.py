@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.shapes import ShapesDataset
-from transfusion.images import to_pil
+from transfusion.data.embedded.shapes import ShapesDataset
 from transfusion.generation import IMAGE, SamplingOptions, TransfusionGenerator
+from transfusion.images import to_pil
 from transfusion.models.attention import dense_mask
 from transfusion.models.kv_cache import make_caches
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from transfusion.data.scenes import ScenesDataset, TASKS, draw_scene, relative_position
+from transfusion.data.embedded.scenes import TASKS, ScenesDataset, draw_scene, relative_position
 from transfusion.evaluation.geneval import GenEvalScore, check_metadata, detect, evaluate
 from transfusion.images import to_tensor
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from transfusion.cli import cli_main, main
-from transfusion.data.geneval_prompts import read_metadata
+from transfusion.data.rows.geneval_prompts import read_metadata
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 LINES = [  # as GenEval's prompts/create_prompts.py writes them (key order kept)
@@ -126,9 +126,9 @@ def test_a_bad_line_stops_the_command_in_one_line(tmp_path, tokenizer_path, auto
 def test_the_writer_refuses_other_prompts():
     from types import SimpleNamespace
 
-    from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.data.modules.embedded import TransfusionDataModule
     from transfusion.lightning.callbacks import GenEvalWriter
 
     with pytest.raises(ValueError, match="GenEvalWriter writes GenEval prompts: set data.class_path to "
-                                         "transfusion.data.geneval_prompts.GenEvalPrompts"):
+                                         "transfusion.data.modules.geneval.GenEvalPrompts"):
         GenEvalWriter().on_predict_start(SimpleNamespace(datamodule=TransfusionDataModule()), None)

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from transfusion.data.scenes import TASKS
+from transfusion.data.embedded.scenes import TASKS
 from transfusion.sweep.parity import metric_info
 from transfusion.sweep.report import write_report
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.sequences import collate_rows
+from transfusion.data.rows.sequences import collate_rows
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_rows.py"
 spec = importlib.util.spec_from_file_location("ddp_rows", SCRIPT)

@@ -118,7 +118,7 @@ def mot_module(tokenizer_path, autoencoder_ckpt):
 
 @pytest.mark.parametrize("prompt", [["a large blue square", IMAGE], "image->text"])
 def test_cache_matches_recompute_with_experts(mot_module, prompt):
-    from transfusion.data.shapes import ShapesDataset
+    from transfusion.data.embedded.shapes import ShapesDataset
 
     if prompt == "image->text":
         prompt = [ShapesDataset(2, 16, seed=3)[0]["image"].double(), "a"]

@@ -94,7 +94,7 @@ def test_streamed_quickstart_trains_from_the_shards_it_writes_and_names_them_in_
 
     config = yaml.safe_load(next((out / "transfusion").rglob("config.yaml")).read_text())
     data = config["data"]
-    assert data["class_path"] == "transfusion.data.shards.StreamingDataModule"
+    assert data["class_path"] == "transfusion.data.modules.streaming.StreamingDataModule"
     assert data["init_args"]["sources"] == [{"url": str(out / "shards" / "train"), "weight": 0.82}]
     assert data["init_args"]["val"] == str(out / "shards" / "validation") and data["init_args"]["text_weight"] == 0.18
     markdown = (out / "report.md").read_text()

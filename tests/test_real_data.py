@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.image_text import ImageTextDataModule
-from transfusion.data.latent_cache import LatentPairs
-from transfusion.data.pairs import ImageCaptionPairs
+from transfusion.data.modules.image_text import ImageTextDataModule
 from transfusion.data.preprocess import preprocess_image
-from transfusion.data.sequences import SequenceLayout
+from transfusion.data.rows.sequences import SequenceLayout
 from transfusion.data.sources import (CocoSource, FilesSource, HubSource, HubTextSource, ImageFolderSource,
                                       TextFilesSource)
+from transfusion.data.sources.latent_cache import LatentPairs
+from transfusion.data.sources.pairs import ImageCaptionPairs
 from transfusion.data.tokenizer import Tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 230), "yellow": (230, 220, 30)}
@@ -339,7 +339,7 @@ def test_vq_code_cache_matches_on_the_fly_and_trains_chameleon(tmp_path, tokeniz
     """For a Chameleon config `transfusion cache-latents` writes VQ codes equal to on-the-fly encoding, the rows
     carry them in place of pixels, Chameleon trains from them, and another autoencoder's fingerprint is refused."""
     from transfusion.cli import cli_main, main
-    from transfusion.data.sequences import collate_rows
+    from transfusion.data.rows.sequences import collate_rows
     from transfusion.lightning.chameleon import ChameleonModule
 
     coco, args = coco_fit_args(tmp_path, "chameleon_real_cpu.yaml", tokenizer_path, vq_ckpt)

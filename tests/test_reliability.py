@@ -117,7 +117,7 @@ def test_autoencoder_resume_is_exact_too(tmp_path, one_thread):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from transfusion.data.images import ImageDataModule
+    from transfusion.data.modules.image import ImageDataModule
     from transfusion.lightning.autoencoder import AutoencoderModule
 
     class Crash(Exception):
@@ -150,7 +150,7 @@ def test_autoencoder_resume_is_exact_too(tmp_path, one_thread):
 
 
 def test_resumable_sampler_order_shards_and_start():
-    from transfusion.data.resumable import ResumableSampler
+    from transfusion.data.modules.resumable import ResumableSampler
 
     full = list(ResumableSampler(10, seed=3))
     assert sorted(full) == list(range(10)) and full != list(range(10)) and full == list(ResumableSampler(10, seed=3))
@@ -326,7 +326,7 @@ def _poisoned_run(tokenizer: str, autoencoder: str, guard, poison_step: int | No
     """Train in-process with the loss of step ``poison_step`` (None: every step) multiplied by NaN."""
     import lightning as L
 
-    from transfusion.data.datamodule import TransfusionDataModule
+    from transfusion.data.modules.embedded import TransfusionDataModule
     from transfusion.lightning.transfusion import TransfusionModule
 
     class Poisoned(TransfusionModule):

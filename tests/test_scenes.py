@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from transfusion.cli import cli_main
-from transfusion.data.scenes import (GAP, HELDOUT_BINDINGS, HELDOUT_COUNTS, TASKS, ScenesDataset, evaluation_metadata,
-                                     is_heldout, records, write_metadata)
-from transfusion.data.shapes import shape_box
+from transfusion.data.embedded.scenes import (GAP, HELDOUT_BINDINGS, HELDOUT_COUNTS, TASKS, ScenesDataset,
+                                              evaluation_metadata, is_heldout, records, write_metadata)
+from transfusion.data.embedded.shapes import shape_box
 from transfusion.evaluation.geneval import check_metadata, evaluate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
@@ -80,7 +80,7 @@ def test_bad_options_are_named():
         ScenesDataset(4, 32, split="test")
     with pytest.raises(ValueError, match="image_size >= 16"):
         ScenesDataset(4, 8)
-    from transfusion.data.images import ImageDataModule
+    from transfusion.data.modules.image import ImageDataModule
 
     with pytest.raises(ValueError, match="data option images must be 'shapes' or 'scenes'"):
         ImageDataModule(images="scene")

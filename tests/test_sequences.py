@@ -1,5 +1,5 @@
-"""Training rows (``transfusion.data.sequences``): over many documents, the caption comes first, is dropped and comes
-after the image at the rates the options say, and only image-first documents carry the noise limit.
+"""Training rows (``transfusion.data.rows.sequences``): over many documents, the caption comes first, is dropped and
+comes after the image at the rates the options say, and only image-first documents carry the noise limit.
 
 A row ends at the first document that does not fit, which is dropped: a draw more often long than short. With ~100
 documents a row, that shifts a rate by at most 1% of itself (~0.001 here), a fraction of the tolerance."""
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from transfusion.data.datamodule import TransfusionDataModule
-from transfusion.data.sequences import SequenceLayout, TransfusionRows
+from transfusion.data.modules.embedded import TransfusionDataModule
+from transfusion.data.rows.sequences import SequenceLayout, TransfusionRows
 
 BOS, EOS, PAD, BOI, EOI = 1, 2, 3, 4, 5
 N_PATCHES = 4

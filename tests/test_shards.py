@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from transfusion.data.pairs import BadDataWarning
+from transfusion.data.embedded.shapes import ShapesDataset
 from transfusion.data.preprocess import preprocess_image
-from transfusion.data.shapes import ShapesDataset
 from transfusion.data.shards import format as fmt
 from transfusion.data.shards.write import PairRecords, TextRecords, to_uint8, write_shards
+from transfusion.data.sources.pairs import BadDataWarning
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 
@@ -159,9 +159,9 @@ def test_encode_latents_equal_the_autoencoder(tmp_path, tokenizer_path, autoenco
     """--encode stores the model's encode_latents of the preprocessed images, with its fingerprint; the set is a
     latent cache for ImageTextDataModule."""
     from transfusion.cli import main
-    from transfusion.data.image_text import ImageTextDataModule
-    from transfusion.data.latent_cache import LatentPairs, autoencoder_fingerprint
+    from transfusion.data.modules.image_text import ImageTextDataModule
     from transfusion.data.sources import ImageFolderSource
+    from transfusion.data.sources.latent_cache import LatentPairs, autoencoder_fingerprint
     from transfusion.lightning.transfusion import TransfusionModule
 
     good = image_folder(tmp_path / "images")
@@ -198,8 +198,8 @@ def test_encode_latents_equal_the_autoencoder(tmp_path, tokenizer_path, autoenco
 
 def test_fsspec_output_overwrite_and_old_caches(tmp_path):
     """memory:// and file:// outputs; a rerun refuses without --overwrite; an old meta.json cache still loads."""
-    from transfusion.data.latent_cache import LatentPairs
     from transfusion.data.shards.load import read_records
+    from transfusion.data.sources.latent_cache import LatentPairs
 
     records = PairRecords(ShapesDataset(5, 16))
     index = write_shards(records, "memory://sets/a", kind="parquet", samples_per_shard=2)

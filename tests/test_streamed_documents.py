@@ -17,15 +17,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from shard_writer import write_set  # noqa: E402
 
-from transfusion.data.documents import pack, record_document  # noqa: E402
+from transfusion.data.embedded.stories import ShapeStories  # noqa: E402
 from transfusion.data.preprocess import preprocess_image  # noqa: E402
-from transfusion.data.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.rows.documents import pack, record_document  # noqa: E402
+from transfusion.data.rows.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.shards.document_records import DocumentRecords  # noqa: E402
 from transfusion.data.shards.rows import Consumer, RowContext, Source  # noqa: E402
 from transfusion.data.shards.stream import (open_shard_set, pass_order, read_records, record_pictures,  # noqa: E402
                                             record_segments)
-from transfusion.data.shards.document_records import DocumentRecords  # noqa: E402
 from transfusion.data.shards.write import to_uint8, write_shards  # noqa: E402
-from transfusion.data.stories import ShapeStories  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "lightning_configs"
 BOS, EOS, PAD, BOI, EOI = 1, 2, 3, 4, 5
@@ -262,7 +262,7 @@ def test_encoded_documents_stream_their_latents(tmp_path, kind):
 def test_datamodule_streams_documents_and_holds_out_their_last_shard(tmp_path):
     """Documents only: the last shard is held out for validation; evaluation examples are first pictures and the
     text before them; training batches carry text_loss from the loss-off segments."""
-    from transfusion.data.shards import StreamingDataModule
+    from transfusion.data.modules.streaming import StreamingDataModule
 
     records = [r for r in documents(12) if r["key"] != "train-5-11"]
     _write(tmp_path / "docs", "webdataset", records)

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shard_writer import write_set  # noqa: E402
 from test_reliability import _env, _finish, _losses  # noqa: E402
 
-from transfusion.data.pairs import BadDataWarning  # noqa: E402
-from transfusion.data.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.rows.sequences import SequenceLayout  # noqa: E402
 from transfusion.data.shards.rows import Consumer, RowContext, Source, StreamingRows  # noqa: E402
 from transfusion.data.shards.stream import consumer_slices, open_shard_set, partition, pass_order  # noqa: E402
+from transfusion.data.sources.pairs import BadDataWarning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOS, EOS, PAD, BOI, EOI = 1, 2, 3, 4, 5
@@ -347,7 +347,7 @@ def test_sigkill_then_resume_streams_the_same_losses(tmp_path, tokenizer_path, a
 
 
 def test_datamodule_holds_out_validation_and_serves_evaluation(tmp_path):
-    from transfusion.data.shards import StreamingDataModule
+    from transfusion.data.modules.streaming import StreamingDataModule
 
     write_set(tmp_path / "pairs", [6, 5, 4])
     dm = StreamingDataModule([{"url": str(tmp_path / "pairs"), "weight": 1.0}], seq_len=48, batch_size=2,
@@ -369,7 +369,7 @@ def test_datamodule_holds_out_validation_and_serves_evaluation(tmp_path):
 
 
 def test_latents_of_another_autoencoder_are_refused(tmp_path):
-    from transfusion.data.shards import StreamingDataModule
+    from transfusion.data.modules.streaming import StreamingDataModule
 
     write_set(tmp_path / "latents", [3, 3], image="latents", fingerprint="a" * 64)
     layout = SequenceLayout(tokenizer=TOK, patches_per_image=4, image_size=8, autoencoder_fingerprint="b" * 64)

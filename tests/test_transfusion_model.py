@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transfusion.data.sequences import SequenceLayout, TransfusionRows
+from transfusion.data.rows.sequences import SequenceLayout, TransfusionRows
 from transfusion.models.transformer import TransformerConfig
 from transfusion.models.transfusion import Transfusion, TransfusionConfig
 

@@ -7,7 +7,8 @@ and data classes are chosen by ``class_path`` in the YAML. More subcommands:
   SentencePiece tokenizer on a text source (default: the embedded text);
 * ``transfusion quickstart --output DIR``: the whole embedded pipeline (see ``transfusion.quickstart``);
 * ``transfusion shards --config X.yaml --output DIR``: write a config's data as WebDataset / Parquet shard sets
-  (see ``transfusion.data.shards.write``); ``cache-latents`` is its ``--encode`` case (``transfusion.data.latent_cache``);
+  (see ``transfusion.data.shards.write``); ``cache-latents`` is its ``--encode`` case
+  (``transfusion.data.sources.latent_cache``);
 * ``transfusion fid-weights``: the InceptionV3 weights for FID, made offline (see ``transfusion.evaluation.fid``);
 * ``transfusion sweep --config lightning_configs/sweep_micro.yaml``: Transfusion vs Chameleon (``transfusion.sweep``);
 * ``transfusion consolidate CKPT_DIR [--output FILE]``: one ``.ckpt`` file from an FSDP2 checkpoint directory.
@@ -202,9 +203,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> TransfusionCLI:
 def tokenizer_main(argv: list[str]) -> None:
     import itertools
 
-    from transfusion.data.shapes import all_captions
+    from transfusion.data.embedded.shapes import all_captions
+    from transfusion.data.embedded.text import read_documents, sentences, split_documents
     from transfusion.data.sources import HubTextSource, ImageFolderSource, TextFilesSource
-    from transfusion.data.text import read_documents, sentences, split_documents
     from transfusion.data.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(prog="transfusion tokenizer", description="Train a SentencePiece tokenizer "
@@ -254,8 +255,8 @@ def consolidate_main(argv: list[str]) -> None:
 
 def cache_latents_main(argv: list[str]) -> None:
     """`transfusion shards --encode --format parquet` under its earlier name and flags."""
-    from transfusion.data import latent_cache
     from transfusion.convert import add_writer_options, write_config_shards
+    from transfusion.data.sources import latent_cache
 
     parser = argparse.ArgumentParser(prog="transfusion cache-latents", description=latent_cache.__doc__.split("\n\n")[0] +
                                      " Other arguments are the config and overrides of `transfusion fit`.",

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from transfusion.data.shapes import COLOURS, ShapeAttributes, ShapesDataset, all_attributes, draw, parse_caption
-from transfusion.schedules.base import steps
+from transfusion.data.embedded.shapes import (COLOURS, ShapeAttributes, ShapesDataset, all_attributes, draw,
+                                              parse_caption)
 from transfusion.evaluation.follow import read_shapes
 from transfusion.images import to_tensor
 from transfusion.lightning.transfusion import TransfusionModule
+from transfusion.schedules.base import steps
 
 T0S = (1000, 900, 800, 700, 600, 500, 300)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from transfusion.data.story_datamodule import StoryDataModule
+from transfusion.data.modules.story import StoryDataModule
 from transfusion.evaluation.story import generate_stories, story_scores
 from transfusion.images import IMAGE, image_grid
 from transfusion.lightning.transfusion import TransfusionModule

@@ -13,8 +13,8 @@ ensure_torchvision_importable()  # before lightning -> torchmetrics -> torchvisi
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from transfusion.data.image_text import ImageTextDataModule  # noqa: E402
-from transfusion.data.sequences import SequenceLayout  # noqa: E402
+from transfusion.data.modules.image_text import ImageTextDataModule  # noqa: E402
+from transfusion.data.rows.sequences import SequenceLayout  # noqa: E402
 from transfusion.data.sources import ImageFolderSource, TextFilesSource  # noqa: E402
 from transfusion.data.tokenizer import Tokenizer  # noqa: E402
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.data.shape_edits import EDITS
-from transfusion.data.shapes import ShapeAttributes
+from transfusion.data.embedded.shape_edits import EDITS
+from transfusion.data.embedded.shapes import ShapeAttributes
 from transfusion.evaluation.follow import ATTRIBUTES, read_shapes
 
 

@@ -5,7 +5,7 @@ its size, colour, shape and position, and the number of objects; ``read_objects(
 (with its bounding box), the detector of the GenEval-style score (``transfusion.evaluation.geneval``). ``FollowScore`` compares those readings
 with the attributes a caption asked for: per-attribute accuracy, "all four right" and "exactly one object".
 
-The reader works on what the renderer draws (``transfusion.data.shapes``): one shape on a dark background.
+The reader works on what the renderer draws (``transfusion.data.embedded.shapes``): one shape on a dark background.
 
 * objects: 8-connected components of the foreground (pixels farther than ``threshold`` from the background
   colour), counting those of at least ``min_pixels`` pixels; fragments and stray blobs count as objects;
@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from transfusion.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, parse_caption
+from transfusion.data.embedded.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, parse_caption
 
 ATTRIBUTES = ("size", "colour", "shape", "position")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.data.scenes import POSITION_THRESHOLD, TASKS, relative_position
+from transfusion.data.embedded.scenes import POSITION_THRESHOLD, TASKS, relative_position
 from transfusion.evaluation.follow import read_objects
 
 MIN_AREA = 8 / 1024  # 8 pixels at 32 px: fragments of generated pictures are not objects; the smallest scene

@@ -1,7 +1,7 @@
 """Story following on the embedded stories: does each picture of a generated story show what its text asked?
 
-Each held-out story (``transfusion.data.stories``) is one interleaved prompt, its texts each followed by ``IMAGE``
-("a small red circle in the centre" IMAGE "then it turns blue" IMAGE ...): one ``generate`` call draws all its
+Each held-out story (``transfusion.data.embedded.stories``) is one interleaved prompt, its texts each followed by
+``IMAGE`` ("a small red circle in the centre" IMAGE "then it turns blue" IMAGE ...): one ``generate`` call draws all its
 pictures, each conditioned on the story so far (the pictures it drew included). Each picture is read back from its
 pixels (``transfusion.evaluation.follow.read_shapes``) and compared with the attributes the story gives it at that
 point, per position in the story: the first picture follows a caption, the later ones a change of the previous one.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.data.story_datamodule import story_prompt
+from transfusion.data.modules.story import story_prompt
 from transfusion.evaluation.follow import FollowScore
 
 

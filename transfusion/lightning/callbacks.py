@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from PIL import Image
 from torchvision.utils import make_grid
 
-from transfusion.data.geneval_prompts import SAMPLE_FILE, GenEvalPrompts, sample_name
-from transfusion.data.prompts import prompt_text
+from transfusion.data.modules.geneval import GenEvalPrompts
+from transfusion.data.rows.geneval_prompts import SAMPLE_FILE, sample_name
+from transfusion.data.rows.prompts import prompt_text
 from transfusion.errors import UserError
 from transfusion.images import image_grid, to_pil
 
@@ -81,7 +82,8 @@ class GenerationWriter(BasePredictionWriter):
 
 
 class GenEvalWriter(BasePredictionWriter):
-    """Writes the ``predict`` outputs of ``GenEvalPrompts`` in GenEval's layout (``transfusion.data.geneval_prompts``).
+    """Writes the ``predict`` outputs of ``GenEvalPrompts`` in GenEval's layout
+    (``transfusion.data.rows.geneval_prompts``).
 
     Each batch holds whole lines; a line's folder is written whole: its old ``metadata.jsonl`` removed, images
     ``samples/00000.png ...`` (numbered images beyond N removed), ``grid.png`` (one row, as ``make_grid``), then
@@ -95,7 +97,7 @@ class GenEvalWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         if not isinstance(trainer.datamodule, GenEvalPrompts):
             raise UserError(f"GenEvalWriter writes GenEval prompts: set data.class_path to "
-                            f"transfusion.data.geneval_prompts.GenEvalPrompts (got {type(trainer.datamodule).__name__})")
+                            f"transfusion.data.modules.geneval.GenEvalPrompts (got {type(trainer.datamodule).__name__})")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         lines: dict[str, list[dict]] = {}

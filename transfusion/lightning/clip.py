@@ -51,7 +51,7 @@ class ClipModule(L.LightningModule):
             raise ValueError(f"heads={heads} must divide width={width}")
         self.save_hyperparameters()
         if tokenizer_texts is None:
-            from transfusion.data.shapes import all_captions
+            from transfusion.data.embedded.shapes import all_captions
             texts = all_captions()
         else:
             texts = [line.strip() for line in Path(tokenizer_texts).read_text(encoding="utf-8").splitlines() if line.strip()]

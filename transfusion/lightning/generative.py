@@ -34,8 +34,8 @@ from dataclasses import asdict, replace
 import lightning as L
 import torch
 
-from transfusion.data.latent_cache import autoencoder_fingerprint
-from transfusion.data.sequences import SequenceLayout
+from transfusion.data.rows.sequences import SequenceLayout
+from transfusion.data.sources.latent_cache import autoencoder_fingerprint
 from transfusion.errors import UserError, check_checkpoint_file, user_error
 from transfusion.flops import FlopCounter, attention_width, flop_parameters
 from transfusion.generation.options import SamplingOptions, legacy_fields, sampling_options
@@ -194,7 +194,7 @@ class GenerativeModule(FlopAccounting, HubMixin, L.LightningModule):
         return self.generator(sampling).generate_captions(images, seeds)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
-        """Generate for prompt records (``transfusion.data.prompts``); each gets its ``output`` segments."""
+        """Generate for prompt records (``transfusion.data.rows.prompts``); each gets its ``output`` segments."""
         outputs = self.generator().generate(
             [r["prompt"] for r in batch], seeds=[self.generation_seed + r["index"] for r in batch],
             max_new_tokens=[r.get("max_new_tokens") for r in batch])

@@ -6,7 +6,7 @@ entries: code c is token ``text_vocab_size + c``. An image is BOI, its h*w codes
 Attention is causal within each document. Loss = next-token cross-entropy on every token, text and image
 codes alike, plus the z-loss 1e-5 * log^2 Z (Z the softmax normaliser) that keeps logits from drifting.
 
-Rows come from the same data pipeline as Transfusion (``transfusion.data.sequences``): ``image_ids``
+Rows come from the same data pipeline as Transfusion (``transfusion.data.rows.sequences``): ``image_ids``
 (B, L) marks the n code positions of each image, and ``insert_codes`` writes the images' codes there.
 
 Legend: B rows, L length, D width, V = text vocabulary + K codes, N images, n codes per image.

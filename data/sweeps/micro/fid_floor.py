@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from transfusion.lightning.autoencoder import AutoencoderModule, VQAutoencoderModule, load_frozen
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.embedded.shapes import ShapesDataset
 from transfusion.evaluation.fid import inception_fid
+from transfusion.lightning.autoencoder import AutoencoderModule, VQAutoencoderModule, load_frozen
 from transfusion.lightning.evaluation import to_uint8
 root = (sys.argv[1] if len(sys.argv) > 1 else "outputs/sweeps/micro").rstrip("/") + "/"
 kl = load_frozen(AutoencoderModule, root + "autoencoder/logs/version_0/checkpoints/last.ckpt")

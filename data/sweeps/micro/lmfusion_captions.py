@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from transfusion.cli import cli_main
-from transfusion.data.shapes import all_captions
-from transfusion.data.text import read_documents, split_documents
+from transfusion.data.embedded.shapes import all_captions
+from transfusion.data.embedded.text import read_documents, split_documents
 from transfusion.export import export_main
 
 LMFUSION_RUN = "transfusion_mot-S-600-text_weights__mot-pretrained_text_model__frozen__lmfusion"

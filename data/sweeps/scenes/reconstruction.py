@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from transfusion.data.scenes import TASKS, ScenesDataset
+from transfusion.data.embedded.scenes import TASKS, ScenesDataset
 from transfusion.evaluation.geneval import GenEvalScore
 from transfusion.images import image_grid
 from transfusion.lightning.autoencoder import AutoencoderModule, VQAutoencoderModule, load_frozen

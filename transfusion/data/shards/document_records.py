@@ -8,8 +8,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from transfusion.data.documents import parse_segments
 from transfusion.data.preprocess import BadRecord, preprocess_image
+from transfusion.data.rows.documents import parse_segments
 from transfusion.data.shards.write import to_uint8
 
 

@@ -3,7 +3,7 @@
 A consumer (one data worker of one rank) reads its range of every pass (``stream.py``) and packs its pair
 documents into rows of ``seq_len`` exactly as ``TransfusionRows`` builds them (``pair_document``, ``pair_row``);
 a document that does not fit starts the next row, so no sample is dropped. Interleaved documents are packed the
-same way by the rules of ``transfusion.data.documents`` (``DocumentStream``). Text sources give windows of the
+same way by the rules of ``transfusion.data.rows.documents`` (``DocumentStream``). Text sources give windows of the
 BOS...EOS token stream. Per record, the random choices (caption, caption-first or image-first, caption dropout)
 are seeded by (seed, pass, set index of the record), and per row the source by (seed, consumer, row number):
 a consumer's position (``Consumer.state()``: pass and offset per source, the token offset of a text stream,
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from transfusion.data.documents import FULL, pack, parse_segments, record_document
-from transfusion.data.pairs import BadDataError, BadDataWarning
 from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_image
-from transfusion.data.sequences import SequenceLayout, collate_rows, pair_document, pair_row
+from transfusion.data.rows.documents import FULL, pack, parse_segments, record_document
+from transfusion.data.rows.sequences import SequenceLayout, collate_rows, pair_document, pair_row
 from transfusion.data.shards.stream import (ShardSet, TruncatedRecord, consumer_slices, partition, read_records,
                                             record_captions, record_image, record_pictures, record_segments,
                                             record_text)
+from transfusion.data.sources.pairs import BadDataError, BadDataWarning
 from transfusion.errors import UserError
 
 MAX_WARNINGS = 10  # per consumer; every skip is counted
@@ -164,7 +164,7 @@ class PairStream:
 
 class DocumentStream(PairStream):
     """A consumer's interleaved documents (``documents`` shards) packed into rows by the rules of
-    ``transfusion.data.documents`` (``record_document``, ``pack``); a document longer than ``seq_len`` is skipped
+    ``transfusion.data.rows.documents`` (``record_document``, ``pack``); a document longer than ``seq_len`` is skipped
     and counted (reason "document longer than seq_len", warned with its shard and key). ``state`` is the position
     of the next unused record, as for pairs (whose constructor it shares)."""
 

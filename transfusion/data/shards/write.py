@@ -33,9 +33,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from transfusion import atomic
-from transfusion.data.pairs import MAX_WARNINGS, BadDataWarning, describe
 from transfusion.data.preprocess import BadRecord
 from transfusion.data.shards import format as fmt
+from transfusion.data.sources.pairs import MAX_WARNINGS, BadDataWarning, describe
 
 IMAGE_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"lossless": True})}
 PARQUET_IMAGE_COLUMN = {"pixels": "image", "latents": "latent", "codes": "codes"}
@@ -101,7 +101,7 @@ class Encoder:
     """A frozen autoencoder encoding pixels for storage: KL-VAE latents (float32) or VQ codes (int32)."""
 
     def __init__(self, autoencoder, batch_size: int = 64):
-        from transfusion.data.latent_cache import autoencoder_fingerprint
+        from transfusion.data.sources.latent_cache import autoencoder_fingerprint
 
         self.autoencoder, self.batch_size = autoencoder.eval(), batch_size
         codes = hasattr(autoencoder, "encode_codes")
@@ -314,8 +314,8 @@ def split_records(data, module, content: str | None, splits=("train", "validatio
     """``{split: records}`` of a data module built from a config: ``ImageTextDataModule`` (its image-caption or
     text source), ``TransfusionDataModule`` (the embedded shapes or text) or ``StoryDataModule`` (the embedded
     stories: training stories, and held-out ones for validation)."""
-    from transfusion.data.datamodule import TransfusionDataModule
-    from transfusion.data.story_datamodule import StoryDataModule
+    from transfusion.data.modules.embedded import TransfusionDataModule
+    from transfusion.data.modules.story import StoryDataModule
 
     if not hasattr(module, "sequence_layout"):
         raise ValueError(f"shards needs a Transfusion or Chameleon model config, got {type(module).__name__}")
@@ -343,8 +343,8 @@ def split_records(data, module, content: str | None, splits=("train", "validatio
         raise ValueError("--content documents: the config's data has no interleaved documents (use a story config, "
                          "e.g. lightning_configs/story_embedded.yaml)")
     if isinstance(data, TransfusionDataModule):
-        from transfusion.data.shapes import ShapesDataset
-        from transfusion.data.text import read_documents, split_documents
+        from transfusion.data.embedded.shapes import ShapesDataset
+        from transfusion.data.embedded.text import read_documents, split_documents
 
         hp, content = data.hparams, content or ("pairs" if data.hparams.num_examples else "text")
         if content == "pairs":

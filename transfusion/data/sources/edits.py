@@ -10,7 +10,7 @@ later by :class:`EditTriples`) and ``instructions`` (a list of strings, several 
   files of each edit (relative to the metadata's folder) and its instruction; ``train/`` and ``validation/``
   subfolders are the splits, as in ``ImageFolderSource``.
 
-:class:`EditTriples` handles bad data as ``transfusion.data.pairs`` does: a row with an empty instruction or a
+:class:`EditTriples` handles bad data as ``transfusion.data.sources.pairs`` does: a row with an empty instruction or a
 missing, corrupt, too small or too large source or target image is skipped, counted by reason in ``skipped`` and
 warned about with its row and file (``strict=True``: an error instead); no usable row is an error.
 ``data/prepare_edits.py`` writes the embedded edits in both layouts, so this path runs offline.
@@ -23,9 +23,9 @@ from pathlib import Path
 import datasets
 from tqdm.auto import tqdm
 
-from transfusion.data.pairs import BadDataError, CheckedRows, describe
 from transfusion.data.preprocess import BadRecord, clean_caption
-from transfusion.data.sources import load_files, read_metadata, split_folder
+from transfusion.data.sources.loading import load_files, read_metadata, split_folder
+from transfusion.data.sources.pairs import BadDataError, CheckedRows, describe
 
 IMAGES = ("source", "target")  # the two image columns of an edit
 SETTINGS = {"source": "source_column", "instructions": "instruction_column", "target": "target_column"}

@@ -22,7 +22,7 @@ from PIL import Image
 from transfusion.errors import UserError
 from torch.utils.data import Dataset
 
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.embedded.shapes import ShapesDataset
 from transfusion.images import IMAGE
 
 IMAGE_MARKER = "<image>"

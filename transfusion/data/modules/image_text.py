@@ -3,7 +3,7 @@
 Sources (``transfusion.data.sources``) are chosen in YAML by ``class_path``::
 
     data:
-      class_path: transfusion.data.image_text.ImageTextDataModule
+      class_path: transfusion.data.modules.image_text.ImageTextDataModule
       init_args:
         image_captions: {class_path: transfusion.data.sources.ImageFolderSource, init_args: {data_dir: data/photos}}
         text: {class_path: transfusion.data.sources.TextFilesSource, init_args: {paths: data/wiki/*.jsonl}}
@@ -25,13 +25,13 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from transfusion.data.datamodule import RowsDataModule
-from transfusion.data.latent_cache import LatentPairs, is_cache
-from transfusion.data.pairs import BadDataWarning, ImageCaptionPairs
-from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout, TransfusionRows
+from transfusion.data.modules.base import RowsDataModule
+from transfusion.data.rows.prompts import PromptDataset, collate_prompts, read_prompts
+from transfusion.data.rows.sequences import SequenceLayout, TransfusionRows
+from transfusion.data.rows.tokens import TokenArray, tokenize_documents, tokens_file
 from transfusion.data.sources import ImageCaptionSource, TextSource
-from transfusion.data.text import TokenArray, tokenize_documents, tokens_file
+from transfusion.data.sources.latent_cache import LatentPairs, is_cache
+from transfusion.data.sources.pairs import BadDataWarning, ImageCaptionPairs
 from transfusion.images import IMAGE
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from transfusion.data.shapes import BACKGROUND, COLOURS, SHAPES, draw_shape, shape_box
+from transfusion.data.embedded.shapes import BACKGROUND, COLOURS, SHAPES, draw_shape, shape_box
 from transfusion.images import to_tensor
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's tags

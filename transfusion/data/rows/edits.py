@@ -25,7 +25,7 @@ follows after every image it commits clean (the edited one, a prompt's picture t
 drew images until its budget and stopped captioning. With ``p_clean_target`` a share of targets also enters clean
 (no diffusion loss), so EOI -> EOS is learnt after a clean edited image, as generation shows it to the model.
 
-Documents are packed into rows as image-caption documents are (``transfusion.data.sequences``); with
+Documents are packed into rows as image-caption documents are (``transfusion.data.rows.sequences``); with
 ``mix`` rows of another dataset (image-caption rows, to keep generation alive) are interleaved.
 """
 
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transfusion.data.documents import CLEAN, FULL, Document, Picture, Text, document_tokens, pack
-from transfusion.data.sequences import SequenceLayout
+from transfusion.data.rows.documents import CLEAN, FULL, Document, Picture, Text, document_tokens, pack
+from transfusion.data.rows.sequences import SequenceLayout
 
 
 class EditRows(Dataset):

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from transfusion.schedules import CLEAN, FULL  # max_t codes: enters clean (t = 0, no image loss); the full schedule
 
 if TYPE_CHECKING:  # sequences builds its pair documents here
-    from transfusion.data.sequences import SequenceLayout
+    from transfusion.data.rows.sequences import SequenceLayout
 
 
 class Text(NamedTuple):

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 from torch.utils.data import Dataset
 
-from transfusion.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes, all_attributes, draw
+from transfusion.data.embedded.shapes import COLOURS, POSITIONS, SHAPES, SIZES, ShapeAttributes, all_attributes, draw
 from transfusion.images import to_tensor
 
 EDITS = {"size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES, "position": tuple(POSITIONS)}

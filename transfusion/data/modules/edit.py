@@ -1,7 +1,7 @@
 """LightningDataModule for fine-tuning a Transfusion model to edit images (``lightning_configs/edit_embedded.yaml``).
 
 By default the embedded edits (``ShapeEdits``: held-out combinations for validation and evaluation); with
-``edits`` a real InstructPix2Pix-style table (``transfusion.data.edit_sources``). ``caption_ratio`` mixes in
+``edits`` a real InstructPix2Pix-style table (``transfusion.data.sources.edits``). ``caption_ratio`` mixes in
 image-caption rows of the embedded shapes, so that the fine-tuned model keeps drawing from captions.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from transfusion.data.datamodule import RowsDataModule
-from transfusion.data.edit_sources import EditSource, EditTriples
-from transfusion.data.edits import EditRows
-from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout
-from transfusion.data.shape_edits import ShapeEdits
-from transfusion.data.shapes import TEMPLATES
+from transfusion.data.embedded.shape_edits import ShapeEdits
+from transfusion.data.embedded.shapes import TEMPLATES
+from transfusion.data.modules.base import RowsDataModule
+from transfusion.data.rows.edits import EditRows
+from transfusion.data.rows.prompts import PromptDataset, collate_prompts, read_prompts
+from transfusion.data.rows.sequences import SequenceLayout
+from transfusion.data.sources.edits import EditSource, EditTriples
 from transfusion.images import IMAGE
 
 
@@ -37,10 +37,10 @@ class EditDataModule(RowsDataModule):
                 and image-first, as ``TransfusionRows``), so captioning and ending a document are not forgotten.
             image_first_max_t: those rows' image-first limit (the quickstart's: 100).
             p_clean_target: share of edit targets that enter clean, so EOI -> EOS is learnt after a clean edited
-                image, as generation commits it (``transfusion.data.edits``).
+                image, as generation commits it (``transfusion.data.rows.edits``).
             prompted_boi_loss: keep the BOI after the source's EOI a next-token target (off: the model learns
                 "EOI -> BOI" and no longer ends documents or captions).
-            instruction_first: the instruction before the source image (``transfusion.data.edits``); prompts for
+            instruction_first: the instruction before the source image (``transfusion.data.rows.edits``); prompts for
                 the model then put it first too (``edit_prompt``).
             predict_examples: held-out edits that are the ``predict`` prompts (or a ``prompts`` file).
             strict: stop at the first bad record of a real source instead of skipping it.

@@ -1,10 +1,11 @@
 """Exact mid-epoch resume for any map-style dataset.
 
 The order of an epoch is a pure function of (seed, epoch): a permutation of the dataset's indices,
-dealt round-robin to the ranks. A data module derived from :class:`ResumableDataModule` stores how
-many rows of the current epoch have been consumed (from the trainer's own batch counters, so worker
-processes and prefetching do not matter) in its ``state_dict``, which Lightning keeps in every
-checkpoint; after ``--ckpt_path`` the sampler starts where the killed run stopped. With rows that are
+dealt round-robin to the ranks. A data module derived from :class:`ResumableDataModule` counts the
+rows of the current epoch that were trained on (in ``on_before_batch_transfer``, which Lightning calls in the
+main process just before a batch's step, never for a batch a worker or the fetcher only read ahead) and
+stores them in its ``state_dict``, which Lightning keeps in every checkpoint; after ``--ckpt_path`` the
+sampler starts where the killed run stopped. With rows that are
 themselves a pure function of their index (``TransfusionRows``), a resumed run sees exactly the data
 an uninterrupted one would have.
 """
@@ -69,6 +70,7 @@ class ResumableDataModule(L.LightningDataModule):
         super().__init__()
         self._resume_from: dict | None = None
         self._train_sampler: ResumableSampler | None = None
+        self._trained = {"epoch": -1, "rows": 0}  # global rows trained on in the epoch that ran last
 
     def train_sampler(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True) -> ResumableSampler:
         trainer = self.trainer
@@ -82,19 +84,25 @@ class ResumableDataModule(L.LightningDataModule):
         self._train_sampler = sampler
         return sampler
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer  # a training batch about to be stepped (each micro-batch of an accumulation)
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            if self._trained["epoch"] != trainer.current_epoch:  # the first batch of an epoch
+                self._trained = {"epoch": trainer.current_epoch, "rows": 0}
+            self._trained["rows"] += self._batch_size * self._train_sampler.num_replicas
+        return batch
+
     def state_dict(self) -> dict:
         trainer = self.trainer
         if trainer is None or self._train_sampler is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
-        # batches whose training step ran in this epoch; counted by the trainer, so exact even with
-        # data workers that read ahead (the checkpoint is written after the step, before "completed")
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        sampler = self._train_sampler
-        rows = batches * self._batch_size * sampler.num_replicas
+        # the rows of the epoch that ran last, in the trainer's epoch count (which max_steps may have advanced)
+        epoch, rows, sampler = trainer.current_epoch, self._trained["rows"], self._train_sampler
         if rows >= len(sampler) * sampler.num_replicas:  # the epoch is done: the next one starts at 0
-            return {"epoch": trainer.current_epoch + 1, "rows": 0}
-        return {"epoch": trainer.current_epoch, "rows": rows}
+            return {"epoch": epoch + 1, "rows": 0}
+        return {"epoch": epoch, "rows": rows}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._resume_from = {"epoch": int(state_dict["epoch"]), "rows": int(state_dict["rows"])}
+            self._trained = dict(self._resume_from)

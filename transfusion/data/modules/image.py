@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from transfusion.data.pairs import ImageCaptionPairs
-from transfusion.data.resumable import ResumableDataModule
-from transfusion.data.scenes import ScenesDataset
-from transfusion.data.shapes import ShapesDataset
+from transfusion.data.embedded.scenes import ScenesDataset
+from transfusion.data.embedded.shapes import ShapesDataset
+from transfusion.data.modules.resumable import ResumableDataModule
 from transfusion.data.sources import ImageCaptionSource
+from transfusion.data.sources.pairs import ImageCaptionPairs
 
 
 def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:

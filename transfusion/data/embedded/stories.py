@@ -1,7 +1,7 @@
 """The embedded stories: interleaved documents of one shape that changes, 2-3 pictures a story.
 
-A story starts from a caption of the shapes (``transfusion.data.shapes``) and changes one attribute at a time
-(as the embedded edits, ``transfusion.data.shape_edits``), each change a sentence followed by the new picture::
+A story starts from a caption of the shapes (``transfusion.data.embedded.shapes``) and changes one attribute at a time
+(as the embedded edits, ``transfusion.data.embedded.shape_edits``), each change a sentence followed by the new picture::
 
     "a small red circle in the centre" <image> "then it turns blue" <image> "then it moves to the top left" <image>
 
@@ -19,8 +19,8 @@ from dataclasses import replace
 import numpy as np
 from torch.utils.data import Dataset
 
-from transfusion.data.shape_edits import EDITS
-from transfusion.data.shapes import TEMPLATES, ShapeAttributes, all_attributes, draw
+from transfusion.data.embedded.shape_edits import EDITS
+from transfusion.data.embedded.shapes import TEMPLATES, ShapeAttributes, all_attributes, draw
 from transfusion.images import to_tensor
 
 CHANGES = {  # one phrasing a change: the story's text names it exactly
@@ -46,7 +46,7 @@ def is_held_out(start: ShapeAttributes, changes: list[tuple[str, str]]) -> bool:
 
 class ShapeStories(Dataset):
     """``num_stories`` deterministic stories; item ``i`` is a documents record ``{"key", "segments", "images",
-    "attributes", "texts"}``: segments alternate text and image (``transfusion.data.documents``), images (3, H, W)
+    "attributes", "texts"}``: segments alternate text and image (``transfusion.data.rows.documents``), images (3, H, W)
     in [-1, 1], the attributes each picture shows and each picture's text (the caption, then the changes).
 
     ``images_per_story``: the range of pictures a story has (inclusive); ``split``: "train" or "heldout".

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from transfusion.data.datamodule import RowsDataModule
-from transfusion.data.documents import DocumentRows
-from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout
-from transfusion.data.stories import ShapeStories
+from transfusion.data.embedded.stories import ShapeStories
+from transfusion.data.modules.base import RowsDataModule
+from transfusion.data.rows.documents import DocumentRows
+from transfusion.data.rows.prompts import PromptDataset, collate_prompts, read_prompts
+from transfusion.data.rows.sequences import SequenceLayout
 from transfusion.images import IMAGE
 
 

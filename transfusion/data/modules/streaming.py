@@ -1,7 +1,7 @@
 """LightningDataModule for streamed shards: weighted sources, exact mid-epoch resume across ranks and workers.
 
     data:
-      class_path: transfusion.data.shards.StreamingDataModule
+      class_path: transfusion.data.modules.streaming.StreamingDataModule
       init_args:
         sources: [{url: s3://bucket/pairs, weight: 0.8}, {url: s3://bucket/text, weight: 0.2}]
         val: s3://bucket/pairs-val           # or null: the last shard of the first pair source is held out
@@ -23,14 +23,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from transfusion.data.datamodule import RowsDataModule
+from transfusion.data.embedded.text import read_documents, split_documents
+from transfusion.data.modules.base import RowsDataModule
 from transfusion.data.preprocess import BadRecord, clean_caption, preprocess_image
-from transfusion.data.prompts import PromptDataset, collate_prompts, read_prompts
-from transfusion.data.sequences import SequenceLayout, collate_rows
+from transfusion.data.rows.prompts import PromptDataset, collate_prompts, read_prompts
+from transfusion.data.rows.sequences import SequenceLayout, collate_rows
+from transfusion.data.rows.tokens import token_stream
 from transfusion.data.shards.rows import Consumer, RowContext, Source, StreamingRows
 from transfusion.data.shards.stream import (ShardSet, open_shard_set, read_records, record_captions, record_image,
                                             record_pictures, record_segments)
-from transfusion.data.text import read_documents, split_documents, token_stream
 from transfusion.images import IMAGE
 
 
@@ -47,8 +48,9 @@ class StreamingDataModule(RowsDataModule):
                 "name": optional}`` or just the URL (weight 1). Contents ``pairs``, ``documents`` or ``text``.
             val: the validation shard set (pairs or documents); None holds out the last shard of the first pair
                 source (or, without pairs, of the first documents source).
-            text_file: a local one-document-per-line text file (``transfusion.data.text``; None: the embedded news
-                corpus) mixed in with ``text_weight`` (0: none); its last 10% of documents are held out for perplexity.
+            text_file: a local one-document-per-line text file (``transfusion.data.embedded.text``; None: the embedded
+                news corpus) mixed in with ``text_weight`` (0: none); its last 10% of documents are held out for
+                perplexity.
             rows_per_epoch: rows of one Trainer epoch over all processes; the data streams on, pass after pass.
             strict: raise at the first bad record instead of counting and skipping it.
             storage_options: fsspec options (credentials, endpoint) for every URL.

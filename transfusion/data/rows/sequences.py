@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transfusion.data.documents import FULL, Picture, Text, document_tokens
+from transfusion.data.rows.documents import FULL, Picture, Text, document_tokens
 from transfusion.data.tokenizer import Tokenizer
 
 
@@ -129,7 +129,7 @@ class TransfusionRows(Dataset):
 
 def pair_document(tok: Tokenizer, patches_per_image: int, caption: list[int], image_first: bool) -> list[int]:
     """Token ids of one pair document (caption ids already encoded, [] when dropped); -1 marks the patches.
-    An interleaved document (``transfusion.data.documents``) of one picture and its caption."""
+    An interleaved document (``transfusion.data.rows.documents``) of one picture and its caption."""
     if image_first:
         pieces = [Picture(0), Text(caption)]
     else:  # caption dropped: no text, so the document ends with the image
