@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from transfusion.data.datamodule import TransfusionDataModule
+from transfusion.data.modules.embedded import TransfusionDataModule
 from transfusion.lightning.eval_losses import EvalLosses
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from transfusion.cli import cli_main
-from transfusion.data.resumable import ResumableSampler
+from transfusion.data.modules.resumable import ResumableSampler
 from transfusion.generation import ChameleonSamplingOptions, SamplingOptions
 from transfusion.lightning.autoencoder import AutoencoderModule, VQAutoencoderModule
 from transfusion.lightning.chameleon import ChameleonModule

@@ -2,7 +2,7 @@
 
     python data/sweeps/scenes/cfg_probe.py CKPT --cfg 1 2 3 5 --seeds 2
 
-Every held-out prompt (``transfusion.data.scenes.evaluation_metadata``) is drawn ``--seeds`` times at each scale with
+Every held-out prompt (``transfusion.data.embedded.scenes.evaluation_metadata``) is drawn ``--seeds`` times at each scale with
 the checkpoint's other sampling settings; prints one row a scale: each task's accuracy, the overall score and the
 share of pictures in which the reader finds no object.
 """
@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from transfusion.data.scenes import evaluation_metadata
+from transfusion.data.embedded.scenes import evaluation_metadata
 from transfusion.evaluation.geneval import GenEvalScore, detect
 from transfusion.lightning.transfusion import TransfusionModule
 
