@@ -3,6 +3,7 @@ Inception weights and a small CLIP; per test file, a debug Transfusion module st
 helpers that several files use (``logit_bias``)."""
 
 import contextlib
+import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `transfusion` command: set before torch loads OpenMP
@@ -137,3 +138,63 @@ def logit_bias():
     """``with logit_bias(module, {token_id: bias})``: the module's LM head swapped, for the block, for a copy with a
     bias on some token ids (a fixed function of the hidden state, so a cache and a recomputation still agree)."""
     return _logit_bias
+
+
+# ---------------------------------------------------------------- one fit, killed and resumed, asserted by three files
+STRAIGHT_STEPS = 9  # 6-step epochs (tests/test_reliability.py `_fit_command`): the runs cross an epoch boundary
+EMAS = [f"--trainer.callbacks+={json.dumps({'class_path': 'transfusion.lightning.ema.EMA', 'init_args': args})}"
+        for args in ({"decay": 0.9, "start_step": 1}, {"decay": 0.5, "every_n_steps": 2, "name": "fast"})]
+
+
+@pytest.fixture(scope="session")
+def straight_fit(tmp_path_factory, tokenizer_path, autoencoder_ckpt):
+    """The uninterrupted reference: a 9-step debug `transfusion fit` with two EMAs (a fresh process, a data worker),
+    started here and left running beside the interrupted runs; ``wait()`` gives its root once it has ended well.
+    One run is the reference of the SIGKILL (test_reliability, test_ema) and SIGTERM (test_preemption) resumes."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from test_reliability import _env, _finish, _fit_command
+
+    root = tmp_path_factory.mktemp("straight")
+    with open(root / "stderr.txt", "w") as err:  # a file, not a pipe: nothing reads it while the other runs go on
+        process = subprocess.Popen(_fit_command(root, tokenizer_path, autoencoder_ckpt, STRAIGHT_STEPS, *EMAS),
+                                   env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+
+    def wait():
+        _finish(process, 600)
+        assert process.returncode == 0, (root / "stderr.txt").read_text()[-3000:]
+        return root
+
+    yield SimpleNamespace(root=root, wait=wait, steps=STRAIGHT_STEPS, command=lambda run_root, *extra: _fit_command(
+        run_root, tokenizer_path, autoencoder_ckpt, STRAIGHT_STEPS, *EMAS, *extra))
+    if process.returncode is None:
+        process.kill()
+        process.communicate()
+
+
+@pytest.fixture(scope="session")
+def sigkill_resumed(tmp_path_factory, straight_fit):
+    """``straight_fit``'s command killed with SIGKILL after step 4 (the validation after step 4 swapped the EMAs in
+    and out), then resumed with ``--ckpt_path last`` to the end: its processes' outcomes, for the tests to assert."""
+    import signal
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    from test_reliability import _env, _finish, _losses
+
+    root = tmp_path_factory.mktemp("killed")
+    killed = subprocess.Popen(straight_fit.command(root), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while max(_losses(root), default=-1) < 4 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # mid-epoch: somewhere after step 4's loss, in a step or a checkpoint write
+    _finish(killed, 60)
+    before = _losses(root)
+    saved = torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)  # whole, plain
+    resumed = subprocess.run(straight_fit.command(root, "--ckpt_path", "last"), env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    return SimpleNamespace(root=root, killed_returncode=killed.returncode, before=before, saved_step=saved["global_step"],
+                           resumed=resumed, straight=straight_fit.wait(), steps=STRAIGHT_STEPS)

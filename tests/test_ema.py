@@ -4,8 +4,6 @@ use the EMA, the raw weights stay reachable; a run killed with SIGKILL resumes t
 
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -230,31 +228,16 @@ def test_sweep_runs_keep_an_ema_before_their_evaluation(capsys):
 
 @pytest.mark.slow
 @pytest.mark.distributed  # two runs side by side, a data worker each
-def test_sigkill_then_resume_gives_the_same_raw_and_ema_weights(tmp_path, tokenizer_path, autoencoder_ckpt):
-    from test_reliability import _env, _finish, _fit_command, _losses
-
-    steps, emas = 9, [EMAS[0].replace('"decay": 0.9}', '"decay": 0.9, "start_step": 1}'), EMAS[1]]
-    straight = subprocess.Popen(_fit_command(tmp_path / "straight", tokenizer_path, autoencoder_ckpt, steps, *emas),
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed_root = tmp_path / "killed"
-    killed = subprocess.Popen(_fit_command(killed_root, tokenizer_path, autoencoder_ckpt, steps, *emas),
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while max(_losses(killed_root), default=-1) < 4 and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)  # after the validation at step 4 (EMA swapped in and out)
-    _finish(killed, 60)
-    assert killed.returncode == -signal.SIGKILL
-    last = killed_root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert 3 <= torch.load(last, weights_only=True)["global_step"] < steps
-    resumed = subprocess.run(_fit_command(killed_root, tokenizer_path, autoencoder_ckpt, steps, *emas,
-                                          "--ckpt_path", "last"), env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, err = _finish(straight, 600)
-    assert straight.returncode == 0, err[-3000:]
+def test_sigkill_then_resume_gives_the_same_raw_and_ema_weights(sigkill_resumed):
+    """The shared run of conftest.py (its losses: test_reliability.py): killed with SIGKILL after the validation of
+    step 4 (EMAs swapped in and out), resumed to the same raw and EMA weights bit for bit."""
+    run = sigkill_resumed
+    assert run.killed_returncode == -signal.SIGKILL
+    assert 3 <= run.saved_step < run.steps
+    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
     a, b = (torch.load(root / "logs" / version / "checkpoints" / "last.ckpt", weights_only=True)
-            for root, version in ((tmp_path / "straight", "version_0"), (killed_root, "version_1")))  # the resumed
-    assert a["global_step"] == b["global_step"] == steps
+            for root, version in ((run.straight, "version_0"), (run.root, "version_1")))  # the resumed
+    assert a["global_step"] == b["global_step"] == run.steps
     assert _same(a["state_dict"], b["state_dict"])  # raw weights, bit for bit
     assert list(a["ema"]) == list(b["ema"]) == ["ema_0.9", "fast"]
     for name in a["ema"]:

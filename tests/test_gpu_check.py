@@ -12,11 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dry_run(tmp_path, sections: str) -> dict:
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> dict:
+    """`bench/gpu_check.py --dry`: every section in one fresh process (a process imports torch, Lightning and the
+    package: seconds of the suite's time each)."""
+    tmp_path = tmp_path_factory.mktemp("gpu_check")
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--sections", sections,
-                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--output", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["dry"] and not results["failures"], results["failures"]
@@ -25,10 +29,9 @@ def _dry_run(tmp_path, sections: str) -> dict:
 
 
 @pytest.mark.slow
-def test_dry_generation(tmp_path):
-    """The cheap section (~8 s on a quiet machine, a fresh process importing everything): images/s, text tokens/s,
-    cache == recompute on the CPU."""
-    results = _dry_run(tmp_path, "generation")
+def test_dry_generation(dry_run):
+    """The cheap section: images/s, text tokens/s, cache == recompute on the CPU."""
+    results = dry_run
     checks = [r["check"] for r in results["rows"]]
     assert "images/s, batch 2 (guidance 5, DDPM 3 steps, decoded)" in checks
     assert any(c.startswith("text, 8-token prompt + 4 tokens") for c in checks)
@@ -38,9 +41,9 @@ def test_dry_generation(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_attention_training_quickstart(tmp_path):
+def test_dry_attention_training_quickstart(dry_run):
     """The sections that compile (FlexAttention, a compiled block: ~25 s on the CPU) or train through the CLI."""
-    results = _dry_run(tmp_path, "attention,training,quickstart")
+    results = dry_run
     checks = [(r["section"], r["check"]) for r in results["rows"]]
     for kernel in ("FlexAttention (compiled)", "dense-mask SDPA"):
         for dtype in ("float32", "bfloat16"):

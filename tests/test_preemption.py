@@ -41,13 +41,13 @@ def _all_gone(group: int, timeout: float = 15) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.distributed  # several processes (2 runs side by side, a data worker each)
-def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, tokenizer_path, autoencoder_ckpt):
-    steps = 9
-    straight = subprocess.Popen(_fit_command(tmp_path / "straight", tokenizer_path, autoencoder_ckpt, steps),
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, straight_fit):
+    """``straight_fit`` of conftest.py (two EMAs on) preempted with SIGTERM after step 3, then resumed; the same
+    uninterrupted run is the SIGKILL tests' reference."""
+    steps = straight_fit.steps
     root = tmp_path / "preempted"
-    preempted = subprocess.Popen(_fit_command(root, tokenizer_path, autoencoder_ckpt, steps), env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    preempted = subprocess.Popen(straight_fit.command(root), env=_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_step(root, 3, preempted)
     os.killpg(preempted.pid, signal.SIGTERM)  # every process of the run, its data worker too (as SLURM does)
     sent = time.monotonic()
@@ -59,12 +59,10 @@ def test_sigterm_saves_at_the_step_end_then_resumes_bitwise(tmp_path, tokenizer_
     saved = torch.load(root / "logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert saved == max(before) + 1 < steps  # saved after the last step it trained (and logged): nothing lost
 
-    resumed = subprocess.run(_fit_command(root, tokenizer_path, autoencoder_ckpt, steps, "--ckpt_path", "last"),
-                             env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(straight_fit.command(root, "--ckpt_path", "last"), env=_env(), capture_output=True,
+                             text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, err = _finish(straight, 600)
-    assert straight.returncode == 0, err[-3000:]
-    reference, after = _losses(tmp_path / "straight"), _losses(root)
+    reference, after = _losses(straight_fit.wait()), _losses(root)
     assert sorted(reference) == list(range(steps)) and sorted(after) == list(range(steps))
     assert min(_losses(root, "1")) == saved  # continued from the SIGTERM checkpoint, not from step 0
     for step, values in after.items():

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,36 +77,20 @@ def _losses(root: Path, version: str = "*") -> dict[int, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.distributed  # several processes (2 runs side by side, a data worker each)
-def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tokenizer_path, autoencoder_ckpt):
-    steps = 9
-    straight = subprocess.Popen(_fit_command(tmp_path / "straight", tokenizer_path, autoencoder_ckpt, steps),
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed_root = tmp_path / "killed"
-    killed = subprocess.Popen(_fit_command(killed_root, tokenizer_path, autoencoder_ckpt, steps),
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while max(_losses(killed_root), default=-1) < 3 and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)  # mid-epoch, somewhere in step 4 or 5 or in a checkpoint write
-    _finish(killed, 60)
-    assert killed.returncode == -signal.SIGKILL
-    before = _losses(killed_root)
-    assert 3 <= max(before) < steps - 1
-    last = killed_root / "logs" / "version_0" / "checkpoints" / "last.ckpt"
-    saved_step = torch.load(last, weights_only=True)["global_step"]  # complete, and plain
-    assert saved_step >= 3
+def test_sigkill_then_resume_gives_the_same_losses(sigkill_resumed):
+    """The shared run of conftest.py (two EMAs on; test_ema.py asserts their weights): killed with SIGKILL
+    mid-epoch, then ``--ckpt_path last`` gives bitwise the losses of the uninterrupted run."""
+    run, steps = sigkill_resumed, sigkill_resumed.steps
+    assert run.killed_returncode == -signal.SIGKILL
+    assert 3 <= max(run.before) < steps - 1
+    assert run.saved_step >= 3  # the last.ckpt left by the kill is complete, and plain (weights_only)
+    assert run.resumed.returncode == 0, run.resumed.stderr[-3000:]
 
-    resumed = subprocess.run(_fit_command(killed_root, tokenizer_path, autoencoder_ckpt, steps, "--ckpt_path", "last"),
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, err = _finish(straight, 600)
-    assert straight.returncode == 0, err[-3000:]
-
-    reference = _losses(tmp_path / "straight")
+    reference = _losses(run.straight)
     assert sorted(reference) == list(range(steps))
-    after = _losses(killed_root)
+    after = _losses(run.root)
     assert sorted(after) == list(range(steps))
-    assert min(_losses(killed_root, "1")) == saved_step  # continued from the checkpoint, not from step 0
+    assert min(_losses(run.root, "1")) == run.saved_step  # continued from the checkpoint, not from step 0
     for step, values in after.items():  # steps run twice (after the last checkpoint, before the kill) agree too
         assert set(values) == set(reference[step]), (step, values, reference[step])
 
