@@ -65,11 +65,11 @@ class ConfigError(SystemExit):
 # settings that change how a trained model samples, not what it is: with --ckpt_path (validate, test, predict),
 # Lightning replaces the model's arguments by the checkpoint's hyper-parameters; these keep the values of the
 # config / command line (the deprecated flat sampling arguments too: a checkpoint's would override the group)
-# files a checkpoint names by path: where they are missing, the config's own (when it exists) is used
-MOVABLE_FILES = ("tokenizer", "autoencoder")
 KEPT_SETTINGS = ("sampling", "generation_seed",
                  "eval_weights",  # which weights of a checkpoint with EMAs (transfusion.lightning.ema)
                  *dict.fromkeys(legacy_fields(SamplingOptions) + legacy_fields(ChameleonSamplingOptions)))
+# files a checkpoint names by path: where they are missing, the config's own (when it exists) is used
+MOVABLE_FILES = ("tokenizer", "autoencoder")
 
 
 class TransfusionCLI(LightningCLI):

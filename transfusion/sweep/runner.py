@@ -156,16 +156,7 @@ class Sweep:
                 deviation over seeds and the parity ratio per seed. The learning-rate grid runs at the first seed
                 only. None: one run each, at the YAMLs' seeds.
         """
-        if not sizes or not budgets:
-            raise ValueError("sweep: `sizes` and `budgets` must not be empty")
-        if any(b < 1 for b in budgets) or eval_every_n_steps < 1:
-            raise ValueError(f"sweep: budgets {budgets} and eval_every_n_steps {eval_every_n_steps} must be >= 1")
-        if reference_size is not None and reference_size not in sizes:
-            raise ValueError(f"sweep: reference_size {reference_size!r} is not one of sizes {list(sizes)}")
-        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
-            raise ValueError(f"sweep: seeds must be distinct integers, at least one, got {seeds}")
-        if parity_curve not in ("all_sizes", "same_size"):
-            raise ValueError(f"sweep: parity_curve must be 'all_sizes' or 'same_size', got {parity_curve!r}")
+        _check_arguments(sizes, budgets, eval_every_n_steps, reference_size, seeds, parity_curve)
         self.models = {"transfusion": _as(ModelRuns, transfusion), "chameleon": _as(ModelRuns, chameleon)}
         self.variants = {name: _as(ModelRuns, v) for name, v in (variants or {}).items()}
         clash = set(self.variants) & set(MODELS)
@@ -408,6 +399,21 @@ class Sweep:
                                 "tokens": report["training_tokens"], "flops": report["training_flops"],
                                 "flops_exact": report["training_flops_exact"], **report["metrics"]})
         return evaluations
+
+
+def _check_arguments(sizes: dict, budgets: list[int], eval_every_n_steps: int, reference_size: str | None,
+                     seeds: list[int] | None, parity_curve: str) -> None:
+    """``Sweep``'s arguments that need no file: a ValueError naming the bad one."""
+    if not sizes or not budgets:
+        raise ValueError("sweep: `sizes` and `budgets` must not be empty")
+    if any(b < 1 for b in budgets) or eval_every_n_steps < 1:
+        raise ValueError(f"sweep: budgets {budgets} and eval_every_n_steps {eval_every_n_steps} must be >= 1")
+    if reference_size is not None and reference_size not in sizes:
+        raise ValueError(f"sweep: reference_size {reference_size!r} is not one of sizes {list(sizes)}")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"sweep: seeds must be distinct integers, at least one, got {seeds}")
+    if parity_curve not in ("all_sizes", "same_size"):
+        raise ValueError(f"sweep: parity_curve must be 'all_sizes' or 'same_size', got {parity_curve!r}")
 
 
 def _as(cls, value):
