@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from transfusion.data.rows.geneval_prompts import ExpandLines, GenEvalLines, folder_name, is_complete, read_metadata
+from transfusion.data.rows.geneval_prompts import ExpandLines, folder_name, is_complete, read_metadata
 
 
 class GenEvalPrompts(L.LightningDataModule):
@@ -44,5 +44,5 @@ class GenEvalPrompts(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         # in this process (num_workers 0): the IMAGE marker is compared by identity
-        return DataLoader(GenEvalLines(self.todo), batch_size=self.hparams.batch_size, shuffle=False, num_workers=0,
+        return DataLoader(self.todo, batch_size=self.hparams.batch_size, shuffle=False, num_workers=0,
                           collate_fn=ExpandLines(self.hparams.samples))

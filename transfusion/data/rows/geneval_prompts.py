@@ -29,8 +29,6 @@ import json
 import re
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from transfusion.errors import UserError
 from transfusion.images import IMAGE
 
@@ -119,19 +117,6 @@ def is_complete(folder: Path, metadata: dict, samples: int) -> bool:
     except (OSError, ValueError):
         return False
     return found == {sample_name(k) for k in range(samples)}
-
-
-class GenEvalLines(Dataset):
-    """Lines of a GenEval metadata file: ``{"index", "metadata", "folder"}``."""
-
-    def __init__(self, lines: list[dict]):
-        self.lines = lines
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.lines[i]
 
 
 class ExpandLines:
