@@ -315,7 +315,18 @@ def main(argv: list[str] | None = None) -> None:
         if cause is None or debug:
             raise
         print(f"{name}: error: {one_line(cause)}", file=sys.stderr)
+        leave_process_group()
         raise SystemExit(2) from error
+
+
+def leave_process_group() -> None:
+    """Close torch.distributed's process group before a user error ends a rank: left to the interpreter's exit,
+    gloo's threads can abort the process (SIGABRT, "terminate called without an active exception") instead of
+    letting it exit with status 2. Gloo's shutdown is local (no peer is waited for); NCCL's is left to the exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
